@@ -1,0 +1,356 @@
+"""The trainer's parts checked against closed forms and reference implementations (diffusers, torch.optim.Muon)."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt_style as T
+from conftest import ROOT
+
+
+def tiny_hp(**kw):
+    base = dict(hidden=64, depth=4, heads=2, patch=4, bottleneck=16, text_dim=24, tread_start=1, tread_end=2,
+                repa_block=1)
+    base.update(kw)
+    return T.Hyperparameters(**base)
+
+
+def randomized(model, std=0.05, seed=0):  # zero-initialised layers would hide bugs
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def inputs(B=2, H=16, W=24, L=5, text_dim=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, H, W, generator=g)
+    t = torch.rand(B, generator=g)
+    txt = torch.randn(B, L, text_dim, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 3:] = False  # padding in the first caption
+    return x, t, txt, mask
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_model_matches_diffusers_prx_transformer():
+    from diffusers import PRXTransformer2DModel
+    hp = tiny_hp(hidden=128, depth=3, heads=2, patch=8, bottleneck=32, text_dim=48)
+    ours = randomized(T.PRXDiT(hp)).eval()
+    ref = PRXTransformer2DModel(in_channels=3, patch_size=8, context_in_dim=48, hidden_size=128, mlp_ratio=3.5,
+                                num_heads=2, depth=3, axes_dim=[32, 32], bottleneck_size=32).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)  # the names map one to one
+    x, t, txt, mask = inputs(H=32, W=48, text_dim=48)
+    with torch.no_grad():
+        a = ours(x, t, txt, mask)[0]
+        b = ref(x, t, txt, attention_mask=mask).sample
+    assert (a - b).abs().max() / b.abs().max() < 1e-5
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.rand(7)
+    ref = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0, scale=1000.0,
+                                 max_period=10000)
+    assert torch.allclose(T.timestep_embedding(t), ref, atol=1e-5)
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.randn(2, 3, 8, 12)
+    seq = T.patchify(x, 4)
+    assert seq.shape == (2, 6, 48)
+    assert torch.equal(T.unpatchify(seq, 4, 8, 12), x)
+    # token 1 is row 0, column 1; its features are ordered (c, ph, pw)
+    assert torch.equal(seq[0, 1].view(3, 4, 4), x[0, :, 0:4, 4:8])
+
+
+def test_record_config_parameter_count():
+    with torch.device("meta"):
+        model = T.PRXDiT(T.Hyperparameters())
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.1e9 < n < 1.3e9, n
+
+
+def test_adaln_zero_start_is_identity_in_blocks_and_zero_output():
+    model = T.PRXDiT(tiny_hp())
+    x, t, txt, mask = inputs()
+    out, h = model(x, t, txt, mask, repa_block=3)
+    assert torch.count_nonzero(out) == 0  # zero-initialised final layer
+    assert torch.allclose(h, model.img_in(T.patchify(x, 4)))  # zero gates: blocks pass tokens through
+
+
+def test_padding_tokens_are_ignored():
+    model = randomized(T.PRXDiT(tiny_hp())).eval()
+    x, t, txt, mask = inputs()
+    txt2 = txt.clone()
+    txt2[0, 3:] = torch.randn(2, 24)  # change only the padded positions of caption 0
+    with torch.no_grad():
+        a, b = model(x, t, txt, mask)[0], model(x, t, txt2, mask)[0]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------- TREAD
+
+
+def test_tread_keep_counts_and_uniqueness():
+    for n, frac in ((256, 0.5), (1024, 0.5), (63, 0.3), (10, 0.25)):
+        keep = T.tread_keep(5, n, frac, "cpu")
+        assert keep.shape == (5, n - round(n * frac))
+        for row in keep:
+            assert len(set(row.tolist())) == keep.shape[1] and row.min() >= 0 and row.max() < n
+        assert not torch.equal(keep[0], keep[1])  # a fresh subset per sample
+
+
+def test_tread_routed_tokens_come_back_untouched():
+    hp = tiny_hp(depth=5, tread_start=1, tread_end=3)
+    model = randomized(T.PRXDiT(hp)).eval()
+    x, t, txt, mask = inputs()
+    N = (16 // 4) * (24 // 4)
+    keep = T.tread_keep(2, N, 0.5, "cpu")
+    seen = {}
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (a[0].clone(), out.clone())))
+    with torch.no_grad():
+        model(x, t, txt, mask, keep)
+    assert seen[0][0].shape[1] == N and seen[4][0].shape[1] == N
+    for i in (1, 2, 3):
+        assert seen[i][0].shape[1] == keep.shape[1]  # only kept tokens inside the routed blocks
+    before, after = seen[1][0], seen[4][0]  # into block 1 (pre-routing, gathered) / into block 4 (restored)
+    full_before = seen[0][1]
+    for bi in range(2):
+        routed = sorted(set(range(N)) - set(keep[bi].tolist()))
+        assert torch.equal(after[bi, routed], full_before[bi, routed])  # exactly unchanged
+        assert torch.equal(after[bi, keep[bi]], seen[3][1][bi])  # kept tokens carry the routed blocks' output
+        assert torch.equal(before[bi], full_before[bi, keep[bi]])
+
+
+def test_tread_keeping_everything_equals_plain_forward_and_positions_travel():
+    model = randomized(T.PRXDiT(tiny_hp())).eval()
+    x, t, txt, mask = inputs()
+    N = 24
+    with torch.no_grad():
+        plain = model(x, t, txt, mask)[0]
+        everything = model(x, t, txt, mask, torch.arange(N).expand(2, N))[0]
+        shuffled = model(x, t, txt, mask, torch.randperm(N).expand(2, N))[0]
+    assert torch.allclose(plain, everything, atol=1e-5)
+    # token order inside the routed blocks must not matter: RoPE positions go with the tokens
+    assert torch.allclose(plain, shuffled, atol=1e-5)
+
+
+def test_no_graph_breaks_in_denoiser():
+    import torch._dynamo
+    hp = tiny_hp()
+    model = T.PRXDiT(hp)
+    x, t, txt, mask = inputs()
+    keep = T.tread_keep(2, 24, 0.5, "cpu")
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model)(x, t, txt, mask, keep, 1)
+    assert ex.graph_break_count == 0, ex.break_reasons
+    assert ex.graph_count == 1
+
+
+# ---------------------------------------------------------------- diffusion
+
+
+def test_shift_closed_form():
+    t = torch.linspace(0, 1, 11)
+    assert torch.allclose(T.shift_t(t, 3.0), 3 * t / (1 + 2 * t))
+    assert T.shift_t(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
+    assert torch.equal(T.shift_t(t, 1.0), t)
+
+
+def test_sample_t_distribution():
+    g = torch.Generator().manual_seed(0)
+    hp = T.Hyperparameters(uniform_t=0.0)
+    t = T.sample_t(200_000, hp, "cpu", g)
+    assert t.min() >= 1e-3 and t.max() <= 1 - 1e-3
+    assert t.median().item() == pytest.approx(0.75, abs=0.01)  # median of sigmoid(N(0,1)) is 1/2, shifted: 3/4
+    u = T.sample_t(200_000, T.Hyperparameters(uniform_t=1.0), "cpu", g)
+    assert u.mean().item() == pytest.approx(0.5, abs=0.01) and u.median().item() == pytest.approx(0.5, abs=0.01)
+    # mixture: P(t < 0.25) = 0.1 * 0.25 + 0.9 * P(shifted logit-normal < 0.25)
+    m = T.sample_t(200_000, T.Hyperparameters(uniform_t=0.1), "cpu", g)
+    t_inv = 0.25 / (3 - 2 * 0.25)  # shift^-1(0.25)
+    p_ln = 0.5 * (1 + math.erf(math.log(t_inv / (1 - t_inv)) / math.sqrt(2)))
+    assert (m < 0.25).float().mean().item() == pytest.approx(0.1 * 0.25 + 0.9 * p_ln, abs=0.005)
+
+
+def test_flow_loss_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, pred = (torch.randn(6, 3, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0.001, 0.02, 0.05, 0.3, 0.7, 0.999])
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    loss = T.flow_loss(pred, x0, x_t, t, 0.05)
+    expected = ((pred - x0) ** 2).mean(dim=(1, 2, 3)) / t.clamp(min=0.05) ** 2
+    assert torch.allclose(loss, expected, rtol=1e-4)
+    # the true velocity is noise - x0 wherever t is above the clamp
+    v = T.velocity(x_t, x0, t, 0.05)
+    assert torch.allclose(v[3:], (eps - x0)[3:], atol=1e-4)
+
+
+def test_euler_sampler_with_perfect_denoiser_returns_target():
+    """If the model predicts x0 exactly, every Euler step stays on the straight line to x0."""
+    target = torch.rand(2, 3, 8, 8) * 2 - 1
+
+    def oracle(x, t, txt, mask):
+        return target.repeat(2, 1, 1, 1), None
+
+    txt, mask = torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    out = T.sample_images(oracle, txt, mask, txt[:1], mask[:1], (8, 8), steps=7, cfg=3.5, shift=3.0,
+                          t_min_div=0.05, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+# ---------------------------------------------------------------- REPA, perceptual
+
+
+def _tiny_vit(kind, tmp_path, patch):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_register_tokens=4)
+    if kind == "v3":
+        m = DINOv3ViTModel(DINOv3ViTConfig(patch_size=patch, **cfg))
+    else:
+        m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=patch, image_size=56, **cfg))
+    m.save_pretrained(tmp_path / kind)
+    return T.load_vit(str(tmp_path / kind), "cpu", torch.float32)
+
+
+def test_repa_target_grid_matches_dit_grid(tmp_path):
+    dino = _tiny_vit("v3", tmp_path, 16)
+    x0 = torch.rand(2, 3, 64, 96) * 2 - 1
+    for patch in (4, 8, 32):
+        tgt = T.repa_targets(dino, x0, patch)
+        assert tgt.shape == (2, (64 // patch) * (96 // patch), 32)  # no CLS, no registers
+    # the DiT token of row r, col c sees the same pixels as DINOv3's patch (r, c): a local change moves only it
+    x1 = x0.clone()
+    x1[:, :, 16:24, 40:48] = 1.0  # patch size 8: row 2, col 5 of a 8 x 12 grid
+    diff = (T.repa_targets(dino, x1, 8) - T.repa_targets(dino, x0, 8)).abs().sum(-1)[0]
+    assert diff.argmax().item() == 2 * 12 + 5
+
+
+def test_repa_loss_is_negative_cosine_on_visible_tokens():
+    proj = torch.nn.Identity()
+    tok = torch.randn(2, 5, 8)
+    tgt = torch.randn(2, 10, 8)
+    keep = torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
+    loss = T.repa_loss(proj, tok, tgt, keep)
+    expected = -torch.stack([F.cosine_similarity(tok[b], tgt[b, keep[b]], dim=-1).mean() for b in range(2)])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(T.repa_loss(proj, tgt, tgt, None), -torch.ones(2), atol=1e-6)
+
+
+def test_pdino_loss_zero_for_equal_and_positive_otherwise(tmp_path):
+    dino = _tiny_vit("v2", tmp_path, 14)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert T.pdino_loss(dino, x, x, 56).abs().max() < 1e-5
+    assert (T.pdino_loss(dino, -x, x, 56) > 1e-3).all()
+
+
+def test_lpips_loss_matches_package_on_half_size():
+    import lpips
+    torch.manual_seed(0)
+    lp = T.load_lpips("cpu", pretrained=False)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    half = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    ref = lp(half(a), half(b)).flatten()
+    assert torch.allclose(T.lpips_loss(lp, a, b), ref)
+    assert T.lpips_loss(lp, a, a).abs().max() < 1e-6
+    assert isinstance(lp, lpips.LPIPS) and not any(p.requires_grad for p in lp.parameters())
+
+
+# ---------------------------------------------------------------- optimiser
+
+
+def test_newton_schulz_singular_values_near_one():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 64), (32, 96), (96, 32)):  # condition numbers up to ~40: gradients are not worse
+        Q1, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+        Q2, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+        k = min(shape)
+        G = Q1[:, :k] @ torch.diag(torch.logspace(-1.6, 0, k) * 7.0) @ Q2[:, :k].T
+        S = torch.linalg.svdvals(T.newton_schulz(G))
+        assert S.min() > 0.6 and S.max() < 1.25, (S.min(), S.max())
+
+
+def test_muon_matches_torch_reference():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(48, 32, generator=g)
+    grads = [torch.randn(48, 32, generator=g) for _ in range(3)]
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = T.Muon([a], lr=0.02)
+    ref = torch.optim.Muon([b], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+                           adjust_lr_fn="match_rms_adamw")
+    for gr in grads:
+        a.grad, b.grad = gr.clone(), gr.clone()
+        ours.step(), ref.step()
+    # torch's reference orthogonalises in bf16; ours in fp32 on CPU
+    assert ((a - w0) - (b - w0)).norm() / (b - w0).norm() < 3e-2
+
+
+def test_every_parameter_in_exactly_one_group_and_muon_gets_block_matrices():
+    hp = tiny_hp()
+    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 32)
+    muon, adam = T.build_optimizers(model, proj, hp)
+    mu = {id(p) for p in muon.param_groups[0]["params"]}
+    expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert mu == expected and len(mu) == 4 * 7  # qkv, txt_kv, out, gate, up, down, modulation
+    ad = {id(p) for g in adam.param_groups for p in g["params"]}
+    assert not mu & ad and len(mu | ad) == len(list(model.parameters())) + len(list(proj.parameters()))
+
+
+def test_lr_schedule():
+    hp = T.Hyperparameters(warmup=10, cooldown=0.5)
+    f = [T.lr_factor(s, 100, hp) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[49] == pytest.approx(1.0)
+    assert f[75] == pytest.approx(0.5) and f[99] == pytest.approx(0.02)
+
+
+def test_training_steps_reduce_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    hp = tiny_hp(lr=1e-3, warmup=1)
+    model = T.PRXDiT(hp)
+    opts = T.build_optimizers(model, torch.nn.Module(), hp)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    txt, mask = torch.randn(4, 5, 24), torch.ones(4, 5, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    t = T.sample_t(4, hp, "cpu", g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+
+    def loss_now():
+        return T.flow_loss(model(x_t, t, txt, mask)[0], x0, x_t, t, 0.05).mean()
+
+    first = loss_now().item()
+    for _ in range(30):
+        loss_now().backward()
+        for o in opts:
+            o.step(), o.zero_grad()
+    assert loss_now().item() < 0.5 * first
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_override_parser():
+    hp = T.parse_args(["lr=3e-4", "compile=0", "stage2.steps=7", "run_dir=x"], cuda_available=True)
+    assert hp.lr == 3e-4 and hp.compile is False and hp.stages[1].steps == 7 and hp.preset == "record"
+    assert T.parse_args([], cuda_available=False).preset == "cpu"
+    assert T.parse_args(["stages=1"], cuda_available=True).stages[0].res == 512
+    bad = [["nope=1"], ["lr=fast"], ["compile=maybe"], ["stage3.steps=1"], ["stage1.res=500"], ["repa_block=16"],
+           ["tread_end=16"], ["stage1.micro_batch=3"], ["preset=gpu"], ["lr"], ["heads=5"]]
+    for args in bad:
+        with pytest.raises(ValueError):
+            T.parse_args(args, cuda_available=True)
+
+
+def test_bad_constant_is_one_clear_line_before_any_model():
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "lerning_rate=1"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lerning_rate" in lines[0] and "lr" in lines[0] and "Traceback" not in r.stderr

@@ -1,0 +1,1036 @@
+"""prx-speedrun: the PRX 24-hour text-to-image recipe in one hackable file.
+
+Pixel-space x-prediction flow matching with the PRX simplified MMDiT, TREAD token routing, REPA alignment to
+DINOv3, LPIPS and DINOv2 perceptual losses, Muon, and a two-stage schedule (512 px, then 1024 px).
+
+    torchrun --standalone --nproc_per_node=8 train_gpt_style.py        # the record configuration
+    python train_gpt_style.py                                          # no GPU: the built-in CPU demo
+    python train_gpt_style.py lr=2e-4 stage1.steps=500 run_dir=runs/x  # any constant, as name=value
+
+Time convention, once for the whole file: x_t = (1 - t) * x0 + t * noise, so t = 1 is pure noise.
+"""
+import copy
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants: the interface. Edit here, or override any of them on the command line as name=value.
+
+
+@dataclass
+class Stage:
+    res: int  # image side in pixels (square crops; aspect buckets come with the data)
+    batch: int  # global batch, fixed whatever the number of GPUs
+    micro_batch: int  # per-device batch; grad accumulation = batch / (world * micro_batch)
+    steps: int  # optimizer steps in this stage
+    repa: bool  # REPA alignment on in this stage
+
+
+@dataclass
+class Hyperparameters:
+    preset: str = "record"  # "record" (8xH100) or "cpu" (the demo; chosen automatically without CUDA)
+    run_dir: str = ""  # where the run writes; default runs/<date-time>
+    seed: int = 0
+    # data and text
+    data: str = "data/shapes"  # folder of parquet shards written by data_prep.py
+    text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
+    text_len: int = 256  # tokens per caption (padded, masked)
+    num_workers: int = 8  # image decoding processes per rank
+    # model: PRX simplified MMDiT, 1.2B at the record size
+    hidden: int = 1792
+    depth: int = 16
+    heads: int = 28  # head dim 64 = two RoPE axes of 32
+    mlp_ratio: float = 3.5
+    patch: int = 32  # pixel patches: 256 tokens at 512 px
+    bottleneck: int = 256  # img_in: 3*32*32 -> 256 -> hidden
+    text_dim: int = 2304  # text encoder width (T5Gemma-2B)
+    # diffusion
+    t_shift: float = 3.0  # timestep shift s: t -> s t / (1 + (s - 1) t), toward noise
+    uniform_t: float = 0.1  # fraction of samples with plain uniform t
+    t_min_div: float = 0.05  # clamp of t when converting x0 to velocity
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    # TREAD token routing (training only)
+    tread_frac: float = 0.5  # fraction of image tokens that skip the routed blocks; 0 disables
+    tread_start: int = 2  # first routed block (0-indexed)
+    tread_end: int = 12  # last routed block (inclusive)
+    # REPA (stage flag decides when)
+    repa_weight: float = 0.5  # loss -w * cosine; 0 disables
+    repa_block: int = 7  # align the output of this block (0-indexed)
+    repa_encoder: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    # perceptual losses on predicted x0
+    lpips_weight: float = 0.1  # LPIPS-VGG on 0.5x images; 0 disables
+    pdino_weight: float = 0.01  # 1 - cosine of DINOv2 patch features; 0 disables
+    pdino_encoder: str = "facebook/dinov2-with-registers-base"
+    pdino_res: int = 224  # P-DINO input side
+    perc_frac: float = 1.0  # fraction of each micro-batch that gets the perceptual losses
+    # optimisation
+    lr: float = 1e-4  # Muon and Adam alike
+    warmup: int = 1000  # linear warm-up steps, then constant
+    cooldown: float = 0.0  # fraction of the final steps of the run with linear decay to 0
+    grad_clip: float = 0.2
+    ema_decay: float = 0.999
+    ema_every: int = 10  # steps between EMA updates
+    # systems
+    compile: bool = True  # torch.compile the denoiser and the frozen encoders
+    amp: bool = True  # bf16 autocast (weights stay fp32)
+    # logging, sampling, checkpoints (none of them counted in the training clock)
+    log_every: int = 50
+    sample_every: int = 5000
+    ckpt_every: int = 2000
+    sample_steps: int = 50
+    cfg: float = 3.5
+    stages: list = field(default_factory=lambda: [
+        Stage(res=512, batch=1024, micro_batch=32, steps=100_000, repa=True),
+        Stage(res=1024, batch=512, micro_batch=8, steps=20_000, repa=False),
+    ])
+
+
+# The CPU demo: the same code path at toy scale, every component on, about 10 minutes on 2 cores.
+# Its encoders are tiny random models built through the same transformers classes as the real ones.
+PRESETS = {
+    "record": {},
+    "cpu": dict(
+        data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
+        hidden=128, depth=4, heads=4, patch=4, bottleneck=32, text_dim=64, t_shift=1.0,
+        tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
+        lpips_weight=0.1, pdino_weight=0.01, pdino_res=56, perc_frac=0.125,
+        lr=1e-3, warmup=100, cooldown=0.5, compile=False,
+        log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, cfg=3.0,
+        stages=[Stage(res=32, batch=64, micro_batch=64, steps=1000, repa=True),
+                Stage(res=64, batch=32, micro_batch=32, steps=250, repa=False)],
+    ),
+}
+
+
+def fail(msg):
+    """One clear line, no traceback: for bad input found before any GPU time is spent."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _convert(text, typ, name):
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} expects a bool (1/0/true/false), got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def parse_args(argv, cuda_available):
+    """name=value overrides -> Hyperparameters. Raises ValueError with a one-line message on bad input."""
+    pairs = []
+    for a in argv:
+        if "=" not in a:
+            raise ValueError(f"expected name=value, got {a!r}")
+        pairs.append(a.split("=", 1))
+    preset = dict(pairs).get("preset", "record" if cuda_available else "cpu")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    hp = Hyperparameters(**copy.deepcopy(PRESETS[preset]))
+    hp.preset = preset
+    names = {f.name: f for f in dataclasses.fields(Hyperparameters) if f.name != "stages"}
+    stage_names = [f.name for f in dataclasses.fields(Stage)]
+    for name, text in pairs:
+        if name.startswith("stage") and "." in name:  # stage1.steps=100
+            head, key = name.split(".", 1)
+            k = head[len("stage"):]
+            if not k.isdigit() or not 1 <= int(k) <= len(hp.stages) or key not in stage_names:
+                raise ValueError(f"unknown constant {name!r}; stage constants are stageK.{{{','.join(stage_names)}}}"
+                                 f" with K in 1..{len(hp.stages)}")
+            st = hp.stages[int(k) - 1]
+            setattr(st, key, _convert(text, type(getattr(st, key)), name))
+        elif name == "stages":  # stages=1 keeps only the first stage
+            n = _convert(text, int, name)
+            if not 1 <= n <= len(hp.stages):
+                raise ValueError(f"stages must be in 1..{len(hp.stages)}, got {n}")
+            hp.stages = hp.stages[:n]
+        elif name in names:
+            setattr(hp, name, _convert(text, names[name].type if isinstance(names[name].type, type)
+                                       else type(getattr(hp, name)), name))
+        else:
+            valid = ", ".join(list(names) + ["stages", "stageK.(" + ",".join(stage_names) + ")"])
+            raise ValueError(f"unknown constant {name!r}; valid names: {valid}")
+    check_config(hp)
+    return hp
+
+
+def check_config(hp):
+    """Impossible combinations, caught before any model is built."""
+    if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
+        raise ValueError(f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
+    if not 0 <= hp.tread_frac < 1:
+        raise ValueError(f"tread_frac must be in [0, 1), got {hp.tread_frac}")
+    if hp.tread_frac > 0 and not 0 <= hp.tread_start <= hp.tread_end < hp.depth:
+        raise ValueError(f"TREAD blocks {hp.tread_start}..{hp.tread_end} must lie within 0..{hp.depth - 1}")
+    if hp.repa_weight > 0 and not 0 <= hp.repa_block < hp.depth:
+        raise ValueError(f"repa_block={hp.repa_block} is beyond the model's depth {hp.depth}")
+    if not 0 < hp.perc_frac <= 1:
+        raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
+    for i, st in enumerate(hp.stages, 1):
+        if st.res % hp.patch:
+            raise ValueError(f"stage{i}.res={st.res} is not divisible by patch={hp.patch}")
+        if st.batch < 1 or st.micro_batch < 1 or st.batch % st.micro_batch:
+            raise ValueError(f"stage{i}.batch={st.batch} must be a positive multiple of "
+                             f"stage{i}.micro_batch={st.micro_batch}")
+        if st.steps < 1:
+            raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: PRX simplified MMDiT. Parameter names map one to one onto diffusers' PRXTransformer2DModel.
+# Text tokens are projected once and never updated; image tokens are the only queries.
+
+
+def patchify(x, p):  # (B, C, H, W) -> (B, H/p * W/p, C*p*p), patch order (c, ph, pw)
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, H, W):  # inverse of patchify
+    B, N, D = x.shape
+    C = D // (p * p)
+    x = x.reshape(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, H, W)
+
+
+def rope_angles(h, w, head_dim, theta=1e4, device=None):
+    """2-D RoPE angles of a (h, w) patch grid: (h*w, head_dim/2); first half from rows, second from columns."""
+    axis = head_dim // 2  # 32 per axis at head dim 64
+    freqs = theta ** (-torch.arange(0, axis, 2, dtype=torch.float64, device=device) / axis)  # (axis/2,)
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)
+    return ang.float()
+
+
+def apply_rope(x, cos, sin):  # x (B, H, N, Dh); cos/sin (B or 1, 1, N, Dh/2); rotates adjacent pairs
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([cos * x1 - sin * x2, sin * x1 + cos * x2], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def timestep_embedding(t, dim=256, max_period=1e4, scale=1000.0):  # (B,) in [0, 1] -> (B, dim), cos first
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = scale * (t.float()[:, None] * freqs[None])
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.img_qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.txt_kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_added_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+
+    def forward(self, x, txt, mask, cos, sin):  # x (B, N, D), txt (B, L, D), mask (B, 1, 1, L + N) bool
+        B, N, D = x.shape
+        q, k, v = self.img_qkv_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        tk, tv = self.txt_kv_proj(txt).view(B, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dt = v.dtype  # norms and RoPE in fp32
+        q, k, tk = self.norm_q(q.float()), self.norm_k(k.float()), self.norm_added_k(tk.float()).to(dt)  # (B,H,N,Dh)
+        q, k = apply_rope(q, cos, sin).to(dt), apply_rope(k, cos, sin).to(dt)
+        k, v = torch.cat([tk, k], dim=2), torch.cat([tv, v], dim=2)  # keys/values: [text; image]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, D))
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, 6 * dim)
+
+    def forward(self, vec):  # (B, D) -> 6 x (B, 1, D): (shift, scale, gate) for attention, then for the MLP
+        return self.lin(F.silu(vec))[:, None].chunk(6, dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.attention = Attention(dim, heads)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.modulation = Modulation(dim)
+
+    def forward(self, x, txt, vec, mask, cos, sin):
+        a_shift, a_scale, a_gate, m_shift, m_scale, m_gate = self.modulation(vec)
+        h = (1 + a_scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + a_shift  # LayerNorms carry no parameters
+        x = x + a_gate * self.attention(h, txt, mask, cos, sin)
+        h = (1 + m_scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + m_shift
+        return x + m_gate * self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+class TimeEmbed(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.in_layer, self.out_layer = nn.Linear(256, dim), nn.Linear(dim, dim)
+
+    def forward(self, t):
+        return self.out_layer(F.silu(self.in_layer(timestep_embedding(t))))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear((1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift)
+
+
+class PRXDiT(nn.Module):
+    """Predicts x0 from (x_t, t, text). TREAD routing and the REPA hook are arguments of forward."""
+
+    def __init__(self, hp):
+        super().__init__()
+        self.patch, self.head_dim = hp.patch, hp.hidden // hp.heads
+        patch_dim = 3 * hp.patch ** 2
+        self.img_in = nn.Sequential(nn.Linear(patch_dim, hp.bottleneck), nn.Linear(hp.bottleneck, hp.hidden))
+        self.time_in = TimeEmbed(hp.hidden)
+        self.txt_in = nn.Linear(hp.text_dim, hp.hidden)
+        self.blocks = nn.ModuleList([Block(hp.hidden, hp.heads, hp.mlp_ratio) for _ in range(hp.depth)])
+        self.final_layer = FinalLayer(hp.hidden, patch_dim)
+        self.tread = (hp.tread_start, hp.tread_end)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_in.in_layer.weight, std=0.02)
+        nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
+        for b in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(b.modulation.lin.weight), nn.init.zeros_(b.modulation.lin.bias)
+        for lin in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+
+    def forward(self, x, t, txt, txt_mask, keep=None, repa_block=-1):
+        """x (B, 3, H, W) noisy image, t (B,), txt (B, L, text_dim), txt_mask (B, L) bool.
+        keep (B, K) long: image tokens that go through the routed blocks (TREAD); None = all.
+        Returns x0 (B, 3, H, W) and, if repa_block >= 0, that block's output tokens (B, N or K, D)."""
+        B, _, H, W = x.shape
+        img = self.img_in(patchify(x, self.patch))  # (B, N, D)
+        txt = self.txt_in(txt)  # (B, L, D), computed once for every block
+        vec = self.time_in(t)  # (B, D)
+        ang = rope_angles(H // self.patch, W // self.patch, self.head_dim, device=x.device)[None, None]
+        cos, sin = ang.cos(), ang.sin()  # (1, 1, N, Dh/2)
+        ones = torch.ones(B, img.shape[1], dtype=torch.bool, device=x.device)
+        mask = torch.cat([txt_mask, ones], dim=1)[:, None, None]  # (B, 1, 1, L + N)
+        full, repa_out = None, None
+        for i, block in enumerate(self.blocks):
+            if keep is not None and i == self.tread[0]:  # route: only the kept tokens enter
+                full, img = img, tread_gather(img, keep)
+                cos, sin = tread_gather(cos.expand(B, 1, -1, -1)[:, 0], keep)[:, None], \
+                    tread_gather(sin.expand(B, 1, -1, -1)[:, 0], keep)[:, None]
+                mask = torch.cat([txt_mask, ones[:, :keep.shape[1]]], dim=1)[:, None, None]
+            img = block(img, txt, vec, mask, cos, sin)
+            if i == repa_block:
+                repa_out = img
+            if keep is not None and i == self.tread[1]:  # restore: routed tokens come back unchanged
+                img = tread_scatter(full, keep, img)
+                cos, sin = ang.cos(), ang.sin()
+                mask = torch.cat([txt_mask, ones], dim=1)[:, None, None]
+        out = unpatchify(self.final_layer(img, vec), self.patch, H, W)
+        return out, repa_out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TREAD: a random subset of image tokens skips the routed blocks (training only; Krause et al. 2025).
+
+
+def tread_keep(batch, n_tokens, frac, device, generator=None):
+    """Indices (B, N - round(N*frac)) of the tokens that go through the routed blocks, sorted, fresh per sample."""
+    n_keep = n_tokens - round(n_tokens * frac)
+    scores = torch.rand(batch, n_tokens, device=device, generator=generator)
+    return scores.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+
+
+def tread_gather(x, keep):  # x (B, N, D), keep (B, K) -> (B, K, D)
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def tread_scatter(full, keep, x):  # put the processed kept tokens back among the untouched routed ones
+    return full.scatter(1, keep[..., None].expand(-1, -1, full.shape[-1]), x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion: x-prediction, loss in velocity space (JiT). t = 1 is noise.
+
+
+def shift_t(t, s):  # the timestep shift toward noise: s t / (1 + (s - 1) t)
+    return s * t / (1 + (s - 1) * t)
+
+
+def sample_t(batch, hp, device, generator=None):
+    """Logit-normal t, shifted; a fraction uniform; clipped to [1e-3, 1 - 1e-3]."""
+    ln = shift_t(torch.sigmoid(torch.randn(batch, device=device, generator=generator)), hp.t_shift)
+    uni = torch.rand(batch, device=device, generator=generator)
+    pick = torch.rand(batch, device=device, generator=generator) < hp.uniform_t
+    return torch.where(pick, uni, ln).clamp(1e-3, 1 - 1e-3)
+
+
+def velocity(x_t, x0, t, t_min_div):  # v = dx/dt = noise - x0 = (x_t - x0) / t, with t clamped from below
+    return (x_t - x0) / t.clamp(min=t_min_div).view(-1, 1, 1, 1)
+
+
+def flow_loss(x0_pred, x0, x_t, t, t_min_div):
+    """Per-sample MSE between predicted and true velocity: (B,)."""
+    err = velocity(x_t, x0_pred.float(), t, t_min_div) - velocity(x_t, x0, t, t_min_div)
+    return err.pow(2).mean(dim=(1, 2, 3))
+
+
+T_BINS = (0.3, 0.6)  # loss reported for t in [0, .3), [.3, .6), [.6, 1]
+
+
+@torch.no_grad()
+def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
+                  generator=None, sampler="euler", x=None):
+    """Euler (or Heun) from t = 1 to 0 on the shifted schedule, classifier-free guidance on x0. -> (B, 3, H, W)."""
+    B = txt.shape[0]
+    dev = txt.device
+    if x is None:
+        x = torch.randn(B, 3, size[0], size[1], device=dev, generator=generator)
+    ts = shift_t(torch.linspace(1, 0, steps + 1, device=dev), shift)
+    both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
+
+    def vel(x, t):
+        tt = t.expand(2 * B)
+        x0 = model(torch.cat([x, x]), tt, both_txt, both_mask)[0].float()
+        x0c, x0u = x0.chunk(2)
+        return velocity(x, x0u + cfg * (x0c - x0u), tt[:B], t_min_div)
+
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        v = vel(x, t)
+        if sampler == "heun" and t_next > 0:
+            v = 0.5 * (v + vel(x + (t_next - t) * v, t_next))
+        x = x + (t_next - t) * v
+    return x.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frozen encoders: text (T5Gemma), REPA target (DINOv3), P-DINO (DINOv2 with registers), LPIPS-VGG.
+# Each loads by hub id or local folder through the same code path; the CPU demo builds tiny random ones.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TextEncoder:
+    """Frozen transformers encoder: captions -> (last_hidden_state (B, L, D), padding mask (B, L) bool)."""
+
+    def __init__(self, path, max_len, device, dtype):
+        from transformers import AutoModel, AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+        self.model = (model.get_encoder() if hasattr(model, "get_encoder") else model).to(device).eval()
+        self.model.requires_grad_(False)
+        self.max_len, self.device = max_len, device
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        b = self.tok(list(captions), padding="max_length", max_length=self.max_len, truncation=True,
+                     return_tensors="pt").to(self.device)
+        h = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        return h.float() * b.attention_mask[..., None], b.attention_mask.bool()
+
+
+def quiet_transformers():
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_vit(path, device, dtype):
+    from transformers import AutoModel
+    m = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def vit_patch_tokens(vit, img01, size):
+    """Images in [0, 1] (B, 3, H, W) resized to `size` -> patch tokens (B, N, D) without CLS and registers."""
+    x = F.interpolate(img01.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    h = vit(pixel_values=((x - mean) / std).to(next(vit.parameters()).dtype)).last_hidden_state
+    return h[:, 1 + getattr(vit.config, "num_register_tokens", 0):].float()
+
+
+def build_demo_encoders(folder, hp, vocab_text):
+    """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
+    through exactly the code path of the real checkpoints. Returns the three folder paths."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
+    folder = Path(folder)
+    paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
+    if all((p / "config.json").exists() for p in paths):
+        return [str(p) for p in paths]
+    torch.manual_seed(0)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(vocab_text, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                  bos_token="<bos>")
+    mod = dict(vocab_size=tok.vocab_size, hidden_size=hp.text_dim, intermediate_size=2 * hp.text_dim,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hp.text_dim // 2,
+               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=hp.text_len)
+    T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
+    tok.save_pretrained(paths[0])
+    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+               num_register_tokens=4)  # the real checkpoints have 4 registers
+    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vit)).save_pretrained(paths[1])
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vit)
+                             ).save_pretrained(paths[2])
+    return [str(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# REPA: align block `repa_block`'s tokens to frozen DINOv3 patch features of the clean image (Yu et al. 2025).
+
+
+def repa_projector(dim, enc_dim):  # MLP dim -> enc -> enc -> enc with SiLU (1792 -> 1024 -> 1024 -> 1024)
+    return nn.Sequential(nn.Linear(dim, enc_dim), nn.SiLU(), nn.Linear(enc_dim, enc_dim), nn.SiLU(),
+                         nn.Linear(enc_dim, enc_dim))
+
+
+def repa_targets(dino, x0, patch):
+    """Clean images (B, 3, H, W) in [-1, 1] -> DINOv3 patch features on the DiT's token grid (B, N, E).
+    The image is resized by 16/patch so that DINOv3's 16-px patches line up one to one with the DiT's."""
+    H, W = x0.shape[-2:]
+    p = dino.config.patch_size
+    return vit_patch_tokens(dino, (x0 + 1) / 2, (H // patch * p, W // patch * p))
+
+
+def repa_loss(projector, tokens, targets, keep):  # -> (B,) negative mean cosine over the visible tokens
+    if keep is not None and tokens.shape[1] != targets.shape[1]:
+        targets = tread_gather(targets, keep)
+    return -F.cosine_similarity(projector(tokens).float(), targets, dim=-1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Perceptual losses on the predicted x0: LPIPS-VGG at half size, and P-DINO (DINOv2 patch-feature cosine).
+
+
+def load_lpips(device, pretrained):
+    import lpips
+    import warnings
+    with warnings.catch_warnings():  # torchvision's "pretrained" deprecation chatter
+        warnings.simplefilter("ignore")
+        m = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained, verbose=False)
+    return m.to(device).eval().requires_grad_(False)
+
+
+def lpips_loss(lp, pred, x0):  # -> (B,)
+    half = lambda x: F.interpolate(x.float(), scale_factor=0.5, mode="bilinear", align_corners=False)
+    return lp(half(pred), half(x0)).flatten()
+
+
+def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine
+    fp = vit_patch_tokens(dino, (pred + 1) / 2, (res, res))
+    with torch.no_grad():
+        ft = vit_patch_tokens(dino, (x0 + 1) / 2, (res, res))
+    return (1 - F.cosine_similarity(fp, ft, dim=-1)).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser: Muon for the 2-D weights inside the blocks, Adam for everything else; warm-up; clipping; EMA.
+
+
+def newton_schulz(G, steps=5, eps=1e-7):
+    """Approximate orthogonalisation U V^T of G (quintic iteration; Jordan et al. 2024). Singular values -> ~1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()  # bf16 is enough for an approximate orthogonalisation, and twice as fast
+    X = X / (X.norm() + eps)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols))."""
+
+    def __init__(self, params, lr, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - g["momentum"])
+                u = newton_schulz(p.grad.lerp(buf, g["momentum"]), g["ns_steps"])  # Nesterov
+                p.add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
+
+
+def build_optimizers(model, extra, hp):
+    """Muon: 2-D weights in the blocks. Adam: in/out projections, embeddings, norms, biases, REPA projector."""
+    muon = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+    adam = [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+    adam += [p for p in extra.parameters()]
+    every = list(model.parameters()) + list(extra.parameters())
+    ids = [id(p) for p in muon + adam]
+    assert len(ids) == len(set(ids)) == len(every), "every trainable parameter must be in exactly one group"
+    return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8)]
+
+
+def lr_factor(step, total, hp):  # linear warm-up, constant, optional linear cool-down to 0 at `total`
+    warm = min(1.0, (step + 1) / max(1, hp.warmup))
+    cool_steps = int(hp.cooldown * total)
+    cool = min(1.0, (total - step) / cool_steps) if cool_steps else 1.0
+    return warm * cool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: parquet shards (image {bytes, path}, caption) from data_prep.py. The global batch at step k holds the
+# same images whatever the world size: one seeded permutation per epoch, cut into global batches, then into
+# rank micro-batches. The position in the stream is a number of images, saved with the checkpoint.
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    def __init__(self, folder):
+        import datasets
+        files = sorted(str(p) for p in Path(folder).rglob("*.parquet") if "heldout" not in p.parts)
+        if not files:
+            raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        self.ds = ds.cast_column("image", datasets.Image(decode=False))
+        self.res = None
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):  # -> (uint8 (3, res, res), caption)
+        from PIL import Image
+        row = self.ds[i]
+        img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        w, h = img.size
+        s = min(w, h)  # centre square crop, then resize (aspect buckets come with the data issue)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        img = img.resize((self.res, self.res), Image.BICUBIC if s < self.res else Image.BOX)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"] or ""
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches (lists of indices) from image position `start` onward."""
+
+    def __init__(self, n, seed, start, batch, micro, rank, world):
+        self.n, self.seed, self.start, self.batch, self.micro, self.rank, self.world = \
+            n, seed, start, batch, micro, rank, world
+
+    def __iter__(self):
+        pos = self.start
+        while True:
+            glob = [self._index(pos + j) for j in range(self.batch)]
+            per_rank = self.batch // self.world
+            mine = glob[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for j in range(0, per_rank, self.micro):
+                yield mine[j:j + self.micro]
+            pos += self.batch
+
+    def _index(self, pos):
+        epoch, k = divmod(pos, self.n)
+        if getattr(self, "_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+        return self._perm[k]
+
+
+def make_loader(ds, res, stage, start, hp, rank, world):
+    ds.res = res
+    sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world)
+    collate = lambda items: (torch.stack([a for a, _ in items]), [c for _, c in items])
+    return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=hp.num_workers,
+                                            collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                            persistent_workers=False, prefetch_factor=4 if hp.num_workers else None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging: the log is the record (source, versions, hardware, config, greppable step lines).
+
+
+class Logger:
+    def __init__(self, run_dir, master):
+        self.master, self.run_dir = master, Path(run_dir)
+        if master:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.run_dir / "log.txt", "a")
+            self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+
+    def __call__(self, msg, console=True):
+        if self.master:
+            if console:
+                print(msg, flush=True)
+            self.log.write(msg + "\n")
+            self.log.flush()
+
+    def metrics(self, d):
+        if self.master:
+            self.jsonl.write(json.dumps(d) + "\n")
+            self.jsonl.flush()
+
+
+def describe_run(log, hp, device, world):
+    log("=" * 100, console=False)
+    log(Path(__file__).read_text(), console=False)
+    log("=" * 100, console=False)
+    import transformers
+    log(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} "
+        f"host {platform.node()} world {world} device {device}")
+    if torch.cuda.is_available():
+        try:
+            log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
+        except (OSError, subprocess.SubprocessError):
+            log("nvidia-smi unavailable")
+    else:
+        log(f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    log("config: " + json.dumps(dataclasses.asdict(hp)))
+
+
+def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1]
+    from PIL import Image
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    B, _, H, W = x.shape
+    ncol = min(nrow, B)
+    rows = math.ceil(B / ncol)
+    grid = torch.full((3, rows * (H + 2) + 2, ncol * (W + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = x[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+FIXED_PROMPTS = [  # the record configuration's sample grid (fixed prompts and seeds)
+    "a red fox sitting in fresh snow at sunrise, photograph",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "an astronaut riding a horse on the moon, oil painting",
+    "a cozy reading nook with a window and a sleeping cat",
+    "a neon sign that says PRX above a rainy street at night",
+    "a watercolor map of an imaginary island with mountains",
+    "a close-up portrait of an old fisherman with a knitted hat",
+    "three green apples on a wooden table, soft shadows",
+]
+
+
+class Trainer:
+    def __init__(self, hp):
+        self.hp = hp
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if self.distributed:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.master = self.rank == 0
+        for i, st in enumerate(hp.stages, 1):
+            if st.batch % (self.world * st.micro_batch):
+                fail(f"stage{i}.batch={st.batch} is not divisible by world size {self.world} x "
+                     f"micro_batch {st.micro_batch}; change stage{i}.micro_batch")
+        self.run_dir = Path(hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        self.log = Logger(self.run_dir, self.master)
+        torch.manual_seed(hp.seed + self.rank)
+        random.seed(hp.seed + self.rank)
+        np.random.seed(hp.seed + self.rank)
+        self.amp_dtype = torch.bfloat16 if hp.amp else torch.float32
+
+    def setup(self):
+        hp, dev = self.hp, self.device
+        if hp.preset == "cpu":
+            self.log("preset cpu: the built-in CPU demo (no CUDA device, or preset=cpu). Its text, DINOv3 and "
+                     "DINOv2 encoders are tiny RANDOM models and LPIPS uses a random VGG: this shows the pipeline, "
+                     "not the real recipe's quality.")
+        describe_run(self.log, hp, dev, self.world)
+        quiet_transformers()
+        self.prepare_data()
+        enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
+        if hp.preset == "cpu":
+            vocab = Path(hp.data, "prompts_seen.txt").read_text().splitlines() + \
+                Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
+            paths = [p or d for p, d in zip(paths, build_demo_encoders(self.run_dir / "demo_encoders", hp, vocab))]
+        self.text = TextEncoder(paths[0], hp.text_len, dev, enc_dtype)
+        if self.text.dim != hp.text_dim:
+            fail(f"text encoder {paths[0]} has width {self.text.dim} but text_dim={hp.text_dim}; set text_dim")
+        self.null_txt, self.null_mask = self.text([""])  # caption dropout and CFG use the empty caption
+        any_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages)
+        self.dino3 = load_vit(paths[1], dev, enc_dtype) if any_repa else None
+        self.dino2 = load_vit(paths[2], dev, enc_dtype) if hp.pdino_weight > 0 else None
+        self.lpips = load_lpips(dev, pretrained=hp.preset != "cpu") if hp.lpips_weight > 0 else None
+        self.model = PRXDiT(hp).to(dev)
+        enc_dim = self.dino3.config.hidden_size if self.dino3 is not None else 1
+        self.projector = repa_projector(hp.hidden, enc_dim).to(dev) if any_repa else nn.Module()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizers = build_optimizers(self.model, self.projector, hp)
+        self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        self.forward = torch.compile(self.model) if hp.compile else self.model
+        if self.distributed:  # same initial weights on every rank
+            for p in list(self.model.parameters()) + list(self.projector.parameters()):
+                dist.broadcast(p.data, 0)
+            self.ema.load_state_dict(self.model.state_dict())
+        n = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
+        self.step, self.stage_idx, self.data_pos = 0, 0, 0
+        self.sample_prompts = self.fixed_prompts()
+
+    def prepare_data(self):
+        hp = self.hp
+        if hp.preset == "cpu" and not Path(hp.data, "meta.json").exists():
+            from data_prep import make_shapes  # the demo's data set, rendered on first use
+            if self.master:
+                self.log(f"rendering the shapes data set into {hp.data} (first run only)")
+                make_shapes(hp.data)
+            if self.distributed:
+                dist.barrier()
+        if not Path(hp.data).exists():
+            fail(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+        self.dataset = ShardDataset(hp.data)
+        self.log(f"data: {len(self.dataset)} images from {hp.data}")
+
+    def fixed_prompts(self):
+        if self.hp.preset == "cpu":
+            lines = []
+            for name in ("prompts_seen.txt", "prompts_heldout.txt", "prompts_two.txt"):
+                lines += Path(self.hp.data, name).read_text().splitlines()[::15][:4]
+            return lines
+        return FIXED_PROMPTS
+
+    def encode(self, captions):
+        return self.text(captions)
+
+    def train_step(self, stage, total_steps):
+        """One optimizer step over the global batch. Returns device tensors (no host sync here)."""
+        hp, dev = self.hp, self.device
+        accum = stage.batch // (self.world * stage.micro_batch)
+        sums = torch.zeros(8, device=dev)  # loss, flow, repa, lpips, pdino, and flow per t-bin (3 x sum)
+        counts = torch.zeros(3, device=dev)
+        for a in range(accum):
+            imgs, captions = next(self.loader)
+            x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            B, _, H, W = x0.shape
+            txt, mask = self.encode(captions)
+            drop = torch.rand(B, device=dev) < hp.caption_dropout  # classifier-free guidance dropout
+            txt = torch.where(drop[:, None, None], self.null_txt, txt)
+            mask = torch.where(drop[:, None], self.null_mask, mask)
+            t = sample_t(B, hp, dev)
+            noise = torch.randn_like(x0)
+            x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+            n_tok = (H // hp.patch) * (W // hp.patch)
+            keep = tread_keep(B, n_tok, hp.tread_frac, dev) if hp.tread_frac > 0 else None
+            use_repa = stage.repa and hp.repa_weight > 0
+            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp):
+                x0_pred, h = self.forward(x_t, t, txt, mask, keep, hp.repa_block if use_repa else -1)
+                flow = flow_loss(x0_pred, x0, x_t, t, hp.t_min_div)  # (B,)
+                loss = flow.mean()
+                parts = [flow.mean().detach()]
+                if use_repa:
+                    with torch.no_grad():
+                        target = repa_targets(self.dino3, x0, hp.patch)
+                    r = repa_loss(self.projector, h, target, keep if hp.tread_start <= hp.repa_block
+                                  <= hp.tread_end else None).mean()
+                    loss = loss + hp.repa_weight * r
+                    parts.append(r.detach())
+                else:
+                    parts.append(torch.zeros((), device=dev))
+                nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
+                for w, fn in ((hp.lpips_weight, lambda: lpips_loss(self.lpips, x0_pred[:nb], x0[:nb])),
+                              (hp.pdino_weight, lambda: pdino_loss(self.dino2, x0_pred[:nb], x0[:nb], hp.pdino_res))):
+                    if w > 0:
+                        v = fn().mean()
+                        loss = loss + w * v
+                        parts.append(v.detach())
+                    else:
+                        parts.append(torch.zeros((), device=dev))
+            (loss / accum).backward()
+            parts.insert(0, loss.detach())
+            sums[:5] += torch.stack(parts).float() / accum
+            bins = torch.bucketize(t, torch.tensor(T_BINS, device=dev), right=True)  # (B,) in 0..2
+            sums[5:] += torch.zeros(3, device=dev).index_add_(0, bins, flow.detach().float())
+            counts += torch.bincount(bins, minlength=3).float()
+        if self.distributed:  # average gradients over ranks, one flat buffer
+            grads = [p.grad for p in self.params if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            parts = flat.div_(self.world).split([g.numel() for g in grads])
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(parts, grads)])
+        # optimizer step: clip, schedule, step, EMA
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
+        f = lr_factor(self.step, total_steps, hp)
+        for o in self.optimizers:
+            for g in o.param_groups:
+                g["lr"] = hp.lr * f
+            o.step()
+            o.zero_grad(set_to_none=True)
+        if self.step % hp.ema_every == 0:
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - hp.ema_decay)
+        return sums, counts, gnorm
+
+    @torch.no_grad()
+    def sample(self, prompts, res, seed=0, steps=None, use_ema=True, batch=16):
+        hp = self.hp
+        model = self.ema if use_ema else self.model
+        model.eval()
+        outs = []
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for i in range(0, len(prompts), batch):
+            txt, mask = self.encode(prompts[i:i + batch])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=hp.amp):
+                outs.append(sample_images(model, txt, mask, self.null_txt, self.null_mask, (res, res),
+                                          steps or hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, g).float())
+        model.train()
+        return torch.cat(outs)
+
+    def checkpoint(self, tag):
+        if not self.master:
+            return
+        ck = self.run_dir / "ckpt"
+        ck.mkdir(parents=True, exist_ok=True)
+        state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
+                     projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
+                     step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
+                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                     config=dataclasses.asdict(self.hp))
+        tmp = ck / f".{tag}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, ck / f"{tag}.pt")  # a checkpoint is complete or absent
+
+    def run(self):
+        hp = self.hp
+        self.setup()
+        total = sum(st.steps for st in hp.stages)
+        train_time, t_last, timed_steps = 0.0, None, 0
+        for self.stage_idx, stage in enumerate(hp.stages):
+            s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
+            self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
+            accum = stage.batch // (self.world * stage.micro_batch)
+            self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
+                     f"({self.world} x {stage.micro_batch} x {accum} accum), {stage.steps} steps, "
+                     f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
+            for _ in range(stage.steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                sums, counts, gnorm = self.train_step(stage, total)
+                self.step += 1
+                self.data_pos += stage.batch
+                last = self.step == s_first + stage.steps
+                if self.step % hp.log_every == 0 or last or self.step == 1:
+                    if self.distributed:
+                        dist.all_reduce(sums), dist.all_reduce(counts)
+                        sums /= torch.tensor([self.world] * 5 + [1] * 3, device=sums.device)
+                    s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: logging steps only
+                dt = time.perf_counter() - t0
+                if self.step > 1:  # the first step compiles: not counted
+                    train_time += dt
+                    timed_steps += 1
+                if self.step % hp.log_every == 0 or last or self.step == 1:
+                    avg = train_time / max(1, timed_steps)
+                    bins = [s[5 + i] / c[i] if c[i] else float("nan") for i in range(3)]
+                    self.log(f"step:{self.step}/{total} stage:{self.stage_idx + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} "
+                             f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} "
+                             f"train_time:{train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
+                             f"img/s:{stage.batch / avg if timed_steps else 0:.1f}")
+                    self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=train_time,
+                                          loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
+                                          flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
+                                          lr=hp.lr * lr_factor(self.step - 1, total, hp), step_avg_ms=avg * 1000))
+                    if not math.isfinite(s[0]):
+                        self.checkpoint(f"nonfinite_step{self.step:07d}")
+                        fail(f"non-finite loss at step {self.step}; see {self.run_dir}/log.txt")
+                if hp.sample_every and self.step % hp.sample_every == 0 or last:
+                    self.save_samples(stage.res, f"step{self.step:07d}")
+                if hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total:
+                    self.checkpoint(f"step{self.step:07d}")
+        self.log(f"done: {self.step} steps, train_time {train_time:.1f}s")
+        if hp.preset == "cpu":
+            self.score_demo()
+        if self.distributed:
+            dist.destroy_process_group()
+        return self
+
+    def save_samples(self, res, tag):
+        imgs = self.sample(self.sample_prompts, res)
+        if self.master:
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            save_grid(imgs, self.run_dir / "samples" / f"{tag}.png", nrow=4)
+            self.log(f"samples: {self.run_dir}/samples/{tag}.png")
+
+    def score_demo(self):
+        """The shapes benchmark at the end of the CPU demo: fixed prompt files, seed, steps and CFG."""
+        from data_prep import score_shapes
+        res = self.hp.stages[-1].res
+        result = {}
+        for name in ("seen", "heldout", "two"):
+            prompts = Path(self.hp.data, f"prompts_{name}.txt").read_text().splitlines()
+            imgs = self.sample(prompts, res, seed=1234, batch=50)
+            arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            sc = score_shapes(list(arr), prompts)
+            result[name] = sc["full"]
+            if self.master:
+                save_grid(imgs[:32], self.run_dir / "samples" / f"eval_{name}.png", nrow=8)
+        self.log("shapes score (fully right): " + " ".join(f"{k}:{v:.3f}" for k, v in result.items()))
+        self.log.metrics(dict(step=self.step, shapes=result))
+        self.shapes_score = result
+
+
+def main(argv):
+    try:
+        hp = parse_args(argv, torch.cuda.is_available())
+    except ValueError as e:
+        fail(str(e))
+    return Trainer(hp).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
