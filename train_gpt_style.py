@@ -83,7 +83,7 @@ class Hyperparameters:
     # optimisation
     lr: float = 1e-4  # Muon and Adam alike
     warmup: int = 1000  # linear warm-up steps, then constant
-    cooldown: float = 0.0  # fraction of the final steps of the run with linear decay to 0
+    cooldown: float = 0.0  # fraction of each stage's final steps with linear decay to 0
     grad_clip: float = 0.2
     ema_decay: float = 0.999
     ema_every: int = 10  # steps between EMA updates
@@ -108,13 +108,15 @@ PRESETS = {
     "record": {},
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
-        hidden=128, depth=4, heads=4, patch=4, bottleneck=32, text_dim=64, t_shift=1.0,
+        hidden=128, depth=4, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
+        t_shift=1.5,  # at 64 tokens less shift than the record's 3 (its 256-1024 tokens need more noise)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         lpips_weight=0.1, pdino_weight=0.01, pdino_res=56, perc_frac=0.125,
-        lr=1e-3, warmup=100, cooldown=0.5, compile=False,
+        lr=1e-3, warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, cfg=3.0,
-        stages=[Stage(res=32, batch=64, micro_batch=64, steps=1000, repa=True),
-                Stage(res=64, batch=32, micro_batch=32, steps=250, repa=False)],
+        # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
+        stages=[Stage(res=32, batch=64, micro_batch=64, steps=600, repa=True),
+                Stage(res=64, batch=64, micro_batch=64, steps=1000, repa=False)],
     ),
 }
 
@@ -174,6 +176,13 @@ def parse_args(argv, cuda_available):
             raise ValueError(f"unknown constant {name!r}; valid names: {valid}")
     check_config(hp)
     return hp
+
+
+def hp_from_config(config):
+    """The resolved config saved in a checkpoint -> Hyperparameters (unknown keys are refused)."""
+    cfg = dict(config)
+    stages = [Stage(**st) for st in cfg.pop("stages")]
+    return Hyperparameters(**cfg, stages=stages)
 
 
 def check_config(hp):
@@ -411,6 +420,15 @@ def flow_loss(x0_pred, x0, x_t, t, t_min_div):
     return err.pow(2).mean(dim=(1, 2, 3))
 
 
+def attention_backend(device):
+    """SDPA kernels: on CPU the plain math kernel beats the CPU flash kernel at the demo's sizes (2x, measured)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 T_BINS = (0.3, 0.6)  # loss reported for t in [0, .3), [.3, .6), [.6, 1]
 
 
@@ -572,21 +590,23 @@ def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine
 
 
 def newton_schulz(G, steps=5, eps=1e-7):
-    """Approximate orthogonalisation U V^T of G (quintic iteration; Jordan et al. 2024). Singular values -> ~1."""
+    """Approximate orthogonalisation U V^T of G (..., m, n) (quintic iteration; Jordan et al. 2024).
+    Singular values go to ~[0.7, 1.2]; a leading batch dimension orthogonalises each matrix on its own."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()  # bf16 is enough for an approximate orthogonalisation, and twice as fast
-    X = X / (X.norm() + eps)
-    tall = X.shape[0] > X.shape[1]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
+    return (X.mT if tall else X).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols))."""
+    """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols)).
+    Matrices of one shape are orthogonalised together in one batched iteration."""
 
     def __init__(self, params, lr, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
@@ -594,13 +614,17 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
+            by_shape = {}
             for p in g["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - g["momentum"])
-                u = newton_schulz(p.grad.lerp(buf, g["momentum"]), g["ns_steps"])  # Nesterov
-                p.add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, ps in by_shape.items():
+                grads = [p.grad for p in ps]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
+                nesterov = torch.stack(grads).lerp_(torch.stack(bufs), g["momentum"])  # (n, rows, cols)
+                u = newton_schulz(nesterov, g["ns_steps"])
+                torch._foreach_add_(ps, list(u.unbind(0)), alpha=-g["lr"] * 0.2 * math.sqrt(max(shape)))
 
 
 def build_optimizers(model, extra, hp):
@@ -614,10 +638,17 @@ def build_optimizers(model, extra, hp):
     return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8)]
 
 
-def lr_factor(step, total, hp):  # linear warm-up, constant, optional linear cool-down to 0 at `total`
+def lr_factor(step, hp):
+    """Linear warm-up at the start of the run, constant, and an optional linear cool-down to 0 over the final
+    `cooldown` fraction of each stage (the next stage starts again at the full rate)."""
     warm = min(1.0, (step + 1) / max(1, hp.warmup))
-    cool_steps = int(hp.cooldown * total)
-    cool = min(1.0, (total - step) / cool_steps) if cool_steps else 1.0
+    end = 0
+    for st in hp.stages:
+        end += st.steps
+        if step < end:
+            break
+    cool_steps = int(hp.cooldown * st.steps)
+    cool = min(1.0, (end - step) / cool_steps) if cool_steps else 1.0
     return warm * cool
 
 
@@ -715,6 +746,10 @@ def describe_run(log, hp, device, world):
     log("=" * 100, console=False)
     log(Path(__file__).read_text(), console=False)
     log("=" * 100, console=False)
+    if hp.preset == "cpu":  # the first line on the console
+        log("preset cpu: the built-in CPU demo (no CUDA device, or preset=cpu). Its text, DINOv3 and DINOv2 "
+            "encoders are tiny RANDOM models and LPIPS uses a random VGG: this shows the pipeline at toy scale, "
+            "not the real recipe's quality.")
     import transformers
     log(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} "
         f"host {platform.node()} world {world} device {device}")
@@ -786,10 +821,6 @@ class Trainer:
 
     def setup(self):
         hp, dev = self.hp, self.device
-        if hp.preset == "cpu":
-            self.log("preset cpu: the built-in CPU demo (no CUDA device, or preset=cpu). Its text, DINOv3 and "
-                     "DINOv2 encoders are tiny RANDOM models and LPIPS uses a random VGG: this shows the pipeline, "
-                     "not the real recipe's quality.")
         describe_run(self.log, hp, dev, self.world)
         quiet_transformers()
         self.prepare_data()
@@ -825,7 +856,7 @@ class Trainer:
 
     def prepare_data(self):
         hp = self.hp
-        if hp.preset == "cpu" and not Path(hp.data, "meta.json").exists():
+        if hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"] and not Path(hp.data, "meta.json").exists():
             from data_prep import make_shapes  # the demo's data set, rendered on first use
             if self.master:
                 self.log(f"rendering the shapes data set into {hp.data} (first run only)")
@@ -848,7 +879,7 @@ class Trainer:
     def encode(self, captions):
         return self.text(captions)
 
-    def train_step(self, stage, total_steps):
+    def train_step(self, stage):
         """One optimizer step over the global batch. Returns device tensors (no host sync here)."""
         hp, dev = self.hp, self.device
         accum = stage.batch // (self.world * stage.micro_batch)
@@ -868,7 +899,7 @@ class Trainer:
             n_tok = (H // hp.patch) * (W // hp.patch)
             keep = tread_keep(B, n_tok, hp.tread_frac, dev) if hp.tread_frac > 0 else None
             use_repa = stage.repa and hp.repa_weight > 0
-            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp):
+            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp), attention_backend(dev):
                 x0_pred, h = self.forward(x_t, t, txt, mask, keep, hp.repa_block if use_repa else -1)
                 flow = flow_loss(x0_pred, x0, x_t, t, hp.t_min_div)  # (B,)
                 loss = flow.mean()
@@ -905,7 +936,7 @@ class Trainer:
             torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(parts, grads)])
         # optimizer step: clip, schedule, step, EMA
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
-        f = lr_factor(self.step, total_steps, hp)
+        f = lr_factor(self.step, hp)
         for o in self.optimizers:
             for g in o.param_groups:
                 g["lr"] = hp.lr * f
@@ -924,7 +955,8 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(seed)
         for i in range(0, len(prompts), batch):
             txt, mask = self.encode(prompts[i:i + batch])
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=hp.amp):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=hp.amp), \
+                    attention_backend(self.device):
                 outs.append(sample_images(model, txt, mask, self.null_txt, self.null_mask, (res, res),
                                           steps or hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, g).float())
         model.train()
@@ -961,7 +993,7 @@ class Trainer:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                sums, counts, gnorm = self.train_step(stage, total)
+                sums, counts, gnorm = self.train_step(stage)
                 self.step += 1
                 self.data_pos += stage.batch
                 last = self.step == s_first + stage.steps
@@ -984,7 +1016,7 @@ class Trainer:
                     self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=train_time,
                                           loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
                                           flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
-                                          lr=hp.lr * lr_factor(self.step - 1, total, hp), step_avg_ms=avg * 1000))
+                                          lr=hp.lr * lr_factor(self.step - 1, hp), step_avg_ms=avg * 1000))
                     if not math.isfinite(s[0]):
                         self.checkpoint(f"nonfinite_step{self.step:07d}")
                         fail(f"non-finite loss at step {self.step}; see {self.run_dir}/log.txt")

@@ -1,0 +1,152 @@
+"""Sample images from a prx-speedrun checkpoint, score them on the shapes benchmark, export to diffusers.
+
+    python sample.py --ckpt runs/demo --prompts data/shapes/prompts_seen.txt --out out/ --score
+    python sample.py --ckpt runs/demo --prompt "a large blue square in the center" --out out/
+    python sample.py --ckpt runs/record --export-diffusers exported/
+
+The model, the sampler and the text encoder come from train_gpt_style.py. EMA weights by default.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import train_gpt_style as T
+
+
+def find_checkpoint(path):
+    """A .pt file, or a run folder (its newest checkpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        cks = sorted((p / "ckpt").glob("step*.pt")) if (p / "ckpt").is_dir() else sorted(p.glob("step*.pt"))
+        if not cks:
+            raise FileNotFoundError(f"no checkpoint (step*.pt) in {p} or {p}/ckpt")
+        return cks[-1]
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    return p
+
+
+def load_model(path, ema=True):
+    """-> (hp, model in eval mode, run folder). Refuses a file that is not a prx-speedrun checkpoint."""
+    ck_path = find_checkpoint(path)
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from None
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise ValueError(f"{ck_path} is not a prx-speedrun checkpoint (no config/model)")
+    hp = T.hp_from_config(ck["config"])
+    model = T.PRXDiT(hp)
+    try:
+        model.load_state_dict(ck["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise ValueError(f"{ck_path} does not match the architecture in its config: {str(e)[:200]}") from None
+    return hp, model.eval().requires_grad_(False), ck_path.parents[1] if ck_path.parent.name == "ckpt" \
+        else ck_path.parent
+
+
+def text_encoder_path(hp, run_dir):
+    """The configured encoder, or the demo's random one saved inside the run folder."""
+    if hp.text_encoder:
+        return hp.text_encoder
+    p = Path(run_dir) / "demo_encoders" / "text_encoder"
+    if not p.exists():
+        raise FileNotFoundError(f"this run used the demo's random text encoder, expected at {p}")
+    return str(p)
+
+
+@torch.no_grad()
+def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
+             device="cpu", amp=False):
+    """Prompt i always starts from the noise of seed + i, so an image does not depend on the batch it is in."""
+    null_txt, null_mask = text([""])
+    outs = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        noise = torch.stack([torch.randn(3, *size, generator=torch.Generator().manual_seed(seed + i + j))
+                             for j in range(len(chunk))]).to(device)
+        txt, mask = text(chunk)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp), \
+                T.attention_backend(torch.device(device)):
+            outs.append(T.sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
+                                        sampler=sampler, x=noise).float().cpu())
+    return torch.cat(outs)
+
+
+def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def export_diffusers(model, hp, out_dir):
+    """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
+    from diffusers import PRXTransformer2DModel
+    head = hp.hidden // hp.heads
+    ref = PRXTransformer2DModel(in_channels=3, patch_size=hp.patch, context_in_dim=hp.text_dim,
+                                hidden_size=hp.hidden, mlp_ratio=hp.mlp_ratio, num_heads=hp.heads, depth=hp.depth,
+                                axes_dim=[head // 2, head // 2], bottleneck_size=hp.bottleneck)
+    ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
+    ref.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    ap.add_argument("--prompts", help="file with one prompt per line")
+    ap.add_argument("--prompt", help="a single prompt")
+    ap.add_argument("--out", help="output folder for PNGs")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's cfg)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution)")
+    ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    ap.add_argument("--score", action="store_true", help="score the images on the shapes benchmark")
+    ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXTransformer2DModel folder")
+    a = ap.parse_args(argv)
+    try:
+        hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
+        if a.export_diffusers:
+            export_diffusers(model, hp, a.export_diffusers)
+            print(f"exported to {a.export_diffusers}")
+            if not (a.prompts or a.prompt):
+                return
+        if a.prompts:
+            prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"prompt file {a.prompts} is empty")
+        elif a.prompt:
+            prompts = [a.prompt]
+        else:
+            raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR)")
+        if not a.out:
+            raise ValueError("give --out DIR")
+        size = a.size or hp.stages[-1].res
+        if size % hp.patch:
+            raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
+                             torch.bfloat16 if dev == "cuda" else torch.float32)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        T.fail(str(e))
+    images = generate(model.to(dev), text, prompts, (size, size), a.steps or hp.sample_steps,
+                      hp.cfg if a.cfg is None else a.cfg, hp.t_shift, hp.t_min_div, a.seed, a.batch, a.sampler,
+                      dev, amp=dev == "cuda")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+    for i, img in enumerate(to_uint8(images)):
+        Image.fromarray(img).save(out / f"{i:05d}.png")
+    T.save_grid(images[:64], out / "grid.png", nrow=8)
+    print(f"{len(prompts)} images in {out}")
+    if a.score:
+        from data_prep import score_shapes
+        sc = score_shapes(list(to_uint8(images)), prompts)
+        print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

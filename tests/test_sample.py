@@ -1,0 +1,109 @@
+"""sample.py: checkpoint loading, deterministic sampling, bad input, and export checked against diffusers."""
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample as S
+import train_gpt_style as T
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as the trainer writes it: ckpt/step*.pt and the demo's random text encoder."""
+    d = tmp_path_factory.mktemp("run")
+    hp = T.parse_args(["preset=cpu", "hidden=64", "depth=3", "heads=2", "text_dim=32", "text_len=12"], False)
+    T.build_demo_encoders(d / "demo_encoders", hp, ["a small red circle in the top left", "and"])
+    torch.manual_seed(0)
+    model = T.PRXDiT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # leave adaLN-Zero so outputs depend on every weight
+    (d / "ckpt").mkdir()
+    state = dict(model=model.state_dict(), ema=model.state_dict(), config=dataclasses.asdict(hp), step=3)
+    torch.save(state, d / "ckpt" / "step0000003.pt")
+    return d, hp, model
+
+
+def test_load_model_roundtrip(run):
+    d, hp, model = run
+    hp2, m2, run_dir = S.load_model(d)
+    assert hp2 == hp and run_dir == d
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_same_seed_same_image_whatever_the_batch(run):
+    d, hp, model = run
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    prompts = ["a small red circle in the top left", "a large red circle in the top left", "a small red circle"]
+    kw = dict(size=(16, 16), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=5)
+    a = S.generate(model, text, prompts, batch=3, **kw)
+    b = S.generate(model, text, prompts, batch=1, **kw)
+    assert torch.allclose(a, b, atol=1e-5)
+    c = S.generate(model, text, prompts, batch=3, **{**kw, "seed": 6})
+    assert not torch.allclose(a, c)
+
+
+def test_cli_writes_indexed_pngs(run, tmp_path):
+    d, hp, _ = run
+    pf = tmp_path / "p.txt"
+    pf.write_text("a small red circle in the top left\n\na large red circle in the top left\n")
+    S.main(["--ckpt", str(d), "--prompts", str(pf), "--out", str(tmp_path / "o"), "--steps", "2", "--size", "16"])
+    from PIL import Image
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000.png", "00001.png", "grid.png"]
+    assert np.asarray(Image.open(tmp_path / "o" / "00001.png")).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ckpt", "/nonexistent/x.pt", "--prompt", "a", "--out", "o"], "does not exist"),
+    (["--prompt", "a", "--out", "o", "--size", "18"], "not divisible"),
+    (["--prompts", "EMPTY", "--out", "o"], "is empty"),
+])
+def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
+    d, _, _ = run
+    (tmp_path / "EMPTY").write_text("\n\n")
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(d)] + args
+    args = [str(tmp_path / "EMPTY") if a == "EMPTY" else a for a in args]
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "step0000001.pt")
+    with pytest.raises(ValueError, match="not a prx-speedrun checkpoint"):
+        S.load_model(tmp_path / "step0000001.pt")
+    hp = T.parse_args(["preset=cpu", "hidden=64", "depth=2", "heads=2", "tread_end=1"], False)
+    bad = dict(model=T.PRXDiT(hp).state_dict(), ema={}, config=dataclasses.asdict(hp))
+    bad["config"]["depth"] = 3
+    torch.save(bad, tmp_path / "step0000002.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        S.load_model(tmp_path / "step0000002.pt", ema=False)
+
+
+def test_export_to_diffusers_gives_equal_outputs(tmp_path):
+    from diffusers import PRXTransformer2DModel
+    # the record architecture at reduced width and depth: patch 32, bottleneck 256, head dim 64, text 2304
+    hp = T.Hyperparameters(hidden=128, depth=2, heads=2)
+    torch.manual_seed(0)
+    model = T.PRXDiT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    S.export_diffusers(model.eval(), hp, tmp_path / "exported")
+    ref = PRXTransformer2DModel.from_pretrained(tmp_path / "exported").eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 64, 96, generator=g), torch.rand(2, generator=g)
+    txt = torch.randn(2, 7, 2304, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        a = model(x, t, txt, mask)[0]
+        b = ref(x, t, txt, attention_mask=mask).sample
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
