@@ -12,6 +12,7 @@ Time convention, once for the whole file: x_t = (1 - t) * x0 + t * noise, so t =
 import copy
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import math
@@ -507,6 +508,9 @@ def vit_patch_tokens(vit, img01, size):
     return h[:, 1 + getattr(vit.config, "num_register_tokens", 0):].float()
 
 
+DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in the top left")
+
+
 def build_demo_encoders(folder, hp, vocab_text):
     """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
     through exactly the code path of the real checkpoints. Returns the three folder paths."""
@@ -524,9 +528,12 @@ def build_demo_encoders(folder, hp, vocab_text):
     tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
                                   bos_token="<bos>")
+    # A random encoder attends almost uniformly; local (sliding-window) attention makes each word's output the
+    # average of its own phrase, so a colour stays bound to its shape and position in two-object captions.
     mod = dict(vocab_size=tok.vocab_size, hidden_size=hp.text_dim, intermediate_size=2 * hp.text_dim,
                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hp.text_dim // 2,
-               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=hp.text_len)
+               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=DEMO_TEXT_WINDOW,
+               layer_types=["sliding_attention"] * 2)
     T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
     tok.save_pretrained(paths[0])
     vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -659,20 +666,32 @@ def lr_factor(step, hp):
 
 
 class ShardDataset(torch.utils.data.Dataset):
+    """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them (data_prep.py
+    encode-text): then the text encoder only encodes the empty caption, and nothing per step."""
+
     def __init__(self, folder):
         import datasets
-        files = sorted(str(p) for p in Path(folder).rglob("*.parquet") if "heldout" not in p.parts)
+        root = Path(folder)
+        files = sorted(p for p in root.rglob("*.parquet") if not {"heldout", "text_emb"} & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
         datasets.disable_progress_bars()
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        self.ds = ds.cast_column("image", datasets.Image(decode=False))
-        self.res = None
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+        embs = [root / "text_emb" / f.relative_to(root) for f in files]
+        self.has_emb = all(e.exists() for e in embs)
+        if self.has_emb:
+            emb = datasets.load_dataset("parquet", data_files=[str(e) for e in embs], split="train")
+            if len(emb) != len(ds):
+                raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
+                                 "re-run data_prep.py encode-text")
+            ds = datasets.concatenate_datasets([ds, emb.select_columns(["text_emb", "n_tokens"])], axis=1)
+        self.ds, self.res = ds, None
 
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, i):  # -> (uint8 (3, res, res), caption)
+    def __getitem__(self, i):  # -> (uint8 (3, res, res), caption, (emb bytes, n_tokens) or None)
         from PIL import Image
         row = self.ds[i]
         img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
@@ -680,7 +699,28 @@ class ShardDataset(torch.utils.data.Dataset):
         s = min(w, h)  # centre square crop, then resize (aspect buckets come with the data issue)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         img = img.resize((self.res, self.res), Image.BICUBIC if s < self.res else Image.BOX)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"] or ""
+        emb = (row["text_emb"], row["n_tokens"]) if self.has_emb else None
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"] or "", emb
+
+
+def pack_text_emb(h, mask):
+    """Encoder output (B, L, D), mask (B, L) -> per caption (bf16 bytes of its n real tokens, n)."""
+    out = []
+    for hi, mi in zip(h, mask):
+        n = int(mi.sum())
+        out.append((hi[:n].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes(), n))
+    return out
+
+
+def unpack_text_emb(items, max_len, dim):
+    """Inverse of pack_text_emb, padded with zeros to max_len: -> (B, max_len, dim) float, mask (B, max_len)."""
+    txt = torch.zeros(len(items), max_len, dim)
+    mask = torch.zeros(len(items), max_len, dtype=torch.bool)
+    for b, (raw, n) in enumerate(items):
+        n = min(n, max_len)
+        e = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).view(-1, dim)
+        txt[b, :n], mask[b, :n] = e[:n].float(), True
+    return txt, mask
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -708,10 +748,15 @@ class StreamSampler(torch.utils.data.Sampler):
         return self._perm[k]
 
 
+def collate_batch(items, text_len, text_dim):  # -> images (B, 3, res, res) uint8, captions, (txt, mask) or None
+    emb = unpack_text_emb([e for _, _, e in items], text_len, text_dim) if items[0][2] is not None else None
+    return torch.stack([a for a, _, _ in items]), [c for _, c, _ in items], emb
+
+
 def make_loader(ds, res, stage, start, hp, rank, world):
     ds.res = res
     sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world)
-    collate = lambda items: (torch.stack([a for a, _ in items]), [c for _, c in items])
+    collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=hp.num_workers,
                                             collate_fn=collate, pin_memory=torch.cuda.is_available(),
                                             persistent_workers=False, prefetch_factor=4 if hp.num_workers else None))
@@ -876,9 +921,6 @@ class Trainer:
             return lines
         return FIXED_PROMPTS
 
-    def encode(self, captions):
-        return self.text(captions)
-
     def train_step(self, stage):
         """One optimizer step over the global batch. Returns device tensors (no host sync here)."""
         hp, dev = self.hp, self.device
@@ -886,10 +928,13 @@ class Trainer:
         sums = torch.zeros(8, device=dev)  # loss, flow, repa, lpips, pdino, and flow per t-bin (3 x sum)
         counts = torch.zeros(3, device=dev)
         for a in range(accum):
-            imgs, captions = next(self.loader)
+            imgs, captions, emb = next(self.loader)
             x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             B, _, H, W = x0.shape
-            txt, mask = self.encode(captions)
+            if emb is not None:  # precomputed by data_prep.py encode-text
+                txt, mask = emb[0].to(dev, non_blocking=True), emb[1].to(dev, non_blocking=True)
+            else:
+                txt, mask = self.text(captions)
             drop = torch.rand(B, device=dev) < hp.caption_dropout  # classifier-free guidance dropout
             txt = torch.where(drop[:, None, None], self.null_txt, txt)
             mask = torch.where(drop[:, None], self.null_mask, mask)
@@ -954,7 +999,7 @@ class Trainer:
         outs = []
         g = torch.Generator(device=self.device).manual_seed(seed)
         for i in range(0, len(prompts), batch):
-            txt, mask = self.encode(prompts[i:i + batch])
+            txt, mask = self.text(prompts[i:i + batch])
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=hp.amp), \
                     attention_backend(self.device):
                 outs.append(sample_images(model, txt, mask, self.null_txt, self.null_mask, (res, res),

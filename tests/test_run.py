@@ -78,3 +78,35 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
                         f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: data folder")
+
+
+def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path):
+    import shutil
+
+    import datasets
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    hp = T.parse_args(["preset=cpu", f"data={data}"], False)
+    enc_dir = T.build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
+    text = T.TextEncoder(enc_dir, hp.text_len, torch.device("cpu"), torch.float32)
+    for shard in sorted((data / "train").glob("*.parquet")):
+        captions = datasets.Dataset.from_parquet(str(shard))["caption"]
+        packed = T.pack_text_emb(*text(captions))
+        out = data / "text_emb" / "train" / shard.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]}
+                                   ).to_parquet(str(out))
+    ds = T.ShardDataset(data)
+    ds.res = 32
+    assert ds.has_emb and len(ds) == 512
+    items = [ds[i] for i in (0, 7, 300, 511)]
+    imgs, captions, (txt, mask) = T.collate_batch(items, hp.text_len, hp.text_dim)
+    ref, ref_mask = text(captions)
+    assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
+    assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
+    assert torch.equal(txt, ref.to(torch.bfloat16).float())
+    # a mismatched sidecar is refused with a clear message
+    first = sorted((data / "text_emb" / "train").glob("*.parquet"))[0]
+    datasets.Dataset.from_dict({"text_emb": [b""], "n_tokens": [0]}).to_parquet(str(first))
+    with pytest.raises(ValueError, match="re-run data_prep.py encode-text"):
+        T.ShardDataset(data)
