@@ -110,14 +110,15 @@ PRESETS = {
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
         hidden=128, depth=4, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
-        t_shift=1.5,  # at 64 tokens less shift than the record's 3 (its 256-1024 tokens need more noise)
+        t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens); 1.0 beat 1.5 here
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         lpips_weight=0.1, pdino_weight=0.01, pdino_res=56, perc_frac=0.125,
         lr=1e-3, warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
-        log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, cfg=3.0,
+        log_every=50, sample_every=0, ckpt_every=500, sample_steps=20,
+        cfg=4.5,  # measured on two demo checkpoints: held-out 0.23-0.33 at CFG 2, 0.50 at 4.5; seen/two unchanged
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
-        stages=[Stage(res=32, batch=64, micro_batch=64, steps=600, repa=True),
-                Stage(res=64, batch=64, micro_batch=64, steps=1000, repa=False)],
+        stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
+                Stage(res=64, batch=64, micro_batch=64, steps=1350, repa=False)],
     ),
 }
 
@@ -354,23 +355,23 @@ class PRXDiT(nn.Module):
         img = self.img_in(patchify(x, self.patch))  # (B, N, D)
         txt = self.txt_in(txt)  # (B, L, D), computed once for every block
         vec = self.time_in(t)  # (B, D)
-        ang = rope_angles(H // self.patch, W // self.patch, self.head_dim, device=x.device)[None, None]
-        cos, sin = ang.cos(), ang.sin()  # (1, 1, N, Dh/2)
+        ang = rope_angles(H // self.patch, W // self.patch, self.head_dim, device=x.device)  # (N, Dh/2)
+        rope = lambda a: (a.cos()[:, None], a.sin()[:, None])  # (B or 1, 1, N, Dh/2)
+        cos, sin = rope(ang[None])
         ones = torch.ones(B, img.shape[1], dtype=torch.bool, device=x.device)
         mask = torch.cat([txt_mask, ones], dim=1)[:, None, None]  # (B, 1, 1, L + N)
         full, repa_out = None, None
         for i, block in enumerate(self.blocks):
             if keep is not None and i == self.tread[0]:  # route: only the kept tokens enter
                 full, img = img, tread_gather(img, keep)
-                cos, sin = tread_gather(cos.expand(B, 1, -1, -1)[:, 0], keep)[:, None], \
-                    tread_gather(sin.expand(B, 1, -1, -1)[:, 0], keep)[:, None]
+                cos, sin = rope(tread_gather(ang.expand(B, -1, -1), keep))  # with their original positions
                 mask = torch.cat([txt_mask, ones[:, :keep.shape[1]]], dim=1)[:, None, None]
             img = block(img, txt, vec, mask, cos, sin)
             if i == repa_block:
                 repa_out = img
             if keep is not None and i == self.tread[1]:  # restore: routed tokens come back unchanged
                 img = tread_scatter(full, keep, img)
-                cos, sin = ang.cos(), ang.sin()
+                cos, sin = rope(ang[None])
                 mask = torch.cat([txt_mask, ones], dim=1)[:, None, None]
         out = unpatchify(self.final_layer(img, vec), self.patch, H, W)
         return out, repa_out
