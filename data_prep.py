@@ -120,6 +120,7 @@ def shapes_prompts():
 def write_shard(path, images, captions):
     """Write PIL images + captions as one parquet shard, atomically (temp name, then os.replace)."""
     import datasets  # here, not at the top: importing it costs seconds that scoring doesn't need
+    datasets.disable_progress_bars()  # our own progress line says how far the shards are
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
                                   "width": datasets.Value("int32"), "height": datasets.Value("int32")})
     pngs = []

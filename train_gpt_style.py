@@ -91,6 +91,9 @@ class Hyperparameters:
     # systems
     compile: bool = True  # torch.compile the denoiser and the frozen encoders
     amp: bool = True  # bf16 autocast (weights stay fp32)
+    peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
+    bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
+    bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
     # logging, sampling, checkpoints (none of them counted in the training clock)
     log_every: int = 50
     sample_every: int = 5000
@@ -377,6 +380,31 @@ class PRXDiT(nn.Module):
         return out, repa_out
 
 
+def dit_train_flops(hp, res, repa_dim=0):
+    """Analytic FLOPs of one training step per image: DiT forward + backward with TREAD, attention included
+    (counted like a fused kernel: backward = 2.5 x forward), plus the REPA projector when repa_dim > 0.
+    Matmuls cost 2 FLOPs per multiply-add; a backward pass costs twice the forward, except no input gradient
+    for the first layer of each input path (image, text, time)."""
+    D, L, P, Bn = hp.hidden, hp.text_len, 3 * hp.patch ** 2, hp.bottleneck
+    F_ = int(D * hp.mlp_ratio)
+    N = (res // hp.patch) ** 2
+    K = N - round(N * hp.tread_frac)  # tokens inside the routed blocks
+    routed = lambda i: hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end
+    lin = 2 * N * (P * Bn + Bn * D) + 2 * L * hp.text_dim * D + 2 * (256 * D + D * D)  # img_in, txt_in, time_in
+    lin += 2 * N * D * P + 2 * D * 2 * D  # final layer and its adaLN
+    attn = 0
+    for i in range(hp.depth):
+        n = K if routed(i) else N
+        lin += 2 * n * D * 3 * D + 2 * L * D * 2 * D + 2 * n * D * D  # img qkv, text kv, out
+        lin += 2 * n * D * 2 * F_ + 2 * n * F_ * D + 2 * D * 6 * D  # gate + up, down, modulation
+        attn += 4 * n * (L + n) * D  # QK^T and AV over [text; image] keys
+    if repa_dim:
+        n = K if routed(hp.repa_block) else N
+        lin += 2 * n * (D * repa_dim + 2 * repa_dim * repa_dim)
+    no_input_grad = 2 * N * P * Bn + 2 * L * hp.text_dim * D + 2 * 256 * D
+    return 3 * lin - no_input_grad + 3.5 * attn
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # TREAD: a random subset of image tokens skips the routed blocks (training only; Krause et al. 2025).
 
@@ -510,9 +538,12 @@ def vit_patch_tokens(vit, img01, size):
 
 
 DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in the top left")
+TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+REAL_VITS = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),  # v3 L/16
+             dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))  # v2 B/14
 
 
-def build_demo_encoders(folder, hp, vocab_text):
+def build_demo_encoders(folder, hp, vocab_text, vits=(TINY_VIT, TINY_VIT)):
     """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
     through exactly the code path of the real checkpoints. Returns the three folder paths."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -537,10 +568,9 @@ def build_demo_encoders(folder, hp, vocab_text):
                layer_types=["sliding_attention"] * 2)
     T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
     tok.save_pretrained(paths[0])
-    vit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-               num_register_tokens=4)  # the real checkpoints have 4 registers
-    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vit)).save_pretrained(paths[1])
-    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vit)
+    regs = dict(num_register_tokens=4)  # the real checkpoints have 4 registers
+    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
                              ).save_pretrained(paths[2])
     return [str(p) for p in paths]
 
@@ -869,10 +899,14 @@ class Trainer:
         hp, dev = self.hp, self.device
         describe_run(self.log, hp, dev, self.world)
         quiet_transformers()
-        self.prepare_data()
         enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
-        if hp.preset == "cpu":
+        if hp.bench:  # random encoders of the configured architectures: same cost, no download
+            vits = (TINY_VIT, TINY_VIT) if hp.preset == "cpu" else REAL_VITS
+            paths = build_demo_encoders(self.run_dir / "bench_encoders", hp, ["a b c"], vits)
+        else:
+            self.prepare_data()
+        if hp.preset == "cpu" and not hp.bench:
             vocab = Path(hp.data, "prompts_seen.txt").read_text().splitlines() + \
                 Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
             paths = [p or d for p, d in zip(paths, build_demo_encoders(self.run_dir / "demo_encoders", hp, vocab))]
@@ -883,7 +917,8 @@ class Trainer:
         any_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages)
         self.dino3 = load_vit(paths[1], dev, enc_dtype) if any_repa else None
         self.dino2 = load_vit(paths[2], dev, enc_dtype) if hp.pdino_weight > 0 else None
-        self.lpips = load_lpips(dev, pretrained=hp.preset != "cpu") if hp.lpips_weight > 0 else None
+        real_vgg = hp.preset != "cpu" and not hp.bench  # the bench needs no weights (and no download)
+        self.lpips = load_lpips(dev, pretrained=real_vgg) if hp.lpips_weight > 0 else None
         self.model = PRXDiT(hp).to(dev)
         enc_dim = self.dino3.config.hidden_size if self.dino3 is not None else 1
         self.projector = repa_projector(hp.hidden, enc_dim).to(dev) if any_repa else nn.Module()
@@ -898,7 +933,7 @@ class Trainer:
         n = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
-        self.sample_prompts = self.fixed_prompts()
+        self.sample_prompts = None if hp.bench else self.fixed_prompts()
 
     def prepare_data(self):
         hp = self.hp
@@ -1008,6 +1043,58 @@ class Trainer:
         model.train()
         return torch.cat(outs)
 
+    def bench(self):
+        """bench=N: per stage, 3 untimed warm-up micro-steps (compile), then N timed ones on synthetic data of
+        the configured shapes. Prints throughput, utilisation, peak memory and the projected schedule time."""
+        hp, dev = self.hp, self.device
+        self.setup()
+        self.log(f"bench: {hp.bench} timed micro-steps per stage on synthetic data, random encoders of the "
+                 f"configured architectures, text embeddings precomputed (random)")
+        cuda = dev.type == "cuda"
+        total_h = 0.0
+        for self.stage_idx, st in enumerate(hp.stages):
+            micro = Stage(st.res, st.micro_batch * self.world, st.micro_batch, hp.bench, st.repa)
+            g = torch.Generator().manual_seed(0)
+            imgs = torch.randint(0, 256, (st.micro_batch, 3, st.res, st.res), dtype=torch.uint8, generator=g)
+            emb = (torch.randn(st.micro_batch, hp.text_len, hp.text_dim, generator=g),
+                   torch.ones(st.micro_batch, hp.text_len, dtype=torch.bool))
+            self.loader = iter(lambda: (imgs, None, emb), None)
+            try:
+                for _ in range(3):
+                    self.train_step(micro)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for _ in range(hp.bench):
+                    sums = self.train_step(micro)[0]
+                sums.tolist()  # wait for the device
+            except torch.OutOfMemoryError:
+                self.log(f"bench stage:{self.stage_idx + 1} res:{st.res} micro_batch:{st.micro_batch} OOM")
+                for o in self.optimizers:
+                    o.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
+            dt = (time.perf_counter() - t0) / hp.bench
+            ips = st.micro_batch / dt  # images per second per device
+            repa_dim = self.dino3.config.hidden_size if st.repa and self.dino3 is not None else 0
+            tflops = dit_train_flops(hp, st.res, repa_dim) * ips / 1e12
+            mfu = f"{100 * tflops / hp.peak_tflops:.1f}%" if cuda else "n/a (cpu)"
+            mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB" if cuda else "n/a (cpu)"
+            hours = st.steps * st.batch / ips / 3600  # on one device
+            total_h += hours
+            self.log(f"bench stage:{self.stage_idx + 1} res:{st.res} micro_batch:{st.micro_batch} "
+                     f"tread:{hp.tread_frac} compile:{int(hp.compile)} step:{dt * 1000:.1f}ms img/s/device:{ips:.1f} "
+                     f"dit_tflops/device:{tflops:.2f} mfu:{mfu} peak_mem:{mem} "
+                     f"stage_hours@{hp.bench_devices}:{hours / hp.bench_devices:.2f}")
+            self.log.metrics(dict(bench=True, stage=self.stage_idx + 1, res=st.res, micro_batch=st.micro_batch,
+                                  step_ms=dt * 1000, img_s=ips, dit_tflops=tflops, tread=hp.tread_frac,
+                                  compile=hp.compile, peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30
+                                  if cuda else None))
+        self.log(f"bench projected schedule: {total_h / 8:.2f} h on 8 devices, {total_h / hp.bench_devices:.2f} h on "
+                 f"{hp.bench_devices} (DiT and encoders, no data loading or communication)")
+        return self
+
     def checkpoint(self, tag):
         if not self.master:
             return
@@ -1032,6 +1119,8 @@ class Trainer:
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
             self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
+            repa_dim = self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
+            step_flops = dit_train_flops(hp, stage.res, repa_dim) * stage.batch  # DiT only, all devices
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
                      f"({self.world} x {stage.micro_batch} x {accum} accum), {stage.steps} steps, "
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
@@ -1054,11 +1143,13 @@ class Trainer:
                     timed_steps += 1
                 if self.step % hp.log_every == 0 or last or self.step == 1:
                     avg = train_time / max(1, timed_steps)
+                    mfu = f"{100 * step_flops / avg / self.world / (hp.peak_tflops * 1e12):.1f}%" \
+                        if self.device.type == "cuda" and timed_steps else "n/a"
                     bins = [s[5 + i] / c[i] if c[i] else float("nan") for i in range(3)]
                     self.log(f"step:{self.step}/{total} stage:{self.stage_idx + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} "
                              f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} "
                              f"train_time:{train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
-                             f"img/s:{stage.batch / avg if timed_steps else 0:.1f}")
+                             f"img/s:{stage.batch / avg if timed_steps else 0:.1f} mfu:{mfu}")
                     self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=train_time,
                                           loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
                                           flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
@@ -1107,7 +1198,7 @@ def main(argv):
         hp = parse_args(argv, torch.cuda.is_available())
     except ValueError as e:
         fail(str(e))
-    return Trainer(hp).run()
+    return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
 
 
 if __name__ == "__main__":

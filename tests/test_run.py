@@ -51,7 +51,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     log = (run / "log.txt").read_text()
     assert log.split("\n", 1)[1].startswith((ROOT / "train_gpt_style.py").read_text())  # the source comes first
     assert "torch " + torch.__version__ in log and '"lr": 0.001' in log and "RANDOM" in log
-    steps = re.findall(r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+$",
+    steps = re.findall(r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+$",
                        log, re.M)
     assert [(int(s), int(st)) for s, st, _ in steps] == [(1, 1), (2, 1), (4, 1), (6, 2)]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -110,3 +110,23 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     datasets.Dataset.from_dict({"text_emb": [b""], "n_tokens": [0]}).to_parquet(str(first))
     with pytest.raises(ValueError, match="re-run data_prep.py encode-text"):
         T.ShardDataset(data)
+
+
+@pytest.mark.slow
+def test_bench_prints_every_figure(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", "bench=2",
+                        f"run_dir={tmp_path}/b", "tread_frac=0.5"], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("bench stage:")]
+    assert len(lines) == 2
+    for line in lines:
+        for key in ("step:", "img/s/device:", "dit_tflops/device:", "mfu:", "peak_mem:", "stage_hours@8:"):
+            assert key in line
+    assert "bench projected schedule:" in r.stdout
+    # the projection is the schedule's images over the measured rate
+    hp = T.parse_args(["preset=cpu"], False)
+    ips = [float(re.search(r"img/s/device:([\d.]+)", line).group(1)) for line in lines]
+    hours = sum(st.steps * st.batch / i for st, i in zip(hp.stages, ips)) / 3600 / 8
+    assert float(re.search(r"projected schedule: ([\d.]+) h on 8", r.stdout).group(1)) == pytest.approx(hours,
+                                                                                                          abs=0.01)

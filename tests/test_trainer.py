@@ -357,3 +357,32 @@ def test_bad_constant_is_one_clear_line_before_any_model():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "lerning_rate" in lines[0] and "lr" in lines[0] and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("tread_frac", [0.0, 0.5])
+def test_analytic_flops_match_flop_counter(tread_frac):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    hp = T.Hyperparameters(hidden=256, depth=5, heads=4, patch=8, bottleneck=32, text_dim=48, text_len=16,
+                           tread_frac=tread_frac, tread_start=1, tread_end=3, repa_block=2)
+    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 64)
+    B, res = 2, 64
+    x, t, txt = torch.randn(B, 3, res, res), torch.rand(B), torch.randn(B, hp.text_len, hp.text_dim)
+    mask = torch.ones(B, hp.text_len, dtype=torch.bool)
+    keep = T.tread_keep(B, (res // 8) ** 2, tread_frac, "cpu") if tread_frac else None
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out, h = model(x, t, txt, mask, keep, hp.repa_block)
+        (out.square().mean() + proj(h).square().mean()).backward()
+    measured = fc.get_total_flops() / B
+    analytic = T.dit_train_flops(hp, res, repa_dim=64)
+    assert abs(analytic - measured) / measured < 0.05, (analytic, measured)
+
+
+def test_record_flops_match_the_recipe():
+    hp = T.Hyperparameters()
+    assert T.dit_train_flops(T.Hyperparameters(tread_frac=0), 512) / 1e12 == pytest.approx(1.35, rel=0.03)
+    assert T.dit_train_flops(hp, 512) / 1e12 == pytest.approx(0.95, rel=0.03)
+    assert T.dit_train_flops(hp, 1024) / 1e12 == pytest.approx(3.5, rel=0.03)
