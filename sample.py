@@ -57,28 +57,6 @@ def text_encoder_path(hp, run_dir):
     return str(p)
 
 
-@torch.no_grad()
-def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
-             device="cpu", amp=False):
-    """Prompt i always starts from the noise of seed + i, so an image does not depend on the batch it is in."""
-    null_txt, null_mask = text([""])
-    outs = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        noise = torch.stack([torch.randn(3, *size, generator=torch.Generator().manual_seed(seed + i + j))
-                             for j in range(len(chunk))]).to(device)
-        txt, mask = text(chunk)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp), \
-                T.attention_backend(torch.device(device)):
-            outs.append(T.sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
-                                        sampler=sampler, x=noise).float().cpu())
-    return torch.cat(outs)
-
-
-def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def export_diffusers(model, hp, out_dir):
     """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
     from diffusers import PRXTransformer2DModel
@@ -107,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--score", action="store_true", help="score the images on the shapes benchmark")
     ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXTransformer2DModel folder")
     a = ap.parse_args(argv)
+    T.quiet_transformers()
     try:
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
         if a.export_diffusers:
@@ -132,19 +111,19 @@ def main(argv=None):
                              torch.bfloat16 if dev == "cuda" else torch.float32)
     except (FileNotFoundError, ValueError, OSError) as e:
         T.fail(str(e))
-    images = generate(model.to(dev), text, prompts, (size, size), a.steps or hp.sample_steps,
-                      hp.cfg if a.cfg is None else a.cfg, hp.t_shift, hp.t_min_div, a.seed, a.batch, a.sampler,
-                      dev, amp=dev == "cuda")
+    images = T.generate(model.to(dev), text, prompts, (size, size), a.steps or hp.sample_steps,
+                        hp.cfg if a.cfg is None else a.cfg, hp.t_shift, hp.t_min_div, a.seed, a.batch, a.sampler,
+                        dev, amp=hp.amp)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
-    for i, img in enumerate(to_uint8(images)):
+    for i, img in enumerate(T.to_uint8(images)):
         Image.fromarray(img).save(out / f"{i:05d}.png")
     T.save_grid(images[:64], out / "grid.png", nrow=8)
     print(f"{len(prompts)} images in {out}")
     if a.score:
         from data_prep import score_shapes
-        sc = score_shapes(list(to_uint8(images)), prompts)
+        sc = score_shapes(list(T.to_uint8(images)), prompts)
         print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
 
 

@@ -488,6 +488,25 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
     return x.clamp(-1, 1)
 
 
+@torch.no_grad()
+def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
+             device="cpu", amp=False):
+    """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i starts from the noise of seed + i, so an image does
+    not depend on the batch it is in; the same seed and prompt give the same image."""
+    device = torch.device(device)
+    null_txt, null_mask = text([""])
+    outs = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        noise = torch.stack([torch.randn(3, *size, generator=torch.Generator().manual_seed(seed + i + j))
+                             for j in range(len(chunk))]).to(device)
+        txt, mask = text(chunk)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), attention_backend(device):
+            outs.append(sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
+                                      sampler=sampler, x=noise).float().cpu())
+    return torch.cat(outs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Frozen encoders: text (T5Gemma), REPA target (DINOv3), P-DINO (DINOv2 with registers), LPIPS-VGG.
 # Each loads by hub id or local folder through the same code path; the CPU demo builds tiny random ones.
@@ -839,9 +858,13 @@ def describe_run(log, hp, device, world):
     log("config: " + json.dumps(dataclasses.asdict(hp)))
 
 
+def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> numpy (B, H, W, 3) uint8
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1]
     from PIL import Image
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    x = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
     B, _, H, W = x.shape
     ncol = min(nrow, B)
     rows = math.ceil(B / ncol)
@@ -1028,20 +1051,10 @@ class Trainer:
         return sums, counts, gnorm
 
     @torch.no_grad()
-    def sample(self, prompts, res, seed=0, steps=None, use_ema=True, batch=16):
-        hp = self.hp
-        model = self.ema if use_ema else self.model
-        model.eval()
-        outs = []
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        for i in range(0, len(prompts), batch):
-            txt, mask = self.text(prompts[i:i + batch])
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=hp.amp), \
-                    attention_backend(self.device):
-                outs.append(sample_images(model, txt, mask, self.null_txt, self.null_mask, (res, res),
-                                          steps or hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, g).float())
-        model.train()
-        return torch.cat(outs)
+    def sample(self, prompts, res, seed=0, batch=16):  # EMA weights, fixed seeds: -> (B, 3, res, res)
+        self.ema.eval()
+        return generate(self.ema, self.text, prompts, (res, res), self.hp.sample_steps, self.hp.cfg, self.hp.t_shift,
+                        self.hp.t_min_div, seed, batch, device=self.device, amp=self.hp.amp)
 
     def bench(self):
         """bench=N: per stage, 3 untimed warm-up micro-steps (compile), then N timed ones on synthetic data of
@@ -1183,8 +1196,7 @@ class Trainer:
         for name in ("seen", "heldout", "two"):
             prompts = Path(self.hp.data, f"prompts_{name}.txt").read_text().splitlines()
             imgs = self.sample(prompts, res, seed=1234, batch=50)
-            arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            sc = score_shapes(list(arr), prompts)
+            sc = score_shapes(list(to_uint8(imgs)), prompts)
             result[name] = sc["full"]
             if self.master:
                 save_grid(imgs[:32], self.run_dir / "samples" / f"eval_{name}.png", nrow=8)

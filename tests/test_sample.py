@@ -42,10 +42,10 @@ def test_same_seed_same_image_whatever_the_batch(run):
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
     prompts = ["a small red circle in the top left", "a large red circle in the top left", "a small red circle"]
     kw = dict(size=(16, 16), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=5)
-    a = S.generate(model, text, prompts, batch=3, **kw)
-    b = S.generate(model, text, prompts, batch=1, **kw)
+    a = T.generate(model, text, prompts, batch=3, **kw)
+    b = T.generate(model, text, prompts, batch=1, **kw)
     assert torch.allclose(a, b, atol=1e-5)
-    c = S.generate(model, text, prompts, batch=3, **{**kw, "seed": 6})
+    c = T.generate(model, text, prompts, batch=3, **{**kw, "seed": 6})
     assert not torch.allclose(a, c)
 
 
