@@ -48,6 +48,7 @@ class Stage:
 class Hyperparameters:
     preset: str = "record"  # "record" (8xH100) or "cpu" (the demo; chosen automatically without CUDA)
     run_dir: str = ""  # where the run writes; default runs/<date-time>
+    resume: str = "auto"  # "auto": continue from run_dir's newest checkpoint when there is one; "off"
     seed: int = 0
     # data and text
     data: str = "data/shapes"  # folder of parquet shards written by data_prep.py
@@ -565,14 +566,20 @@ REAL_VITS = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 def build_demo_encoders(folder, hp, vocab_text, vits=(TINY_VIT, TINY_VIT)):
     """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
     through exactly the code path of the real checkpoints. Returns the three folder paths."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
-                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
     folder = Path(folder)
     paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
     if all((p / "config.json").exists() for p in paths):
         return [str(p) for p in paths]
-    torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # leaves the run's random stream as it was
+        torch.manual_seed(0)
+        _write_random_encoders(paths, hp, vocab_text, vits)
+    return [str(p) for p in paths]
+
+
+def _write_random_encoders(paths, hp, vocab_text, vits):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(vocab_text, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
@@ -591,7 +598,6 @@ def build_demo_encoders(folder, hp, vocab_text, vits=(TINY_VIT, TINY_VIT)):
     DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
     Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
                              ).save_pretrained(paths[2])
-    return [str(p) for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,8 +630,9 @@ def repa_loss(projector, tokens, targets, keep):  # -> (B,) negative mean cosine
 def load_lpips(device, pretrained):
     import lpips
     import warnings
-    with warnings.catch_warnings():  # torchvision's "pretrained" deprecation chatter
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # a random VGG: the same one every time
+        warnings.simplefilter("ignore")  # torchvision's "pretrained" deprecation chatter
+        torch.manual_seed(0)
         m = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained, verbose=False)
     return m.to(device).eval().requires_grad_(False)
 
@@ -809,6 +816,7 @@ def make_loader(ds, res, stage, start, hp, rank, world):
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=hp.num_workers,
                                             collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                            generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
                                             persistent_workers=False, prefetch_factor=4 if hp.num_workers else None))
 
 
@@ -1116,6 +1124,7 @@ class Trainer:
         state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
                      projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                      step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
+                     train_time=self.train_time, timed_steps=self.timed_steps,
                      rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
                      config=dataclasses.asdict(self.hp))
@@ -1123,13 +1132,40 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, ck / f"{tag}.pt")  # a checkpoint is complete or absent
 
+    def resume_from(self, path):
+        """Continue exactly where the checkpoint left off: weights, EMA, optimizers, step, data position, RNG."""
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
+        saved = {k: ck["config"].get(k) for k in arch}
+        if saved != {k: getattr(self.hp, k) for k in arch}:
+            fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.projector.load_state_dict(ck["projector"])
+        for o, st in zip(self.optimizers, ck["optimizers"]):
+            o.load_state_dict(st)
+        self.step, self.data_pos = ck["step"], ck["data_pos"]
+        self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
+        self.log(f"resumed from {path} at step {self.step}, image {self.data_pos}")
+
     def run(self):
         hp = self.hp
         self.setup()
+        self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
+        cks = sorted((self.run_dir / "ckpt").glob("step*.pt"))
+        if hp.resume == "auto" and cks:
+            self.resume_from(cks[-1])
         total = sum(st.steps for st in hp.stages)
-        train_time, t_last, timed_steps = 0.0, None, 0
         for self.stage_idx, stage in enumerate(hp.stages):
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
+            if self.step >= s_first + stage.steps:
+                continue  # a stage finished before the resume
             self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
             repa_dim = self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
@@ -1137,7 +1173,7 @@ class Trainer:
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
                      f"({self.world} x {stage.micro_batch} x {accum} accum), {stage.steps} steps, "
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
-            for _ in range(stage.steps):
+            while self.step < s_first + stage.steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -1152,18 +1188,18 @@ class Trainer:
                     s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: logging steps only
                 dt = time.perf_counter() - t0
                 if self.step > 1:  # the first step compiles: not counted
-                    train_time += dt
-                    timed_steps += 1
+                    self.train_time += dt
+                    self.timed_steps += 1
                 if self.step % hp.log_every == 0 or last or self.step == 1:
-                    avg = train_time / max(1, timed_steps)
+                    avg = self.train_time / max(1, self.timed_steps)
                     mfu = f"{100 * step_flops / avg / self.world / (hp.peak_tflops * 1e12):.1f}%" \
-                        if self.device.type == "cuda" and timed_steps else "n/a"
+                        if self.device.type == "cuda" and self.timed_steps else "n/a"
                     bins = [s[5 + i] / c[i] if c[i] else float("nan") for i in range(3)]
                     self.log(f"step:{self.step}/{total} stage:{self.stage_idx + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} "
                              f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} "
-                             f"train_time:{train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
-                             f"img/s:{stage.batch / avg if timed_steps else 0:.1f} mfu:{mfu}")
-                    self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=train_time,
+                             f"train_time:{self.train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
+                             f"img/s:{stage.batch / avg if self.timed_steps else 0:.1f} mfu:{mfu}")
+                    self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=self.train_time,
                                           loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
                                           flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
                                           lr=hp.lr * lr_factor(self.step - 1, hp), step_avg_ms=avg * 1000))
@@ -1174,7 +1210,7 @@ class Trainer:
                     self.save_samples(stage.res, f"step{self.step:07d}")
                 if hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total:
                     self.checkpoint(f"step{self.step:07d}")
-        self.log(f"done: {self.step} steps, train_time {train_time:.1f}s")
+        self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
         if hp.preset == "cpu":
             self.score_demo()
         if self.distributed:

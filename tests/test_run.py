@@ -1,4 +1,5 @@
 """End to end: a tiny CPU run through the real code path (data, encoders, both stages, logs, samples, checkpoints)."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -130,3 +131,57 @@ def test_bench_prints_every_figure(tmp_path):
     hours = sum(st.steps * st.batch / i for st, i in zip(hp.stages, ips)) / 3600 / 8
     assert float(re.search(r"projected schedule: ([\d.]+) h on 8", r.stdout).group(1)) == pytest.approx(hours,
                                                                                                           abs=0.01)
+
+
+def _losses(run):
+    """step -> (loss, flow) from metrics.jsonl; a step logged twice (before a kill and after resuming) keeps the
+    last."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = (r["loss"], r["flow"], r["grad_norm"])
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_same_losses(shapes, tmp_path):
+    import signal
+    import time
+    args = ["preset=cpu", f"data={shapes}", "stage1.steps=5", "stage1.batch=8", "stage1.micro_batch=4",
+            "stage2.steps=4", "stage2.batch=4", "stage2.micro_batch=4", "log_every=1", "ckpt_every=2",
+            "sample_steps=1", "warmup=3"]
+    cmd = [sys.executable, str(ROOT / "train_gpt_style.py")]
+    subprocess.run(cmd + args + [f"run_dir={tmp_path}/a"], check=True, capture_output=True, timeout=600, cwd=ROOT)
+    # the same run, killed without warning once its step-4 checkpoint exists, then started again
+    p = subprocess.Popen(cmd + args + [f"run_dir={tmp_path}/b"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "ckpt" / "step0000004.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b" / "ckpt" / "step0000009.pt").exists()  # it really died before the end
+    r = subprocess.run(cmd + args + [f"run_dir={tmp_path}/b"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for step in range(1, 10):  # across the stage switch at step 5
+        for x, y in zip(a[step], b[step]):
+            assert y == pytest.approx(x, rel=1e-6), (step, a[step], b[step])
+    ca = torch.load(tmp_path / "a" / "ckpt" / "step0000009.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "ckpt" / "step0000009.pt", weights_only=False)
+    assert ca["data_pos"] == cb["data_pos"] == 5 * 8 + 4 * 4
+    for k in ca["ema"]:
+        assert torch.allclose(ca["ema"][k], cb["ema"][k], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_another_architecture(shapes, tmp_path):
+    run = tmp_path / "r"
+    (run / "ckpt").mkdir(parents=True)
+    hp = T.parse_args(["preset=cpu", "hidden=64", "heads=2"], False)
+    torch.save(dict(config=dataclasses.asdict(hp)), run / "ckpt" / "step0000002.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", f"data={shapes}",
+                        f"run_dir={run}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "another architecture" in r.stderr and "Traceback" not in r.stderr
