@@ -37,7 +37,10 @@ def load_model(path, ema=True):
         raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from None
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
         raise ValueError(f"{ck_path} is not a prx-speedrun checkpoint (no config/model)")
-    hp = T.hp_from_config(ck["config"])
+    try:
+        hp = T.hp_from_config(ck["config"])
+    except TypeError as e:  # a config from another version of the trainer
+        raise ValueError(f"{ck_path}: its config does not fit this trainer ({e})") from None
     model = T.PRXDiT(hp)
     try:
         model.load_state_dict(ck["ema" if ema else "model"])
@@ -104,6 +107,13 @@ def main(argv=None):
         if not a.out:
             raise ValueError("give --out DIR")
         size = a.size or hp.stages[-1].res
+        for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if a.score:  # every prompt must be a shapes caption: know it before sampling
+            from data_prep import parse_shapes_caption
+            for p in prompts:
+                parse_shapes_caption(p)
         if size % hp.patch:
             raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}")
         dev = "cuda" if torch.cuda.is_available() else "cpu"

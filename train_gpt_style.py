@@ -193,6 +193,17 @@ def hp_from_config(config):
 
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
+    for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
+                 "ema_every", "sample_steps"):
+        if getattr(hp, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup"):
+        if getattr(hp, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
+    if hp.resume not in ("auto", "off"):
+        raise ValueError(f"resume must be auto or off, got {hp.resume!r}")
+    if not 0 <= hp.cooldown <= 1 or not 0 <= hp.caption_dropout <= 1 or not 0 <= hp.uniform_t <= 1:
+        raise ValueError("cooldown, caption_dropout and uniform_t must lie in [0, 1]")
     if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
         raise ValueError(f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
     if not 0 <= hp.tread_frac < 1:
@@ -204,7 +215,7 @@ def check_config(hp):
     if not 0 < hp.perc_frac <= 1:
         raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
     for i, st in enumerate(hp.stages, 1):
-        if st.res % hp.patch:
+        if st.res < hp.patch or st.res % hp.patch:
             raise ValueError(f"stage{i}.res={st.res} is not divisible by patch={hp.patch}")
         if st.batch < 1 or st.micro_batch < 1 or st.batch % st.micro_batch:
             raise ValueError(f"stage{i}.batch={st.batch} must be a positive multiple of "
@@ -548,11 +559,16 @@ def load_vit(path, device, dtype):
     return m
 
 
+@functools.lru_cache
+def imagenet_stats(device):  # made once per device: no host-to-device copy in the step
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def vit_patch_tokens(vit, img01, size):
     """Images in [0, 1] (B, 3, H, W) resized to `size` -> patch tokens (B, N, D) without CLS and registers."""
     x = F.interpolate(img01.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(x.device)
     h = vit(pixel_values=((x - mean) / std).to(next(vit.parameters()).dtype)).last_hidden_state
     return h[:, 1 + getattr(vit.config, "num_register_tokens", 0):].float()
 
@@ -723,8 +739,8 @@ def lr_factor(step, hp):
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them (data_prep.py
-    encode-text): then the text encoder only encodes the empty caption, and nothing per step."""
+    """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (columns
+    text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step."""
 
     def __init__(self, folder):
         import datasets
@@ -741,7 +757,7 @@ class ShardDataset(torch.utils.data.Dataset):
             emb = datasets.load_dataset("parquet", data_files=[str(e) for e in embs], split="train")
             if len(emb) != len(ds):
                 raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
-                                 "re-run data_prep.py encode-text")
+                                 "rewrite text_emb/ so that it mirrors the shards row for row")
             ds = datasets.concatenate_datasets([ds, emb.select_columns(["text_emb", "n_tokens"])], axis=1)
         self.ds, self.res = ds, None
 
@@ -919,12 +935,16 @@ class Trainer:
             if st.batch % (self.world * st.micro_batch):
                 fail(f"stage{i}.batch={st.batch} is not divisible by world size {self.world} x "
                      f"micro_batch {st.micro_batch}; change stage{i}.micro_batch")
-        self.run_dir = Path(hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        run_dir = [hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        if self.distributed:  # rank 0's clock names the run for everyone
+            dist.broadcast_object_list(run_dir, 0)
+        self.run_dir = Path(run_dir[0])
         self.log = Logger(self.run_dir, self.master)
         torch.manual_seed(hp.seed + self.rank)
         random.seed(hp.seed + self.rank)
         np.random.seed(hp.seed + self.rank)
         self.amp_dtype = torch.bfloat16 if hp.amp else torch.float32
+        self.t_bins = torch.tensor(T_BINS, device=self.device)
 
     def setup(self):
         hp, dev = self.hp, self.device
@@ -934,13 +954,14 @@ class Trainer:
         paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
         if hp.bench:  # random encoders of the configured architectures: same cost, no download
             vits = (TINY_VIT, TINY_VIT) if hp.preset == "cpu" else REAL_VITS
-            paths = build_demo_encoders(self.run_dir / "bench_encoders", hp, ["a b c"], vits)
+            paths = self.on_master(build_demo_encoders, self.run_dir / "bench_encoders", hp, ["a b c"], vits)
         else:
             self.prepare_data()
         if hp.preset == "cpu" and not hp.bench:
             vocab = Path(hp.data, "prompts_seen.txt").read_text().splitlines() + \
                 Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
-            paths = [p or d for p, d in zip(paths, build_demo_encoders(self.run_dir / "demo_encoders", hp, vocab))]
+            demo = self.on_master(build_demo_encoders, self.run_dir / "demo_encoders", hp, vocab)
+            paths = [p or d for p, d in zip(paths, demo)]
         self.text = TextEncoder(paths[0], hp.text_len, dev, enc_dtype)
         if self.text.dim != hp.text_dim:
             fail(f"text encoder {paths[0]} has width {self.text.dim} but text_dim={hp.text_dim}; set text_dim")
@@ -966,18 +987,27 @@ class Trainer:
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
 
+    def on_master(self, fn, *args):
+        """Run fn on rank 0 only (it writes files), then let every rank have its result."""
+        out = [fn(*args) if self.master else None]
+        if self.distributed:
+            dist.broadcast_object_list(out, 0)
+        return out[0]
+
     def prepare_data(self):
         hp = self.hp
-        if hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"] and not Path(hp.data, "meta.json").exists():
-            from data_prep import make_shapes  # the demo's data set, rendered on first use
-            if self.master:
-                self.log(f"rendering the shapes data set into {hp.data} (first run only)")
-                make_shapes(hp.data)
-            if self.distributed:
-                dist.barrier()
+        if hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]:  # the demo's data, rendered on first use
+            from data_prep import make_shapes  # a no-op when the data set is complete
+            try:
+                self.on_master(make_shapes, hp.data)
+            except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
+                fail(f"{hp.data}: {e}")
         if not Path(hp.data).exists():
             fail(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
-        self.dataset = ShardDataset(hp.data)
+        try:
+            self.dataset = ShardDataset(hp.data)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
         self.log(f"data: {len(self.dataset)} images from {hp.data}")
 
     def fixed_prompts(self):
@@ -998,7 +1028,7 @@ class Trainer:
             imgs, captions, emb = next(self.loader)
             x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             B, _, H, W = x0.shape
-            if emb is not None:  # precomputed by data_prep.py encode-text
+            if emb is not None:  # precomputed (ShardDataset)
                 txt, mask = emb[0].to(dev, non_blocking=True), emb[1].to(dev, non_blocking=True)
             else:
                 txt, mask = self.text(captions)
@@ -1037,9 +1067,9 @@ class Trainer:
             (loss / accum).backward()
             parts.insert(0, loss.detach())
             sums[:5] += torch.stack(parts).float() / accum
-            bins = torch.bucketize(t, torch.tensor(T_BINS, device=dev), right=True)  # (B,) in 0..2
-            sums[5:] += torch.zeros(3, device=dev).index_add_(0, bins, flow.detach().float())
-            counts += torch.bincount(bins, minlength=3).float()
+            bins = torch.bucketize(t, self.t_bins, right=True)  # (B,) in 0..2
+            sums[5:].index_add_(0, bins, flow.detach().float())
+            counts.index_add_(0, bins, torch.ones_like(t))
         if self.distributed:  # average gradients over ranks, one flat buffer
             grads = [p.grad for p in self.params if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])
@@ -1117,6 +1147,13 @@ class Trainer:
         return self
 
     def checkpoint(self, tag):
+        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        rngs = [None] * self.world
+        if self.distributed:  # every rank draws its own noise: keep all their states
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
         if not self.master:
             return
         ck = self.run_dir / "ckpt"
@@ -1125,8 +1162,7 @@ class Trainer:
                      projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                      step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
                      train_time=self.train_time, timed_steps=self.timed_steps,
-                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                     rng=rngs,
                      config=dataclasses.asdict(self.hp))
         tmp = ck / f".{tag}.pt.tmp"
         torch.save(state, tmp)
@@ -1139,19 +1175,26 @@ class Trainer:
         saved = {k: ck["config"].get(k) for k in arch}
         if saved != {k: getattr(self.hp, k) for k in arch}:
             fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.projector.load_state_dict(ck["projector"])
-        for o, st in zip(self.optimizers, ck["optimizers"]):
-            o.load_state_dict(st)
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.ema.load_state_dict(ck["ema"])
+            self.projector.load_state_dict(ck["projector"])
+            for o, st in zip(self.optimizers, ck["optimizers"]):
+                o.load_state_dict(st)
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): a constant that changes the trainable "
+                 "parameters (e.g. repa_weight) differs from the checkpoint's; use a new run_dir or resume=off")
         self.step, self.data_pos = ck["step"], ck["data_pos"]
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
+        if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
+            rng = ck["rng"][self.rank]
+            torch.set_rng_state(rng["torch"].cpu())
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        else:
+            self.log(f"resuming on {self.world} ranks from a {len(ck['rng'])}-rank checkpoint: new random streams")
         self.log(f"resumed from {path} at step {self.step}, image {self.data_pos}")
 
     def run(self):
@@ -1173,24 +1216,30 @@ class Trainer:
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
                      f"({self.world} x {stage.micro_batch} x {accum} accum), {stage.steps} steps, "
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
+            clock = None  # None until this stage's first step (it compiles) has run: that step is not timed
+            pending = 0  # steps run since the clock last stopped
             while self.step < s_first + stage.steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
                 sums, counts, gnorm = self.train_step(stage)
                 self.step += 1
                 self.data_pos += stage.batch
+                pending += 1
                 last = self.step == s_first + stage.steps
-                if self.step % hp.log_every == 0 or last or self.step == 1:
-                    if self.distributed:
-                        dist.all_reduce(sums), dist.all_reduce(counts)
-                        sums /= torch.tensor([self.world] * 5 + [1] * 3, device=sums.device)
-                    s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: logging steps only
-                dt = time.perf_counter() - t0
-                if self.step > 1:  # the first step compiles: not counted
-                    self.train_time += dt
-                    self.timed_steps += 1
-                if self.step % hp.log_every == 0 or last or self.step == 1:
+                log_now = self.step % hp.log_every == 0 or last or self.step == 1
+                sample_now = hp.sample_every and self.step % hp.sample_every == 0 or last
+                ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total
+                if log_now or sample_now or ckpt_now or clock is None:  # stop the clock: wait for the device
+                    if log_now:
+                        if self.distributed:
+                            dist.all_reduce(sums), dist.all_reduce(counts)
+                            sums[:5] /= self.world
+                        s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: these steps only
+                    elif torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    if clock is not None:
+                        self.train_time += time.perf_counter() - clock
+                        self.timed_steps += pending
+                    pending = 0
+                if log_now:
                     avg = self.train_time / max(1, self.timed_steps)
                     mfu = f"{100 * step_flops / avg / self.world / (hp.peak_tflops * 1e12):.1f}%" \
                         if self.device.type == "cuda" and self.timed_steps else "n/a"
@@ -1206,10 +1255,12 @@ class Trainer:
                     if not math.isfinite(s[0]):
                         self.checkpoint(f"nonfinite_step{self.step:07d}")
                         fail(f"non-finite loss at step {self.step}; see {self.run_dir}/log.txt")
-                if hp.sample_every and self.step % hp.sample_every == 0 or last:
+                if sample_now:
                     self.save_samples(stage.res, f"step{self.step:07d}")
-                if hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total:
+                if ckpt_now:
                     self.checkpoint(f"step{self.step:07d}")
+                if pending == 0:
+                    clock = time.perf_counter()  # restart after logging, sampling, checkpointing
         self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
         if hp.preset == "cpu":
             self.score_demo()

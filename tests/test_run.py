@@ -109,7 +109,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     # a mismatched sidecar is refused with a clear message
     first = sorted((data / "text_emb" / "train").glob("*.parquet"))[0]
     datasets.Dataset.from_dict({"text_emb": [b""], "n_tokens": [0]}).to_parquet(str(first))
-    with pytest.raises(ValueError, match="re-run data_prep.py encode-text"):
+    with pytest.raises(ValueError, match="mirrors the shards row for row"):
         T.ShardDataset(data)
 
 

@@ -63,6 +63,8 @@ def test_cli_writes_indexed_pngs(run, tmp_path):
     (["--ckpt", "/nonexistent/x.pt", "--prompt", "a", "--out", "o"], "does not exist"),
     (["--prompt", "a", "--out", "o", "--size", "18"], "not divisible"),
     (["--prompts", "EMPTY", "--out", "o"], "is empty"),
+    (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),
+    (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
 ])
 def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
     d, _, _ = run

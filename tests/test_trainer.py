@@ -193,17 +193,21 @@ def test_flow_loss_closed_form():
     assert torch.allclose(v[3:], (eps - x0)[3:], atol=1e-4)
 
 
-def test_euler_sampler_with_perfect_denoiser_returns_target():
-    """If the model predicts x0 exactly, every Euler step stays on the straight line to x0."""
-    target = torch.rand(2, 3, 8, 8) * 2 - 1
+def test_euler_sampler_with_perfect_denoiser_returns_guided_target():
+    """If the model predicts x0 exactly, every Euler step stays on the straight line to x0; with a conditional
+    x0 `c` and an unconditional x0 `u`, guidance must land on u + cfg (c - u)."""
+    g = torch.Generator().manual_seed(0)
+    c, u = (torch.rand(2, 3, 8, 8, generator=g) * 0.2 - 0.1 for _ in range(2))  # |u + 3.5 (c - u)| < 1
 
-    def oracle(x, t, txt, mask):
-        return target.repeat(2, 1, 1, 1), None
+    def oracle(x, t, txt, mask):  # conditional half first, then the unconditional (empty caption) half
+        assert torch.equal(txt[2:], torch.zeros_like(txt[2:])) and txt[:2].abs().min() > 0
+        return torch.cat([c, u]), None
 
-    txt, mask = torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
-    out = T.sample_images(oracle, txt, mask, txt[:1], mask[:1], (8, 8), steps=7, cfg=3.5, shift=3.0,
-                          t_min_div=0.05, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out, target, atol=1e-5)
+    txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    for sampler in ("euler", "heun"):
+        out = T.sample_images(oracle, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=7, cfg=3.5,
+                              shift=3.0, t_min_div=0.05, generator=torch.Generator().manual_seed(0), sampler=sampler)
+        assert torch.allclose(out, u + 3.5 * (c - u), atol=1e-5)
 
 
 # ---------------------------------------------------------------- REPA, perceptual
@@ -278,18 +282,22 @@ def test_newton_schulz_singular_values_near_one():
 
 
 def test_muon_matches_torch_reference():
+    """Three matrices of one shape (orthogonalised together, batched) and one of another shape."""
     g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(48, 32, generator=g)
-    grads = [torch.randn(48, 32, generator=g) for _ in range(3)]
-    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    ours = T.Muon([a], lr=0.02)
-    ref = torch.optim.Muon([b], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+    shapes = [(48, 32), (48, 32), (48, 32), (16, 64)]
+    w0 = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(3)]
+    ours_p = [torch.nn.Parameter(w.clone()) for w in w0]
+    ref_p = [torch.nn.Parameter(w.clone()) for w in w0]
+    ours = T.Muon(ours_p, lr=0.02)
+    ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
                            adjust_lr_fn="match_rms_adamw")
-    for gr in grads:
-        a.grad, b.grad = gr.clone(), gr.clone()
+    for step in grads:
+        for a, b, gr in zip(ours_p, ref_p, step):
+            a.grad, b.grad = gr.clone(), gr.clone()
         ours.step(), ref.step()
-    # torch's reference orthogonalises in bf16; ours in fp32 on CPU
-    assert ((a - w0) - (b - w0)).norm() / (b - w0).norm() < 3e-2
+    for a, b, w in zip(ours_p, ref_p, w0):  # both orthogonalise in bf16; the order of operations differs
+        assert ((a - w) - (b - w)).norm() / (b - w).norm() < 3e-2
 
 
 def test_every_parameter_in_exactly_one_group_and_muon_gets_block_matrices():
@@ -345,7 +353,8 @@ def test_override_parser():
     assert T.parse_args([], cuda_available=False).preset == "cpu"
     assert T.parse_args(["stages=1"], cuda_available=True).stages[0].res == 512
     bad = [["nope=1"], ["lr=fast"], ["compile=maybe"], ["stage3.steps=1"], ["stage1.res=500"], ["repa_block=16"],
-           ["tread_end=16"], ["stage1.micro_batch=3"], ["preset=gpu"], ["lr"], ["heads=5"]]
+           ["tread_end=16"], ["stage1.micro_batch=3"], ["preset=gpu"], ["lr"], ["heads=5"], ["patch=0"], ["heads=0"],
+           ["log_every=0"], ["ema_every=0"], ["resume=maybe"], ["cooldown=-1"], ["stage1.res=0"], ["sample_every=-1"]]
     for args in bad:
         with pytest.raises(ValueError):
             T.parse_args(args, cuda_available=True)
