@@ -86,28 +86,28 @@ class Hyperparameters:
     lr: float = 1e-4  # Muon and Adam alike
     warmup: int = 1000  # linear warm-up steps, then constant
     cooldown: float = 0.0  # fraction of each stage's final steps with linear decay to 0
-    grad_clip: float = 0.2
-    ema_decay: float = 0.999
+    grad_clip: float = 0.2  # global gradient-norm clip (PRX)
+    ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation
     ema_every: int = 10  # steps between EMA updates
     # systems
-    compile: bool = True  # torch.compile the denoiser and the frozen encoders
+    compile: bool = True  # torch.compile the denoiser (the frozen encoders run eager for now)
     amp: bool = True  # bf16 autocast (weights stay fp32)
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
     # logging, sampling, checkpoints (none of them counted in the training clock)
-    log_every: int = 50
-    sample_every: int = 5000
-    ckpt_every: int = 2000
-    sample_steps: int = 50
-    cfg: float = 3.5
+    log_every: int = 50  # steps between log lines (the only host syncs of the loop)
+    sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
+    ckpt_every: int = 2000  # steps between checkpoints; 0: only at the end
+    sample_steps: int = 50  # Euler steps when sampling (PRX evaluations use 50)
+    cfg: float = 3.5  # classifier-free guidance scale on x0 (PRX evaluations use 3.5)
     stages: list = field(default_factory=lambda: [
         Stage(res=512, batch=1024, micro_batch=32, steps=100_000, repa=True),
         Stage(res=1024, batch=512, micro_batch=8, steps=20_000, repa=False),
     ])
 
 
-# The CPU demo: the same code path at toy scale, every component on, about 10 minutes on 2 cores.
+# The CPU demo: the same code path at toy scale, every component on, under 9 minutes on 2 cores (README).
 # Its encoders are tiny random models built through the same transformers classes as the real ones.
 PRESETS = {
     "record": {},
@@ -175,8 +175,7 @@ def parse_args(argv, cuda_available):
                 raise ValueError(f"stages must be in 1..{len(hp.stages)}, got {n}")
             hp.stages = hp.stages[:n]
         elif name in names:
-            setattr(hp, name, _convert(text, names[name].type if isinstance(names[name].type, type)
-                                       else type(getattr(hp, name)), name))
+            setattr(hp, name, _convert(text, names[name].type, name))
         else:
             valid = ", ".join(list(names) + ["stages", "stageK.(" + ",".join(stage_names) + ")"])
             raise ValueError(f"unknown constant {name!r}; valid names: {valid}")
@@ -471,6 +470,7 @@ def attention_backend(device):
                         SDPBackend.MATH])
 
 
+LOSS_PARTS = ("flow", "repa", "lpips", "pdino")  # logged after the total loss, in this order
 T_BINS = (0.3, 0.6)  # loss reported for t in [0, .3), [.3, .6), [.6, 1]
 
 
@@ -634,7 +634,7 @@ def repa_targets(dino, x0, patch):
 
 
 def repa_loss(projector, tokens, targets, keep):  # -> (B,) negative mean cosine over the visible tokens
-    if keep is not None and tokens.shape[1] != targets.shape[1]:
+    if keep is not None and tokens.shape[1] != targets.shape[1]:  # the hooked block is a routed one
         targets = tread_gather(targets, keep)
     return -F.cosine_similarity(projector(tokens).float(), targets, dim=-1).mean(dim=1)
 
@@ -745,7 +745,8 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder):
         import datasets
         root = Path(folder)
-        files = sorted(p for p in root.rglob("*.parquet") if not {"heldout", "text_emb"} & set(p.relative_to(root).parts))
+        skip = {"heldout", "text_emb"}  # evaluation split and embedding sidecars are not training shards
+        files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
         datasets.disable_progress_bars()
@@ -987,6 +988,9 @@ class Trainer:
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
 
+    def repa_dim(self, stage):  # width of the REPA projector's output in this stage, 0 when REPA is off
+        return self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
+
     def on_master(self, fn, *args):
         """Run fn on rank 0 only (it writes files), then let every rank have its result."""
         out = [fn(*args) if self.master else None]
@@ -1022,7 +1026,7 @@ class Trainer:
         """One optimizer step over the global batch. Returns device tensors (no host sync here)."""
         hp, dev = self.hp, self.device
         accum = stage.batch // (self.world * stage.micro_batch)
-        sums = torch.zeros(8, device=dev)  # loss, flow, repa, lpips, pdino, and flow per t-bin (3 x sum)
+        sums = torch.zeros(8, device=dev)  # loss, LOSS_PARTS, and flow summed per t-bin (3)
         counts = torch.zeros(3, device=dev)
         for a in range(accum):
             imgs, captions, emb = next(self.loader)
@@ -1041,32 +1045,24 @@ class Trainer:
             n_tok = (H // hp.patch) * (W // hp.patch)
             keep = tread_keep(B, n_tok, hp.tread_frac, dev) if hp.tread_frac > 0 else None
             use_repa = stage.repa and hp.repa_weight > 0
+            nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
             with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp), attention_backend(dev):
                 x0_pred, h = self.forward(x_t, t, txt, mask, keep, hp.repa_block if use_repa else -1)
                 flow = flow_loss(x0_pred, x0, x_t, t, hp.t_min_div)  # (B,)
-                loss = flow.mean()
-                parts = [flow.mean().detach()]
+                parts = dict(flow=flow.mean())
                 if use_repa:
                     with torch.no_grad():
                         target = repa_targets(self.dino3, x0, hp.patch)
-                    r = repa_loss(self.projector, h, target, keep if hp.tread_start <= hp.repa_block
-                                  <= hp.tread_end else None).mean()
-                    loss = loss + hp.repa_weight * r
-                    parts.append(r.detach())
-                else:
-                    parts.append(torch.zeros((), device=dev))
-                nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
-                for w, fn in ((hp.lpips_weight, lambda: lpips_loss(self.lpips, x0_pred[:nb], x0[:nb])),
-                              (hp.pdino_weight, lambda: pdino_loss(self.dino2, x0_pred[:nb], x0[:nb], hp.pdino_res))):
-                    if w > 0:
-                        v = fn().mean()
-                        loss = loss + w * v
-                        parts.append(v.detach())
-                    else:
-                        parts.append(torch.zeros((), device=dev))
+                    parts["repa"] = repa_loss(self.projector, h, target, keep).mean()
+                if hp.lpips_weight > 0:
+                    parts["lpips"] = lpips_loss(self.lpips, x0_pred[:nb], x0[:nb]).mean()
+                if hp.pdino_weight > 0:
+                    parts["pdino"] = pdino_loss(self.dino2, x0_pred[:nb], x0[:nb], hp.pdino_res).mean()
+                weights = dict(flow=1.0, repa=hp.repa_weight, lpips=hp.lpips_weight, pdino=hp.pdino_weight)
+                loss = sum(weights[k] * v for k, v in parts.items())
             (loss / accum).backward()
-            parts.insert(0, loss.detach())
-            sums[:5] += torch.stack(parts).float() / accum
+            zero = torch.zeros((), device=dev)
+            sums[:5] += torch.stack([loss] + [parts.get(k, zero) for k in LOSS_PARTS]).detach().float() / accum
             bins = torch.bucketize(t, self.t_bins, right=True)  # (B,) in 0..2
             sums[5:].index_add_(0, bins, flow.detach().float())
             counts.index_add_(0, bins, torch.ones_like(t))
@@ -1074,8 +1070,8 @@ class Trainer:
             grads = [p.grad for p in self.params if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
-            parts = flat.div_(self.world).split([g.numel() for g in grads])
-            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(parts, grads)])
+            pieces = flat.div_(self.world).split([g.numel() for g in grads])
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(pieces, grads)])
         # optimizer step: clip, schedule, step, EMA
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
         f = lr_factor(self.step, hp)
@@ -1128,8 +1124,7 @@ class Trainer:
                 continue
             dt = (time.perf_counter() - t0) / hp.bench
             ips = st.micro_batch / dt  # images per second per device
-            repa_dim = self.dino3.config.hidden_size if st.repa and self.dino3 is not None else 0
-            tflops = dit_train_flops(hp, st.res, repa_dim) * ips / 1e12
+            tflops = dit_train_flops(hp, st.res, self.repa_dim(st)) * ips / 1e12
             mfu = f"{100 * tflops / hp.peak_tflops:.1f}%" if cuda else "n/a (cpu)"
             mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB" if cuda else "n/a (cpu)"
             hours = st.steps * st.batch / ips / 3600  # on one device
@@ -1149,11 +1144,10 @@ class Trainer:
     def checkpoint(self, tag):
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        rngs = [None] * self.world
+        rngs = [rng]
         if self.distributed:  # every rank draws its own noise: keep all their states
+            rngs = [None] * self.world
             dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
         if not self.master:
             return
         ck = self.run_dir / "ckpt"
@@ -1161,8 +1155,7 @@ class Trainer:
         state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
                      projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                      step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
-                     train_time=self.train_time, timed_steps=self.timed_steps,
-                     rng=rngs,
+                     train_time=self.train_time, timed_steps=self.timed_steps, rng=rngs,
                      config=dataclasses.asdict(self.hp))
         tmp = ck / f".{tag}.pt.tmp"
         torch.save(state, tmp)
@@ -1211,8 +1204,7 @@ class Trainer:
                 continue  # a stage finished before the resume
             self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
-            repa_dim = self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
-            step_flops = dit_train_flops(hp, stage.res, repa_dim) * stage.batch  # DiT only, all devices
+            step_flops = dit_train_flops(hp, stage.res, self.repa_dim(stage)) * stage.batch  # DiT, all devices
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
                      f"({self.world} x {stage.micro_batch} x {accum} accum), {stage.steps} steps, "
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")

@@ -52,8 +52,8 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     log = (run / "log.txt").read_text()
     assert log.split("\n", 1)[1].startswith((ROOT / "train_gpt_style.py").read_text())  # the source comes first
     assert "torch " + torch.__version__ in log and '"lr": 0.001' in log and "RANDOM" in log
-    steps = re.findall(r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+$",
-                       log, re.M)
+    line = r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+$"
+    steps = re.findall(line, log, re.M)
     assert [(int(s), int(st)) for s, st, _ in steps] == [(1, 1), (2, 1), (4, 1), (6, 2)]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -75,8 +75,9 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
 
 
 def test_missing_data_folder_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", "compile=0", f"data={tmp_path}/nope",
-                        f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", "compile=0",
+                        f"data={tmp_path}/nope", f"run_dir={tmp_path}/run"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: data folder")
 

@@ -56,7 +56,12 @@ def test_cli_writes_indexed_pngs(run, tmp_path):
     S.main(["--ckpt", str(d), "--prompts", str(pf), "--out", str(tmp_path / "o"), "--steps", "2", "--size", "16"])
     from PIL import Image
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000.png", "00001.png", "grid.png"]
-    assert np.asarray(Image.open(tmp_path / "o" / "00001.png")).shape == (16, 16, 3)
+    png = np.asarray(Image.open(tmp_path / "o" / "00001.png"))
+    # line 1 (the blank line does not count) is the second prompt, sampled from the noise of seed 0 + 1
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    ref = T.generate(S.load_model(d)[1], text, ["a large red circle in the top left"], (16, 16), 2, hp.cfg,
+                     hp.t_shift, hp.t_min_div, seed=1, amp=hp.amp)
+    assert np.array_equal(png, T.to_uint8(ref)[0])
 
 
 @pytest.mark.parametrize("args,needle", [
