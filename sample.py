@@ -3,10 +3,12 @@
     python sample.py --ckpt runs/demo --prompts data/shapes/prompts_seen.txt --out out/ --score
     python sample.py --ckpt runs/demo --prompt "a large blue square in the center" --out out/
     python sample.py --ckpt runs/record --export-diffusers exported/
+    python sample.py --ckpt runs/record --eval          # the fixed evaluation (FID, FD-DINOv2, CMMD, CLIP score)
 
 The model, the sampler and the text encoder come from train_gpt_style.py. EMA weights by default.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,6 +62,24 @@ def text_encoder_path(hp, run_dir):
     return str(p)
 
 
+def snap_size(height, width, patch):
+    """The aspect bucket of a size: sides rounded to multiples of the patch, the longer side cut to twice the
+    shorter (width / height within [0.5, 2]). -> (height, width)"""
+    h, w = (max(patch, round(s / patch) * patch) for s in (height, width))
+    return min(h, 2 * w), min(w, 2 * h)
+
+
+def parse_interval(text):
+    """'LO,HI' -> (lo, hi) with 0 <= lo <= hi <= 1."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval expects LO,HI (two numbers in [0, 1]), got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--cfg-interval needs 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def export_diffusers(model, hp, out_dir):
     """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
     from diffusers import PRXTransformer2DModel
@@ -82,11 +102,17 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's cfg)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution)")
+    ap.add_argument("--width", type=int, help="image width in px, snapped to the aspect buckets")
+    ap.add_argument("--height", type=int, help="image height in px, snapped to the aspect buckets")
+    ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
+    ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
+                    "of CFG (no unconditional pass): x0 + S (x0 - x0 with tokens routed past the TREAD blocks)")
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--score", action="store_true", help="score the images on the shapes benchmark")
     ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXTransformer2DModel folder")
+    ap.add_argument("--eval", action="store_true", help="run the fixed evaluation of the run's config (README)")
     a = ap.parse_args(argv)
     T.quiet_transformers()
     try:
@@ -94,19 +120,29 @@ def main(argv=None):
         if a.export_diffusers:
             export_diffusers(model, hp, a.export_diffusers)
             print(f"exported to {a.export_diffusers}")
-            if not (a.prompts or a.prompt):
+            if not (a.prompts or a.prompt or a.eval):
                 return
-        if a.prompts:
+        if a.tread_guidance is not None and a.cfg is not None:
+            raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
+        interval = parse_interval(a.cfg_interval) if a.cfg_interval else (hp.cfg_lo, hp.cfg_hi)
+        size = a.size or hp.stages[-1].res
+        want = (a.height or size, a.width or size)
+        h, w = snap_size(*want, hp.patch) if a.width or a.height else want
+        if (h, w) != want:
+            print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (sides divisible by the patch {hp.patch}, "
+                  "aspect ratio 0.5-2)")
+        if a.eval:
+            prompts = None
+        elif a.prompts:
             prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
             if not prompts:
                 raise ValueError(f"prompt file {a.prompts} is empty")
         elif a.prompt:
             prompts = [a.prompt]
         else:
-            raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR)")
-        if not a.out:
+            raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
+        if not (a.out or a.eval):
             raise ValueError("give --out DIR")
-        size = a.size or hp.stages[-1].res
         for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -121,9 +157,16 @@ def main(argv=None):
                              torch.bfloat16 if dev == "cuda" else torch.float32)
     except (FileNotFoundError, ValueError, OSError) as e:
         T.fail(str(e))
-    images = T.generate(model.to(dev), text, prompts, (size, size), a.steps or hp.sample_steps,
-                        hp.cfg if a.cfg is None else a.cfg, hp.t_shift, hp.t_min_div, a.seed, a.batch, a.sampler,
-                        dev, amp=hp.amp)
+    cfg = hp.cfg if a.cfg is None else a.cfg
+    if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
+        hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],
+                                 cfg_hi=interval[1])
+        m = T.run_eval(model.to(dev), text, hp, T.prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
+        print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
+        return m
+    images = T.generate(model.to(dev), text, prompts, (h, w), a.steps or hp.sample_steps, cfg, hp.t_shift,
+                        hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
+                        tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -101,6 +102,16 @@ class Hyperparameters:
     ckpt_every: int = 2000  # steps between checkpoints; 0: only at the end
     sample_steps: int = 50  # Euler steps when sampling (PRX evaluations use 50)
     cfg: float = 3.5  # classifier-free guidance scale on x0 (PRX evaluations use 3.5)
+    cfg_lo: float = 0.0  # guidance interval: guide only for t in [cfg_lo, cfg_hi], elsewhere conditional only
+    cfg_hi: float = 1.0  # (Kynkaanniemi et al. 2024); the full range [0, 1] is plain CFG
+    # evaluation (README "Evaluation"): fixed prompts, seeds, steps and CFG; not counted in the training clock
+    eval_every: int = 10_000  # steps between evaluations, and at the last step; 0: none
+    eval_n: int = 10_000  # images generated and reference images (the first eval_n of <data>/heldout)
+    eval_seed: int = 0  # image i starts from the noise of eval_seed + i
+    eval_prompts: str = ""  # file, one prompt per line; "": the captions of the held-out reference images
+    eval_inception: str = "timm/inception_v3.tf_in1k"  # FID: a timm id or folder (not the TF-FID weights); "" skips
+    eval_dino: str = "facebook/dinov2-large"  # FD-DINOv2: CLS features of DINOv2-L/14 at 224 px; "" skips
+    eval_clip: str = "openai/clip-vit-large-patch14-336"  # CMMD and CLIP score; "" skips both
     stages: list = field(default_factory=lambda: [
         Stage(res=512, batch=1024, micro_batch=32, steps=100_000, repa=True),
         Stage(res=1024, batch=512, micro_batch=8, steps=20_000, repa=False),
@@ -118,7 +129,7 @@ PRESETS = {
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         lpips_weight=0.1, pdino_weight=0.01, pdino_res=56, perc_frac=0.125,
         lr=1e-3, warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
-        log_every=50, sample_every=0, ckpt_every=500, sample_steps=20,
+        log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=4.5,  # measured on two demo checkpoints: held-out 0.23-0.33 at CFG 2, 0.50 at 4.5; seen/two unchanged
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
@@ -193,10 +204,10 @@ def hp_from_config(config):
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
     for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
-                 "ema_every", "sample_steps"):
+                 "ema_every", "sample_steps", "eval_n"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup"):
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
@@ -211,6 +222,8 @@ def check_config(hp):
         raise ValueError(f"TREAD blocks {hp.tread_start}..{hp.tread_end} must lie within 0..{hp.depth - 1}")
     if hp.repa_weight > 0 and not 0 <= hp.repa_block < hp.depth:
         raise ValueError(f"repa_block={hp.repa_block} is beyond the model's depth {hp.depth}")
+    if not 0 <= hp.cfg_lo <= hp.cfg_hi <= 1:
+        raise ValueError(f"the guidance interval needs 0 <= cfg_lo <= cfg_hi <= 1, got [{hp.cfg_lo}, {hp.cfg_hi}]")
     if not 0 < hp.perc_frac <= 1:
         raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
     for i, st in enumerate(hp.stages, 1):
@@ -476,35 +489,51 @@ T_BINS = (0.3, 0.6)  # loss reported for t in [0, .3), [.3, .6), [.6, 1]
 
 @torch.no_grad()
 def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
-                  generator=None, sampler="euler", x=None):
-    """Euler (or Heun) from t = 1 to 0 on the shifted schedule, classifier-free guidance on x0. -> (B, 3, H, W)."""
+                  generator=None, sampler="euler", x=None, cfg_interval=(0, 1), tread_guidance=None, tread_frac=0.5):
+    """Euler (or Heun) from t = 1 to 0 on the shifted schedule, guidance on x0. -> (B, 3, H, W).
+    Guidance only for t in cfg_interval (guidance interval, Kynkaanniemi et al. 2024; elsewhere one conditional pass):
+    classifier-free x0_u + cfg (x0_c - x0_u), or, with tread_guidance=S, TREAD self-guidance x0_c + S (x0_c - x0_r)
+    without an unconditional pass: x0_r is the same model with a fixed `tread_frac` of the image tokens skipping the
+    routed blocks, a weaker model whose errors the full one is pushed away from (S = 0: the conditional sample)."""
     B = txt.shape[0]
     dev = txt.device
     if x is None:
         x = torch.randn(B, 3, size[0], size[1], device=dev, generator=generator)
-    ts = shift_t(torch.linspace(1, 0, steps + 1, device=dev), shift)
+    ts = shift_t(torch.linspace(1, 0, steps + 1), shift)  # on the host: deciding where to guide needs no sync
+    guided = [cfg_interval[0] <= t <= cfg_interval[1] for t in ts.tolist()]
+    ts = ts.to(dev)
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
+    if tread_guidance is not None:  # one routing for every sample and step, so an image does not depend on its batch
+        n_tok = (x.shape[2] // model.patch) * (x.shape[3] // model.patch)
+        keep = tread_keep(1, n_tok, tread_frac, "cpu", torch.Generator().manual_seed(0)).to(dev).expand(B, -1)
 
-    def vel(x, t):
-        tt = t.expand(2 * B)
-        x0 = model(torch.cat([x, x]), tt, both_txt, both_mask)[0].float()
-        x0c, x0u = x0.chunk(2)
-        return velocity(x, x0u + cfg * (x0c - x0u), tt[:B], t_min_div)
+    def vel(x, i):
+        tt = ts[i].expand(B)
+        if guided[i] and tread_guidance is not None:
+            x0 = model(x, tt, txt, txt_mask)[0].float()
+            x0 = x0 + tread_guidance * (x0 - model(x, tt, txt, txt_mask, keep)[0].float())
+        elif guided[i] and cfg != 1:
+            x0c, x0u = model(torch.cat([x, x]), tt.repeat(2), both_txt, both_mask)[0].float().chunk(2)
+            x0 = x0u + cfg * (x0c - x0u)
+        else:
+            x0 = model(x, tt, txt, txt_mask)[0].float()
+        return velocity(x, x0, tt, t_min_div)
 
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        v = vel(x, t)
-        if sampler == "heun" and t_next > 0:
-            v = 0.5 * (v + vel(x + (t_next - t) * v, t_next))
-        x = x + (t_next - t) * v
+        dt = ts[i + 1] - ts[i]
+        v = vel(x, i)
+        if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
+            v = 0.5 * (v + vel(x + dt * v, i + 1))
+        x = x + dt * v
     return x.clamp(-1, 1)
 
 
 @torch.no_grad()
 def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
-             device="cpu", amp=False):
+             device="cpu", amp=False, **guidance):
     """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i starts from the noise of seed + i, so an image does
-    not depend on the batch it is in; the same seed and prompt give the same image."""
+    not depend on the batch it is in; the same seed and prompt give the same image. guidance: cfg_interval,
+    tread_guidance, tread_frac (see sample_images)."""
     device = torch.device(device)
     null_txt, null_mask = text([""])
     outs = []
@@ -515,7 +544,7 @@ def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, b
         txt, mask = text(chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), attention_backend(device):
             outs.append(sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
-                                      sampler=sampler, x=noise).float().cpu())
+                                      sampler=sampler, x=noise, **guidance).float().cpu())
     return torch.cat(outs)
 
 
@@ -901,6 +930,148 @@ def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation: fixed prompts and seeds, generated in slices across ranks, features all-gathered, compared with the
+# held-out reference images (<data>/heldout): FID (Inception), FD-DINOv2 (Stein et al. 2023), CMMD (CLIP ViT-L/14-336,
+# Jayasumana et al. 2024), CLIP score. Reference statistics are computed once per model and resolution, and cached.
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, with tr (S1 S2)^1/2 = sum of the square roots of the
+    eigenvalues of the symmetric S1^1/2 S2 S1^1/2 (no complex matrix square root)."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
+    w, V = torch.linalg.eigh(s1)
+    r1 = (V * w.clamp(min=0).sqrt()) @ V.T  # S1^1/2
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def gaussian_stats(f):  # features (N, D) -> mean (D,), unbiased covariance (D, D), float64
+    return f.double().mean(0), torch.cov(f.double().T)
+
+
+def mmd(x, y, sigma=10.0, scale=1000.0, unbiased=True):
+    """scale x squared MMD of x (m, D) and y (n, D) with the kernel exp(-|a - b|^2 / (2 sigma^2)) (CMMD: 10, 1000).
+    Unbiased as in the CMMD paper (no i = j pairs within a set); unbiased=False: its reference code's V-statistic."""
+    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()).pow(2) / (2 * sigma ** 2))
+    within = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1)) if unbiased else K.mean()
+    return (scale * (within(k(x, x)) + within(k(y, y)) - 2 * k(x, y).mean())).item()
+
+
+def load_eval_models(hp, device):
+    """Frozen float32 feature extractors, by hub id or local folder: name -> fn(images (B, 3, H, W) in [0, 1]) ->
+    (B, D); "clip_text": prompts -> unit CLIP text embeddings."""
+    def prep(x, size, mean, std):  # bicubic resize, then the model's normalisation
+        x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+    fns, name = {}, ""
+    try:
+        if name := hp.eval_inception:  # timm (optional package): 2048-d pooled features (num_classes=0)
+            import timm
+            net = timm.create_model(("local-dir:" if Path(name).is_dir() else "hf-hub:") + name, pretrained=True,
+                                    num_classes=0).to(device).eval()
+            c = net.pretrained_cfg
+            fns["inception"] = lambda x: net(prep(x, c["input_size"][1:], c["mean"], c["std"]))
+        if name := hp.eval_dino:  # the CLS token after the final norm
+            dino = load_vit(name, device, torch.float32)
+            fns["dinov2"] = lambda x: dino(pixel_values=prep(x, (224, 224), IMAGENET_MEAN, IMAGENET_STD)).pooler_output
+        if name := hp.eval_clip:
+            from transformers import AutoTokenizer, CLIPModel
+            clip, tok = CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name)
+            size, n_tok = clip.config.vision_config.image_size, clip.config.text_config.max_position_embeddings
+            fns["clip"] = lambda x: F.normalize(clip.get_image_features(
+                pixel_values=prep(x, (size, size), CLIP_MEAN, CLIP_STD)).pooler_output, dim=-1)
+
+            def clip_text(prompts):
+                b = tok(prompts, padding=True, truncation=True, max_length=n_tok, return_tensors="pt").to(device)
+                return F.normalize(clip.get_text_features(**b).pooler_output, dim=-1)
+            fns["clip_text"] = clip_text
+    except ImportError as e:
+        fail(f"evaluation: {e}; pip install it (timm: FID's Inception), or set eval_inception= to skip FID")
+    except (OSError, ValueError) as e:
+        fail(f"cannot load evaluation model {name}: {str(e).splitlines()[0][:200]}")
+    return fns
+
+
+def prepare_eval(hp, device):
+    """Everything the evaluation needs, loaded once, so that a bad path fails before training starts:
+    -> (feature extractors, held-out reference images (ShardDataset), prompts)."""
+    try:
+        ref = ShardDataset(Path(hp.data) / "heldout")
+        prompts = Path(hp.eval_prompts).read_text().splitlines() if hp.eval_prompts else \
+            list(ref.ds.select(range(min(hp.eval_n, len(ref))))["caption"])
+    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+        fail(f"evaluation: {e}; write the held-out split with data_prep.py, fix eval_prompts, or set eval_every=0")
+    if min(len(prompts), len(ref), hp.eval_n) < 2:
+        fail(f"evaluation needs >= 2 prompts and reference images, has {len(prompts)} and {len(ref)}")
+    return load_eval_models(hp, device), ref, [p or "" for p in prompts[:hp.eval_n]]
+
+
+@torch.no_grad()
+def eval_features(fns, chunks, device):
+    """This rank's chunks of (images in [0, 1], prompts or None) -> {name: (N, D)} of all ranks, in order; with
+    prompts also "clip_score" (N, 1): 100 x cosine of the CLIP image and text embeddings, clipped at 0."""
+    out = {}
+    for x, prompts in chunks:
+        f = {k: fn(x.to(device)).float() for k, fn in fns.items() if k != "clip_text"}
+        if prompts is not None and "clip" in f:
+            f["clip_score"] = 100 * (f["clip"] * fns["clip_text"](prompts)).sum(-1, keepdim=True).clamp(min=0)
+        for k, v in f.items():
+            out.setdefault(k, []).append(v.cpu())
+    parts = [out]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out)
+    return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
+
+
+def run_eval(model, text, hp, ev, res, cache_dir, device, batch=32):
+    """The fixed evaluation of `model` at res x res (ev: prepare_eval's) -> metrics, on every rank. Image i comes from
+    prompt i and the noise of eval_seed + i, with the run's sampling steps, CFG and guidance interval."""
+    fns, ref, prompts = ev
+    m, n = len(prompts), min(hp.eval_n, len(ref))  # generated and reference images
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def mine(N):  # this rank's contiguous part of range(N), in batches
+        lo, hi = rank * -(-N // world), min(N, (rank + 1) * -(-N // world))
+        return [(a, min(a + batch, hi)) for a in range(lo, hi, batch)]
+
+    def generated():
+        for a, b in mine(m):
+            x = generate(model, text, prompts[a:b], (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
+                         hp.eval_seed + a, batch, device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
+            yield ((x + 1) * 127.5).round() / 255, prompts[a:b]  # quantised like a saved PNG
+
+    gen = eval_features(fns, generated(), device)
+    ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
+    paths = {k: Path(cache_dir, re.sub(r"[^\w.-]", "_", f"{k}-{v}-res{res}-n{n}") + ".pt") for k, v in ids.items() if v}
+    todo = [[k for k, p in paths.items() if not p.exists()]]  # rank 0 decides for all
+    if dist.is_initialized():
+        dist.broadcast_object_list(todo, 0)
+    if todo[0]:  # reference features of the first n held-out images, resized like training images
+        ref.res = res
+        f = eval_features({k: fns[k] for k in todo[0]}, ((torch.stack([ref[j][0] for j in range(a, b)]) / 255, None)
+                                                         for a, b in mine(n)), device)
+        if rank == 0:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            for k in todo[0]:  # CMMD needs the embeddings themselves, FD only their Gaussian statistics
+                torch.save(f[k] if k == "clip" else gaussian_stats(f[k]), paths[k].with_suffix(".tmp"))
+                os.replace(paths[k].with_suffix(".tmp"), paths[k])
+        if dist.is_initialized():
+            dist.barrier()
+    ref_stats = {k: torch.load(p, weights_only=True) for k, p in paths.items()}
+    out = dict(eval_n=m, eval_res=res)
+    for k, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
+        if k in ref_stats:
+            out[metric] = frechet_distance(*gaussian_stats(gen[k]), *ref_stats[k])
+    if "clip" in ref_stats:
+        out["cmmd"] = mmd(gen["clip"].to(device), ref_stats["clip"].to(device))  # 3 (n x n) kernels: on the device
+        out["clip_score"] = gen["clip_score"].mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -987,6 +1158,7 @@ class Trainer:
         self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
+        self.eval_inputs = prepare_eval(hp, dev) if hp.eval_every and not hp.bench else None  # bad paths fail now
 
     def repa_dim(self, stage):  # width of the REPA projector's output in this stage, 0 when REPA is off
         return self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
@@ -1088,7 +1260,8 @@ class Trainer:
     def sample(self, prompts, res, seed=0, batch=16):  # EMA weights, fixed seeds: -> (B, 3, res, res)
         self.ema.eval()
         return generate(self.ema, self.text, prompts, (res, res), self.hp.sample_steps, self.hp.cfg, self.hp.t_shift,
-                        self.hp.t_min_div, seed, batch, device=self.device, amp=self.hp.amp)
+                        self.hp.t_min_div, seed, batch, device=self.device, amp=self.hp.amp,
+                        cfg_interval=(self.hp.cfg_lo, self.hp.cfg_hi))
 
     def bench(self):
         """bench=N: per stage, 3 untimed warm-up micro-steps (compile), then N timed ones on synthetic data of
@@ -1219,7 +1392,8 @@ class Trainer:
                 log_now = self.step % hp.log_every == 0 or last or self.step == 1
                 sample_now = hp.sample_every and self.step % hp.sample_every == 0 or last
                 ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total
-                if log_now or sample_now or ckpt_now or clock is None:  # stop the clock: wait for the device
+                eval_now = hp.eval_every and (self.step % hp.eval_every == 0 or self.step == total)
+                if log_now or sample_now or ckpt_now or eval_now or clock is None:  # stop the clock: sync the device
                     if log_now:
                         if self.distributed:
                             dist.all_reduce(sums), dist.all_reduce(counts)
@@ -1251,6 +1425,8 @@ class Trainer:
                     self.save_samples(stage.res, f"step{self.step:07d}")
                 if ckpt_now:
                     self.checkpoint(f"step{self.step:07d}")
+                if eval_now:
+                    self.evaluate(stage.res)
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
         self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
@@ -1266,6 +1442,15 @@ class Trainer:
             (self.run_dir / "samples").mkdir(exist_ok=True)
             save_grid(imgs, self.run_dir / "samples" / f"{tag}.png", nrow=4)
             self.log(f"samples: {self.run_dir}/samples/{tag}.png")
+
+    def evaluate(self, res):
+        """The fixed evaluation (README "Evaluation") of the EMA weights; the caller keeps it off the training clock."""
+        t0 = time.perf_counter()
+        self.ema.eval()
+        m = run_eval(self.ema, self.text, self.hp, self.eval_inputs, res, self.run_dir / "eval_ref", self.device)
+        m["eval_time_s"] = time.perf_counter() - t0
+        self.log(f"eval step:{self.step} " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
+        self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, **m))
 
     def score_demo(self):
         """The shapes benchmark at the end of the CPU demo: fixed prompt files, seed, steps and CFG."""

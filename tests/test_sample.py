@@ -64,8 +64,34 @@ def test_cli_writes_indexed_pngs(run, tmp_path):
     assert np.array_equal(png, T.to_uint8(ref)[0])
 
 
+def test_snap_size_to_aspect_buckets():
+    for h, w in ((18, 70), (64, 64), (100, 20), (3, 3), (40, 79)):
+        sh, sw = S.snap_size(h, w, 8)
+        assert sh % 8 == 0 and sw % 8 == 0 and sh >= 8 and sw >= 8 and 0.5 <= sw / sh <= 2
+    assert S.snap_size(16, 32, 8) == (16, 32) and S.snap_size(18, 70, 8) == (16, 32)  # buckets stay; 72 cut to 32
+    assert S.snap_size(44, 60, 8) == (48, 64)  # sides rounded to the nearest multiple
+
+
+def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
+    d, hp, _ = run
+    S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--out", str(tmp_path / "o"),
+            "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance", "0.5"])
+    assert "size 70x18 snapped to 32x16" in capsys.readouterr().out
+    from PIL import Image
+    png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
+    assert png.shape == (16, 32, 3)
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (16, 32), 3, hp.cfg,
+                     hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
+                     tread_frac=hp.tread_frac)
+    assert np.array_equal(png, T.to_uint8(ref)[0])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--ckpt", "/nonexistent/x.pt", "--prompt", "a", "--out", "o"], "does not exist"),
+    (["--prompt", "a", "--out", "o", "--cfg-interval", "0.5"], "expects LO,HI"),
+    (["--prompt", "a", "--out", "o", "--cfg-interval", "0.8,0.2"], "0 <= LO <= HI <= 1"),
+    (["--prompt", "a", "--out", "o", "--tread-guidance", "1", "--cfg", "2"], "replaces CFG"),
     (["--prompt", "a", "--out", "o", "--size", "18"], "not divisible"),
     (["--prompts", "EMPTY", "--out", "o"], "is empty"),
     (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),

@@ -1,0 +1,292 @@
+"""The evaluation: metric maths against closed forms and direct loops, feature extractors built as tiny random
+models of the real classes and loaded through the real code path, the reference cache, and a run that evaluates."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt_style as T
+from conftest import ROOT
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+def spd(d, seed):  # a random symmetric positive definite matrix
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_frechet_distance_closed_forms():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert T.frechet_distance([0.5], [[4.0]], [2.0], [[9.0]]) == pytest.approx(1.5 ** 2 + (2 - 3) ** 2, rel=1e-12)
+    # diagonal (commuting) covariances: |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    a, b = torch.tensor([1.0, 2.0, 0.5, 3.0]).double(), torch.tensor([0.3, 2.0, 4.0, 1.0]).double()
+    mu1, mu2 = torch.tensor([0.0, 1.0, -1.0, 2.0]).double(), torch.tensor([1.0, 1.0, 0.0, 0.0]).double()
+    ref = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()
+    assert T.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref.item(), rel=1e-10)
+    # identical Gaussians: 0
+    s = spd(6, 0)
+    assert abs(T.frechet_distance(mu1[:1].expand(6), s, mu1[:1].expand(6), s)) < 1e-9
+
+
+def test_frechet_distance_non_commuting_covariances():
+    d = 7
+    s1, s2 = spd(d, 1), spd(d, 2)
+    assert (s1 @ s2 - s2 @ s1).abs().max() > 0.1  # they really do not commute
+    mu1, mu2 = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    try:  # the usual FID reference: scipy's matrix square root of S1 S2
+        from scipy.linalg import sqrtm
+        tr = np.trace(sqrtm(s1.numpy() @ s2.numpy())).real
+    except ImportError:  # eigenvalues of S1 S2 (real, positive: it is similar to S1^1/2 S2 S1^1/2)
+        tr = np.sqrt(np.linalg.eigvals(s1.numpy() @ s2.numpy()).real).sum()
+    ref = ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()).item() - 2 * tr
+    assert T.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    # and from samples: gaussian_stats is numpy's mean and (unbiased) covariance
+    f = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
+    mu, cov = T.gaussian_stats(f)
+    assert np.allclose(mu.numpy(), f.double().numpy().mean(0)) and np.allclose(cov.numpy(), np.cov(f.double().numpy().T))
+
+
+# ---------------------------------------------------------------- MMD
+
+
+def mmd_loops(x, y, sigma, scale, unbiased):
+    """Squared MMD written out with double loops."""
+    k = lambda a, b: math.exp(-sum((ai - bi) ** 2 for ai, bi in zip(a, b)) / (2 * sigma ** 2))
+    x, y = x.tolist(), y.tolist()
+    m, n = len(x), len(y)
+    if unbiased:
+        xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+        yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    else:
+        xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m)) / m ** 2
+        yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n)) / n ** 2
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return scale * (xx + yy - 2 * xy)
+
+
+@pytest.mark.parametrize("sigma,unbiased", [(10.0, True), (1.0, True), (1.0, False)])
+def test_mmd_matches_double_loop(sigma, unbiased):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g) + 0.5
+    ref = mmd_loops(x, y, sigma, 1000.0, unbiased)
+    assert T.mmd(x, y, sigma=sigma, unbiased=unbiased) == pytest.approx(ref, rel=1e-9)
+    assert abs(ref) > 1e-3  # a real difference, not noise around 0
+
+
+def test_mmd_of_a_set_with_itself():
+    x = F.normalize(torch.randn(9, 6, generator=torch.Generator().manual_seed(1)).double(), dim=-1)  # unit, like CLIP
+    assert T.mmd(x, x, unbiased=False) == 0.0  # the V-statistic of a set against itself
+    # the unbiased estimator drops the i = j pairs within each set but not across, so against itself it is
+    # -(2 / m) (1 - mean off-diagonal kernel) x scale: below 0, and 0 in expectation over independent sets
+    m, sigma = len(x), 1.0
+    kbar = sum(math.exp(-((x[i] - x[j]) ** 2).sum().item() / (2 * sigma ** 2))
+               for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    assert T.mmd(x, x, sigma=sigma) == pytest.approx(-1000 * 2 / m * (1 - kbar), rel=1e-9)
+    assert T.mmd(x[:1].expand(4, -1), x[:1].expand(4, -1)) == pytest.approx(0.0, abs=1e-9)  # one point: exactly 0
+
+
+# ---------------------------------------------------------------- feature extractors, through the loading path
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 1),
+                                                                                                 ("<eos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+CAPTIONS = ["a small red circle in the center", "a large blue square in the top left",
+            "a small green triangle in the bottom right and a large purple circle in the top right"]
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    """Tiny random CLIP, DINOv2 and timm models of the real classes, saved to folders: -> {role: folder}."""
+    import timm
+    from timm.models import save_for_hf
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+    d = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    tok = _word_tokenizer([" ".join(CAPTIONS) + " orange yellow"])
+    text = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=24, pad_token_id=0, bos_token_id=1,
+                eos_token_id=tok.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=48,
+                  patch_size=16)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(d / "clip")
+    tok.save_pretrained(d / "clip")
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             patch_size=14, image_size=224)).save_pretrained(d / "dinov2")
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), d / "inception")
+    return {k: str(d / k) for k in ("clip", "dinov2", "inception")}
+
+
+def hp_with(models, **kw):
+    paths = dict(eval_clip=models["clip"], eval_dino=models["dinov2"], eval_inception=models["inception"])
+    return dataclasses.replace(T.Hyperparameters(), **{**paths, **kw})
+
+
+def images01(n, size=40, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prep(x, size, mean, std):  # the preprocessing, written out: bicubic resize, normalise
+    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_clip_score_is_clipped_cosine_of_clip_embeddings(eval_models, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+    fns = T.load_eval_models(hp_with(eval_models, eval_dino="", eval_inception=""), "cpu")
+    assert set(fns) == {"clip", "clip_text"}
+    x = images01(3)
+    prompts = CAPTIONS
+    out = T.eval_features(fns, [(x, prompts)], "cpu")
+    clip, tok = CLIPModel.from_pretrained(eval_models["clip"]).eval(), AutoTokenizer.from_pretrained(eval_models["clip"])
+    with torch.no_grad():
+        img = clip.get_image_features(pixel_values=prep(x, (48, 48), T.CLIP_MEAN, T.CLIP_STD)).pooler_output
+        txt = clip.get_text_features(**tok(prompts, padding=True, return_tensors="pt")).pooler_output
+    cos = F.cosine_similarity(img, txt, dim=-1)
+    assert torch.allclose(out["clip_score"][:, 0], 100 * cos.clamp(min=0), atol=1e-4)
+    assert torch.allclose(out["clip"], F.normalize(img, dim=-1), atol=1e-5)  # CMMD's unit image embeddings
+    assert (cos > 0).all()
+    # the same model with its text projection negated: every cosine changes sign, and the score clips them to 0
+    with torch.no_grad():
+        clip.text_projection.weight.neg_()
+    clip.save_pretrained(tmp_path / "neg")
+    tok.save_pretrained(tmp_path / "neg")
+    fns = T.load_eval_models(hp_with(eval_models, eval_clip=str(tmp_path / "neg"), eval_dino="", eval_inception=""),
+                             "cpu")
+    assert torch.equal(T.eval_features(fns, [(x, prompts)], "cpu")["clip_score"], torch.zeros(3, 1))
+
+
+def test_fd_dinov2_features_through_the_loading_path(eval_models):
+    from transformers import Dinov2Model
+    fns = T.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception=""), "cpu")
+    x, y = images01(6), images01(5, seed=1) * 0.5
+    f = T.eval_features(fns, [(x[:4], None), (x[4:], None)], "cpu")["dinov2"]
+    dino = Dinov2Model.from_pretrained(eval_models["dinov2"]).eval()
+    with torch.no_grad():
+        ref = dino(pixel_values=prep(x, (224, 224), T.IMAGENET_MEAN, T.IMAGENET_STD)).last_hidden_state[:, 0]
+    assert f.shape == (6, 32) and torch.allclose(f, ref, atol=1e-5)  # the CLS token after the final norm
+    g = T.eval_features(fns, [(y, None)], "cpu")["dinov2"]
+    assert T.frechet_distance(*T.gaussian_stats(f), *T.gaussian_stats(g)) > 0
+
+
+def test_inception_features_through_timm_loading_path(eval_models):
+    import timm
+    fns = T.load_eval_models(hp_with(eval_models, eval_clip="", eval_dino=""), "cpu")
+    x = images01(3)
+    f = T.eval_features(fns, [(x, None)], "cpu")["inception"]
+    net = timm.create_model("local-dir:" + eval_models["inception"], pretrained=True, num_classes=0).eval()
+    c = net.pretrained_cfg
+    with torch.no_grad():
+        ref = net(prep(x, tuple(c["input_size"][1:]), c["mean"], c["std"]))
+    assert f.shape == (3, net.num_features) and torch.allclose(f, ref, atol=1e-5)
+
+
+def test_missing_eval_model_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.load_eval_models(dataclasses.replace(T.Hyperparameters(), eval_inception="", eval_dino="",
+                                               eval_clip=str(tmp_path / "nope")), "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot load evaluation model")
+
+
+def test_missing_heldout_split_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.prepare_eval(dataclasses.replace(T.Hyperparameters(), data=str(tmp_path)), "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no parquet shards under" in err[0] and "eval_every=0" in err[0]
+
+
+# ---------------------------------------------------------------- the evaluation, cached references, a run
+
+
+def write_heldout(data, n, size=32, seed=5):
+    from data_prep import render_shapes, sample_shapes_objects, shapes_caption, write_shard
+    rng = np.random.default_rng(seed)
+    objects = [sample_shapes_objects(rng, 1 + i % 2) for i in range(n)]
+    (data / "heldout").mkdir(parents=True, exist_ok=True)
+    write_shard(data / "heldout" / "shard-00000.parquet", [render_shapes(o, size, rng) for o in objects],
+                [shapes_caption(o) for o in objects])
+
+
+def test_run_eval_caches_reference_statistics(eval_models, tmp_path, monkeypatch):
+    write_heldout(tmp_path / "data", 7)
+    hp = hp_with(eval_models, data=str(tmp_path / "data"), eval_n=5, sample_steps=2, cfg=2.0, amp=False,
+                 hidden=32, depth=2, heads=2, patch=8, bottleneck=8, text_dim=24, tread_start=0, tread_end=1)
+    model = T.PRXDiT(hp).eval()
+    ev = T.prepare_eval(hp, "cpu")
+    assert len(ev[2]) == 5 and ev[2][0].startswith("a ")  # the held-out captions are the prompts
+    decoded = []
+    orig = T.ShardDataset.__getitem__
+    monkeypatch.setattr(T.ShardDataset, "__getitem__", lambda self, i: decoded.append(i) or orig(self, i))
+    cache = tmp_path / "cache"
+    first = T.run_eval(model, ToyText(), hp, ev, 16, cache, "cpu", batch=2)
+    assert sorted(decoded) == [0, 1, 2, 3, 4]  # the first eval_n reference images, once
+    files = sorted(cache.iterdir())
+    assert [f.name.split("-")[0] for f in files] == ["clip", "dinov2", "inception"] and all("res16-n5" in f.name
+                                                                                          for f in files)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    decoded.clear()
+    second = T.run_eval(model, ToyText(), hp, ev, 16, cache, "cpu", batch=3)
+    assert decoded == [] and [f.stat().st_mtime_ns for f in files] == mtimes  # reused, not recomputed
+    assert set(first) == {"eval_n", "eval_res", "fid", "fd_dinov2", "cmmd", "clip_score"}
+    for k in first:  # same seeds: same images whatever the batch, so the same metrics
+        assert second[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6)
+    # the cached statistics are those of the reference images
+    ref = T.ShardDataset(tmp_path / "data" / "heldout")
+    ref.res = 16
+    x = torch.stack([orig(ref, i)[0] for i in range(5)]) / 255
+    mu, cov = torch.load(next(cache.glob("dinov2-*")), weights_only=True)
+    f = ev[0]["dinov2"](x)
+    assert torch.allclose(mu, f.double().mean(0), atol=1e-5) and torch.allclose(cov, torch.cov(f.double().T), atol=1e-5)
+    T.run_eval(model, ToyText(), hp, ev, 24, cache, "cpu", batch=5)  # another resolution: its own statistics
+    assert len(decoded) == 5 and len(list(cache.glob("*res24-n5.pt"))) == 3
+
+
+class ToyText:
+    def __call__(self, captions):
+        emb = torch.stack([torch.full((4, 24), len(c) / 40.0) * torch.linspace(-1, 1, 24) for c in captions])
+        return emb, torch.ones(len(captions), 4, dtype=torch.bool)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
+    from data_prep import make_shapes
+    import sample as S
+    data = make_shapes(tmp_path / "shapes", n=256, shard_rows=128)
+    write_heldout(data, 8, size=64)
+    run = tmp_path / "run"
+    args = ["preset=cpu", f"data={data}", f"run_dir={run}", "hidden=64", "heads=2", "depth=3", "stage1.steps=3",
+            "stage1.batch=4", "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4",
+            "log_every=2", "ckpt_every=3", "sample_steps=2", "warmup=2", "eval_every=2", "eval_n=6", "cfg_lo=0.2",
+            f"eval_clip={eval_models['clip']}", f"eval_dino={eval_models['dinov2']}",
+            f"eval_inception={eval_models['inception']}"]
+    T.main(args)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_n" in r]
+    assert [(r["step"], r["eval_res"]) for r in evals] == [(2, 32), (4, 64), (5, 64)]  # every 2 steps, and the last
+    for r in evals:
+        assert r["eval_n"] == 6 and r["eval_time_s"] > 0
+        assert all(math.isfinite(r[k]) for k in ("fid", "fd_dinov2", "cmmd", "clip_score"))
+    assert evals[1]["fid"] != evals[2]["fid"]  # the model changed between evaluations
+    log = (run / "log.txt").read_text()
+    assert log.count("\neval step:") == 3 and "fd_dinov2:" in log
+    assert len(list((run / "eval_ref").glob("*.pt"))) == 6  # 3 models x 2 resolutions, computed once each
+    assert "shapes" in rows[-1]  # the demo's benchmark still ends the run
+    # sample.py --eval on the final checkpoint gives the run's last evaluation, from the cache
+    m = S.main(["--ckpt", str(run), "--eval"])
+    for k in ("fid", "fd_dinov2", "cmmd", "clip_score"):
+        assert m[k] == pytest.approx(evals[-1][k], rel=1e-4, abs=1e-6)

@@ -1,0 +1,109 @@
+"""Sampling guidance: the guidance interval and TREAD self-guidance, checked against hand-written Euler loops."""
+import pytest
+import torch
+
+import train_gpt_style as T
+
+
+class LinearToy:
+    """x0 prediction a * x + b(text): b is `c` for the prompt, `u` for the empty caption (all-zero text). Its
+    prediction depends on x, so the sample depends on every step's guidance, not only on the last one.
+    Records each call's batch size and time."""
+
+    def __init__(self, a=0.3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.a = a
+        self.c, self.u = (torch.rand(1, 3, 8, 8, generator=g) * 0.2 - 0.1 for _ in range(2))
+        self.calls = []
+
+    def __call__(self, x, t, txt, mask, keep=None):
+        self.calls.append((x.shape[0], round(float(t[0]), 6)))
+        is_null = (txt.abs().sum(dim=(1, 2)) == 0).view(-1, 1, 1, 1)
+        return self.a * x + torch.where(is_null, self.u, self.c), None
+
+
+def euler_reference(toy, x, ts, cfg, guided, t_min_div=0.05):
+    """The Euler loop written out: guided steps use u-pred + cfg (c-pred - u-pred), the others the c-pred alone."""
+    for i in range(len(ts) - 1):
+        t = max(ts[i], t_min_div)
+        pc, pu = toy.a * x + toy.c, toy.a * x + toy.u
+        x0 = pu + cfg * (pc - pu) if guided(ts[i]) else pc
+        x = x + (ts[i + 1] - ts[i]) * (x - x0) / t
+    return x.clamp(-1, 1)
+
+
+def _run(toy, x, steps, cfg, interval, shift=2.0):
+    txt, mask = torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+    return T.sample_images(toy, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps, cfg=cfg,
+                           shift=shift, t_min_div=0.05, x=x.clone(), cfg_interval=interval)
+
+
+def test_guidance_interval_is_cfg_inside_and_conditional_outside():
+    steps, cfg, shift = 12, 3.0, 2.0
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ts = T.shift_t(torch.linspace(1, 0, steps + 1), shift).tolist()
+    lo, hi = 0.3, 0.8
+    toy = LinearToy()
+    out = _run(toy, x, steps, cfg, (lo, hi), shift)
+    ref = euler_reference(toy, x.double(), ts, cfg, lambda t: lo <= t <= hi).float()
+    assert torch.allclose(out, ref, atol=1e-5)
+    # the unconditional pass (batch 2) runs exactly at the steps inside the interval, once per step
+    assert [(b, t) for b, t in toy.calls] == [(2 if lo <= t <= hi else 1, round(t, 6)) for t in ts[:-1]]
+    assert 0 < sum(lo <= t <= hi for t in ts[:-1]) < steps  # the interval really splits the schedule
+    # the full range is plain CFG, an empty one conditional sampling; the three differ
+    full = _run(LinearToy(), x, steps, cfg, (0.0, 1.0), shift)
+    assert torch.allclose(full, euler_reference(toy, x.double(), ts, cfg, lambda t: True).float(), atol=1e-5)
+    cond = _run(LinearToy(), x, steps, 1.0, (0.0, 1.0), shift)
+    none = _run(LinearToy(), x, steps, cfg, (0.99, 0.995), shift)  # no step's t falls inside
+    assert torch.allclose(none, cond, atol=1e-6)
+    assert (out - full).abs().max() > 1e-3 and (out - cond).abs().max() > 1e-3
+
+
+def tiny_dit(seed=0):
+    hp = T.Hyperparameters(hidden=64, depth=4, heads=2, patch=4, bottleneck=16, text_dim=24, tread_start=1,
+                           tread_end=2)
+    model = T.PRXDiT(hp).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+class ToyText:
+    def __call__(self, captions):  # the caption's length sets the embedding; "" is all zeros
+        emb = torch.stack([torch.full((5, 24), len(c) / 40.0) * torch.linspace(-1, 1, 24) for c in captions])
+        mask = torch.ones(len(captions), 5, dtype=torch.bool)
+        return emb, mask
+
+
+def test_tread_guidance_zero_is_the_conditional_sample_and_one_step_is_the_formula():
+    model, text = tiny_dit(), ToyText()
+    prompts = ["a red circle", "two blue squares in a row"]
+    kw = dict(size=(16, 16), steps=4, shift=1.0, t_min_div=0.05, seed=3, batch=2)
+    cond = T.generate(model, text, prompts, cfg=1.0, **kw)
+    assert torch.equal(T.generate(model, text, prompts, cfg=1.0, tread_guidance=0.0, **kw), cond)
+    guided = T.generate(model, text, prompts, cfg=1.0, tread_guidance=1.5, **kw)
+    assert (guided - cond).abs().max() > 1e-3
+    # one Euler step from t = 1 lands on the guided x0: x0_full + S (x0_full - x0 of the routed model)
+    noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(3 + j)) for j in range(2)])
+    txt, mask = text(prompts)
+    t = torch.ones(2)
+    full = model(noise, t, txt, mask)[0]
+    keep = T.tread_keep(1, 16, 0.5, "cpu", torch.Generator().manual_seed(0)).expand(2, -1)
+    assert keep.shape == (2, 8)
+    routed = model(noise, t, txt, mask, keep)[0]
+    assert (full - routed).abs().max() > 1e-3  # the routed model really differs
+    one = T.generate(model, text, prompts, cfg=7.0, tread_guidance=1.5, **{**kw, "steps": 1})  # cfg unused
+    assert torch.allclose(one, (full + 1.5 * (full - routed)).clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [dict(cfg_interval=(0.2, 0.7)), dict(tread_guidance=1.0)])
+def test_same_seed_same_image_whatever_the_batch(guidance):
+    model, text = tiny_dit(1), ToyText()
+    prompts = ["a red circle", "a blue square", "a green triangle in the top left"]
+    kw = dict(size=(16, 24), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=11, **guidance)
+    a = T.generate(model, text, prompts, batch=3, **kw)
+    assert torch.equal(a, T.generate(model, text, prompts, batch=3, **kw))
+    assert torch.allclose(a, T.generate(model, text, prompts, batch=1, **kw), atol=1e-5)
+    assert not torch.allclose(a, T.generate(model, text, prompts, batch=3, **{**kw, "seed": 12}))
