@@ -262,6 +262,34 @@ class ToyText:
         return emb, torch.ones(len(captions), 4, dtype=torch.bool)
 
 
+def _eval_rank(rank, world, init, hp, cache, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = T.PRXDiT(hp).eval()
+    m = T.run_eval(model, ToyText(), hp, T.prepare_eval(hp, "cpu"), 16, cache, "cpu", batch=2)
+    (out / f"rank{rank}.json").write_text(json.dumps(m))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_eval_sharded_over_two_ranks_equals_one_process(eval_models, tmp_path):
+    write_heldout(tmp_path / "data", 7)
+    hp = hp_with(eval_models, data=str(tmp_path / "data"), eval_n=7, sample_steps=2, cfg=2.0, amp=False,
+                 hidden=32, depth=2, heads=2, patch=8, bottleneck=8, text_dim=24, tread_start=0, tread_end=1)
+    torch.manual_seed(0)
+    one = T.run_eval(T.PRXDiT(hp).eval(), ToyText(), hp, T.prepare_eval(hp, "cpu"), 16, tmp_path / "c1", "cpu",
+                     batch=2)
+    torch.multiprocessing.spawn(_eval_rank, args=(2, f"file://{tmp_path}/rdv", hp, tmp_path / "c2", tmp_path),
+                                nprocs=2)
+    for r in range(2):  # 7 images: 4 on rank 0, 3 on rank 1; every rank gets the metrics of all 7
+        two = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert set(two) == set(one)
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    assert sorted(f.name for f in (tmp_path / "c1").iterdir()) == sorted(f.name for f in (tmp_path / "c2").iterdir())
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
     from data_prep import make_shapes
