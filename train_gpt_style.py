@@ -127,13 +127,16 @@ PRESETS = {
         hidden=128, depth=4, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
         t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens); 1.0 beat 1.5 here
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
-        lpips_weight=0.1, pdino_weight=0.01, pdino_res=56, perc_frac=0.125,
-        lr=1e-3, warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
+        # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step and lowered every
+        # score here (README, ablation); their code paths are covered by the tests
+        lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125,
+        lr=4e-3,  # a 1.6M-parameter model takes a large rate: 1e-3 -> 4e-3 raised every score (README)
+        warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
-        cfg=4.5,  # measured on two demo checkpoints: held-out 0.23-0.33 at CFG 2, 0.50 at 4.5; seen/two unchanged
+        cfg=3.0,  # CFG 2-3 beat 4.5 and 6 on every prompt set of the tuned preset (README)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
-                Stage(res=64, batch=64, micro_batch=64, steps=1350, repa=False)],
+                Stage(res=64, batch=64, micro_batch=64, steps=1760, repa=False)],
     ),
 }
 
