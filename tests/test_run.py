@@ -99,11 +99,12 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
         datasets.Dataset.from_dict({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]}
                                    ).to_parquet(str(out))
     ds = T.ShardDataset(data)
-    ds.res = 32
+    ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
     items = [ds[i] for i in (0, 7, 300, 511)]
-    imgs, captions, (txt, mask) = T.collate_batch(items, hp.text_len, hp.text_dim)
+    imgs, captions, (txt, mask), causes = T.collate_batch(items, hp.text_len, hp.text_dim)
     ref, ref_mask = text(captions)
+    assert causes == [] and imgs.shape == (4, 3, 32, 32)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
     assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
     assert torch.equal(txt, ref.to(torch.bfloat16).float())
