@@ -489,6 +489,9 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     image_col, caption_cols, weights = resolve_columns(dataset, columns, image_col, caption_cols, caption_weights)
     if max_rows:
         n_rows = min(n_rows, max_rows) if n_rows else max_rows
+    if n_rows and 2 * heldout > n_rows:
+        raise ValueError(f"--heldout {heldout} would take more than half of the {n_rows} input rows; pass a "
+                         "smaller --heldout")
     every = max(1, n_rows // heldout) if heldout and n_rows else HELDOUT_EVERY_UNKNOWN
     out = Path(out)
     meta = dict(dataset=str(dataset), split=split, image_col=image_col, caption_cols=caption_cols,
@@ -538,8 +541,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                 break
     print(file=sys.stderr)
     parts, merged = out / "heldout" / "parts", out / "heldout" / "heldout.parquet"
-    if not json.loads(progress_path.read_text()).get("heldout_merged") and parts.exists():
-        files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
+    files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
+    if files and not json.loads(progress_path.read_text()).get("heldout_merged"):
         with pq.ParquetWriter(tmp, pq.read_schema(files[0])) as w:  # streamed: never all held-out images in memory
             for f in files:
                 w.write_table(pq.read_table(f), row_group_size=100)
@@ -624,14 +627,16 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
 # Loader throughput (`bench-decode`): decode + bucket resize per worker process, as the trainer's loader does it
 
 SYNTH_SIZES = [(1024, 1024)] * 4 + [(1216, 832), (832, 1216), (1344, 768), (768, 1344)]  # FLUX-like sizes
+SYNTH_ALPHA = 1.5  # amplitude ~ 1/f^1.5: JPEG q95 at 3.9-4.7 bits/pixel, as detailed photographs (1/f: 10+)
 
 
 def synthetic_image(rng, w, h):
-    """A natural-looking-to-JPEG RGB image: random phases with a 1/f amplitude spectrum (the power law of
-    natural images), colour channels mixed so that they correlate as in photographs. -> uint8 (h, w, 3)."""
+    """A stand-in for a photograph, for JPEG sizes and decode speed: coloured noise with random phases and a
+    1/f^SYNTH_ALPHA amplitude spectrum (cloud-like texture at every scale), channels mixed so that they
+    correlate as in photographs. -> uint8 (h, w, 3)."""
     f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
     f[0, 0] = 1.0
-    spec = (rng.standard_normal((3, h, w // 2 + 1)) + 1j * rng.standard_normal((3, h, w // 2 + 1))) / f
+    spec = (rng.standard_normal((3, h, w // 2 + 1)) + 1j * rng.standard_normal((3, h, w // 2 + 1))) / f ** SYNTH_ALPHA
     x = np.fft.irfft2(spec, s=(h, w))  # (3, h, w)
     x = np.tensordot(np.array([[1.0, 0.3, 0.1], [0.8, 0.5, 0.1], [0.6, 0.3, 0.5]]), x, 1)  # luminance-dominated
     x = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std() * 55 + rng.uniform(90, 160, (3, 1, 1))
@@ -653,17 +658,20 @@ def make_synthetic_source(path, n, seed=0):
 
 
 def _decode_worker(job):
-    """Time the loader's __getitem__ (decode, bucket crop, resize) over `indices` -> images per second."""
+    """Time the loader's __getitem__ (decode, bucket crop, resize) over `indices` -> (images per CPU second of
+    this process, images per wall-clock second). The CPU-time rate is what a worker gets from a core of its own,
+    also on a machine shared with other jobs."""
     ds, indices = job
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in indices:
         ds[i]
-    return len(indices) / (time.perf_counter() - t0)
+    return len(indices) / (time.process_time() - c0), len(indices) / (time.perf_counter() - t0)
 
 
 def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=1024, steps_per_s=1.0, gpus=8):
-    """Images/s per loader worker at each resolution, and the CPU cores needed to feed the record pace
-    (batch_per_step x steps_per_s images/s over `gpus` GPUs, one worker per core). Returns {res: (rate, cores)}."""
+    """Images/s per loader worker at each resolution (per CPU second of the worker), and the CPU cores needed to
+    feed the record pace (batch_per_step x steps_per_s images/s over `gpus` GPUs, one worker per core).
+    Returns {res: (rate, cores)}."""
     import torch
 
     from train_gpt_style import Hyperparameters, ShardDataset
@@ -672,16 +680,16 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
     for res in res_list:
         ds = ShardDataset(Path(shards) / str(res) if (Path(shards) / str(res)).is_dir() else shards)
         ds.set_stage(res, hp.patch, hp.aspect_max)
-        idx = np.arange(min(n, len(ds)))
+        idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
         jobs = [(ds, idx[w::workers]) for w in range(workers)]
         _decode_worker((ds, idx[:8]))  # warm-up: imports, page cache
         with Pool(workers) as pool:
-            rates = pool.map(_decode_worker, jobs)
-        rate = float(np.mean(rates))
+            rates = np.array(pool.map(_decode_worker, jobs))  # (workers, 2): per CPU second, per wall second
+        rate = float(rates[:, 0].mean())
         results[res] = (rate, need / rate)
-        print(f"bench-decode res:{res} workers:{workers} img/s/worker:{rate:.1f} img/s_total:{sum(rates):.1f} "
-              f"cores_for_{gpus}_gpus@{batch_per_step}x{steps_per_s:g}steps/s:{need / rate:.1f} "
-              f"({need / gpus / rate:.2f} per GPU)")
+        print(f"bench-decode res:{res} workers:{workers} img/s/worker:{rate:.1f} (per CPU second; wall-clock "
+              f"total {rates[:, 1].sum():.1f} img/s) cores_for_{gpus}_gpus@{batch_per_step}x{steps_per_s:g}steps/s:"
+              f"{need / rate:.1f} ({need / gpus / rate:.2f} per GPU)")
     return results
 
 # ----------------------------------------------------------------------------------------------

@@ -909,8 +909,9 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     for imgs, captions, emb, causes in torch.utils.data.DataLoader(
             ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
-            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
-            persistent_workers=False, prefetch_factor=4 if hp.num_workers else None):
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
+            prefetch_factor=4 if hp.num_workers else None):
         for c in causes:  # counted as batches are consumed: the same counts for any num_workers
             ds.skipped[c] = ds.skipped.get(c, 0) + 1
         yield imgs, captions, emb

@@ -196,6 +196,8 @@ def test_bucket_table_and_assignment_closed_form(res, patch):
     d = np.abs(np.log(W / H)[:, None] - np.log(ratios)[None, :])
     assert np.all(d[np.arange(len(W)), got] <= d.min(1) + 1e-12)
     assert T.aspect_buckets(res, patch, 1.0) == [(res, res)]
+    with pytest.raises(ValueError, match="aspect_max must be >= 1"):
+        T.parse_args(["preset=cpu", "aspect_max=0.5"], False)
 
 
 def test_interrupted_conversion_resumes_to_the_same_output(tmp_path):
@@ -226,7 +228,7 @@ def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
     for kw, needle in [(dict(caption_cols=["nope"]), "has no column nope"),
                        (dict(caption_cols=["caption_caption"], caption_weights=[1, 2]), "--caption-weights"),
                        (dict(caption_weights=[-1]), "--caption-weights"), (dict(res=60), "multiple of the patch"),
-                       (dict(heldout=-1), "--heldout")]:
+                       (dict(heldout=-1), "--heldout"), (dict(heldout=7), "more than half")]:
         with pytest.raises(ValueError, match=needle):
             convert(src, tmp_path / "out", **kw)
     with pytest.raises(ValueError, match="cannot open"):
