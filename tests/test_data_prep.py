@@ -282,8 +282,11 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     assert len({int(ds.bucket_of[b[0]]) for b in ref}) > 1  # several buckets in use
     for b in ref:
         assert len({int(ds.bucket_of[i]) for i in b}) == 1  # one bucket per global batch
-    # resuming at a batch boundary continues the same stream (the replay of bucket choices)
+    # resuming at a batch boundary continues the same stream (the replay of bucket choices), also in a later
+    # stage (which began at image `first`)
     assert global_batches(ds, 2, 3, steps=4, start=5 * 6) == ref[5:9]
+    later = global_batches(ds, 1, 6, steps=9, start=100, first=100)
+    assert global_batches(ds, 2, 3, steps=4, start=100 + 5 * 6, first=100) == later[5:9] and later != ref[:9]
     # each bucket's stream is a permutation of its rows per epoch
     flat = global_batches(ds, 1, 6, steps=60)
     for g, rows in enumerate(ds.groups):
@@ -300,6 +303,13 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
             w, h = ds.buckets[ds.bucket_of[ref[step][3 * half]]]
             assert imgs.shape == (3, 3, h, w) and imgs.dtype == torch.uint8 and len(caps) == 3 and emb is None
     assert ds.skipped == {}
+    # make_loader finds where its stage began: resuming in stage 2 continues stage 2's stream
+    hp2 = T.Hyperparameters(seed=3, patch=PATCH, num_workers=0, stages=[T.Stage(RES, 4, 4, 5, False),
+                                                                         T.Stage(RES, 6, 6, 8, False)])
+    fresh = T.make_loader(ds, RES, hp2.stages[1], 20, hp2, 0, 1)
+    captions = [next(fresh)[1] for _ in range(5)]
+    resumed = T.make_loader(ds, RES, hp2.stages[1], 20 + 3 * 6, hp2, 0, 1)
+    assert [next(resumed)[1] for _ in range(2)] == captions[3:5]
 
 
 def test_square_data_keeps_one_permutation_stream():
