@@ -1,21 +1,34 @@
 """Data preparation for prx-speedrun: writes parquet shards the trainer reads.
 
     python data_prep.py shapes --out data/shapes [--n 50000] [--size 64] [--seed 0]
+    python data_prep.py hf --dataset LucasFang/FLUX-Reason-6M --out data/flux512 [--res 512] [--workers N]
+    torchrun --nproc_per_node=8 data_prep.py encode-text --shards data/flux512
+    python data_prep.py bench-decode --shards data/flux512 [--res 512,1024] [--workers N]
 
 `shapes` renders a synthetic captioned data set ("a small red circle in the top left") with a
 closed grammar, held-out colour/shape combinations and an exact scorer (`score_shapes`), so a run
 can be judged on compositional generalisation in minutes on one GPU.
 
+`hf` converts a hub data set (streamed) or local parquet files with an image column and caption
+columns into aspect-bucketed JPEG shards plus a held-out split; resumable, parallel over processes.
+`encode-text` stores the frozen text encoder's output for every caption next to the shards.
+`bench-decode` measures the loader's decode + resize throughput per worker process.
+
 Shard format (shared with the real data): DIR/train/shard-00000.parquet, ... with columns
-image (datasets Image feature: {bytes, path}, PNG bytes), caption (string), width, height (int32),
-plus DIR/meta.json. Shards appear atomically (temp file + os.replace); present shards are skipped.
+image (datasets Image feature: {bytes, path}; PNG for shapes, JPEG q95 for hf), caption (string),
+width, height (int32); hf shards add bucket ("WxH") and source_row (input row index). DIR/meta.json
+holds the settings. Shards appear atomically (temp file + os.replace) and are never half-written.
+Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same path>.parquet.
 """
 import argparse
+import collections
+import copy
 import io
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -117,23 +130,30 @@ def shapes_prompts():
 # ----------------------------------------------------------------------------------------------
 # Shards
 
-def write_shard(path, images, captions):
-    """Write PIL images + captions as one parquet shard, atomically (temp name, then os.replace)."""
+def write_rows(path, columns, extra=()):
+    """Write columns {image: [{bytes, path}], caption, width, height, *extra} as one parquet shard, atomically
+    (temp name without the .parquet suffix, then os.replace): a reader never sees a half-written shard."""
     import datasets  # here, not at the top: importing it costs seconds that scoring doesn't need
     datasets.disable_progress_bars()  # our own progress line says how far the shards are
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                  "width": datasets.Value("int32"), "height": datasets.Value("int32")})
+                                  "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+                                  **{name: datasets.Value(dtype) for name, dtype in extra}})
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ds.to_parquet(str(tmp))
+    os.replace(tmp, path)
+
+
+def write_shard(path, images, captions):
+    """Write PIL images (as PNG) + captions as one parquet shard, atomically."""
     pngs = []
     for img in images:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         pngs.append({"bytes": buf.getvalue(), "path": None})
-    ds = datasets.Dataset.from_dict({"image": pngs, "caption": captions,
-                                     "width": [im.width for im in images],
-                                     "height": [im.height for im in images]}, features=features)
-    tmp = path.with_name(path.name + ".tmp")
-    ds.to_parquet(str(tmp))
-    os.replace(tmp, path)
+    write_rows(path, {"image": pngs, "caption": captions, "width": [im.width for im in images],
+                      "height": [im.height for im in images]})
 
 
 def _make_shapes_shard(args):
@@ -285,7 +305,399 @@ def score_shapes(images, prompts):
     return {**out, "full": float(np.mean(per_image)), "per_image": per_image}
 
 # ----------------------------------------------------------------------------------------------
-# CLI: one subcommand per source (later: hf, encode-text)
+# Real data sets -> aspect-bucketed JPEG shards (`hf`)
+
+KNOWN_DATASETS = {  # hub id -> (image column, caption columns, sampling weights); weight 0: only a fallback
+    # caption_detail is always present; caption_original (the short source prompt, often null) mixes in short
+    # prompts and falls back to caption_detail when missing
+    "LucasFang/FLUX-Reason-6M": ("image", ("caption_detail", "caption_original"), (0.8, 0.2)),
+    "lehduong/flux_generated": ("image", ("caption_caption",), (1.0,)),
+    # llava: a description of the image; prompt: the Midjourney prompt (with --ar/--v flags), fallback only
+    "brivangl/midjourney-v6-llava": ("image", ("llava", "prompt"), (1.0, 0.0)),
+}
+HF_SHARD_ROWS = 2000  # input rows per shard: ~0.3 GB of 512-px JPEGs (README: shard sizes)
+JPEG_QUALITY = 95  # re-encoded once, 4:4:4 chroma (no subsampling): the model learns pixels
+MAX_UPSCALE = 2.0  # an image needing more than 2x upscaling to cover its bucket is skipped as too small
+HELDOUT_EVERY_UNKNOWN = 100  # when the row count is unknown, every 100th row is held out (up to --heldout)
+
+
+def pick_caption(texts, weights, rng):
+    """One caption among a row's caption columns: column j with probability weights[j]; an empty or missing
+    pick falls back to the non-empty column of highest weight. -> (caption, None or 'caption_fallback'), or
+    (None, 'no_caption') when every column is empty."""
+    texts = [t.strip() if isinstance(t, str) else "" for t in texts]
+    w = np.asarray(weights, dtype=np.float64)
+    j = rng.choice(len(texts), p=w / w.sum())
+    if texts[j]:
+        return texts[j], None
+    for j in np.argsort(-w, kind="stable"):
+        if texts[j]:
+            return texts[j], "caption_fallback"
+    return None, "no_caption"
+
+
+def bucket_crop(img, buckets, resample=Image.Resampling.LANCZOS):
+    """Resize a PIL image to cover its nearest aspect bucket (log ratio) and crop the centre.
+    -> (image of the bucket's size, scale factor applied)."""
+    from train_gpt_style import nearest_bucket
+    W, H = img.size
+    w, h = buckets[int(nearest_bucket(buckets, W, H))]
+    s = min(W / w, H / h)  # source pixels per output pixel in the centred crop box
+    box = ((W - w * s) / 2, (H - h * s) / 2, (W + w * s) / 2, (H + h * s) / 2)
+    return img.resize((w, h), resample, box=box), 1 / s
+
+
+def convert_row(raw, texts, weights, seed, row, buckets):
+    """One input row -> (record, [conversions]) or (None, [cause of the drop]). Checks in order: caption,
+    image present, decodable (mode converted to RGB), large enough for its bucket."""
+    from train_gpt_style import decode_image
+    caption, cause = pick_caption(texts, weights, np.random.default_rng([seed, row]))
+    if caption is None:
+        return None, [cause]
+    if raw is None:
+        return None, ["no_image"]
+    img, mode = decode_image(raw)
+    if img is None:
+        return None, [mode]
+    img, scale = bucket_crop(img, buckets)
+    if scale > MAX_UPSCALE:
+        return None, ["too_small"]
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    rec = dict(image={"bytes": buf.getvalue(), "path": None}, caption=caption, width=img.width,
+               height=img.height, bucket=f"{img.width}x{img.height}", source_row=row)
+    return rec, [c for c in (cause, mode) if c]
+
+
+def is_heldout(row, every, heldout):  # fixed held-out rows: every `every`-th input row, `heldout` of them
+    return heldout > 0 and row % every == 0 and row // every < heldout
+
+
+def _convert_chunk(job):
+    """Input rows of shard k -> DIR/train/shard-k.parquet and DIR/heldout/parts/part-k.parquet; -> counts."""
+    out, k, rows, cfg = job
+    buckets = [tuple(b) for b in cfg["buckets"]]
+    counts, recs = collections.Counter(rows_in=len(rows)), {"train": [], "heldout": []}
+    for row, raw, texts in rows:
+        rec, causes = convert_row(raw, texts, cfg["caption_weights"], cfg["seed"], row, buckets)
+        if rec is None:
+            counts["skipped:" + causes[0]] += 1
+            continue
+        counts.update("converted:" + c for c in causes)
+        split = "heldout" if is_heldout(row, cfg["heldout_every"], cfg["heldout"]) else "train"
+        recs[split].append(rec)
+        counts[split] += 1
+        if split == "train":
+            counts[f"bucket:{rec['bucket']}"] += 1
+    paths = {"train": out / "train" / f"shard-{k:05d}.parquet",
+             "heldout": out / "heldout" / "parts" / f"part-{k:05d}.parquet"}
+    for split, rs in recs.items():
+        if rs:
+            write_rows(paths[split], {c: [r[c] for r in rs] for c in rs[0]},
+                       extra=[("bucket", "string"), ("source_row", "int64")])
+    return counts
+
+
+def _write_json(path, obj):  # atomically
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def open_source(dataset, split="train"):
+    """Hub id or local parquet folder/file -> (streaming IterableDataset, row count or None, column names)."""
+    import datasets
+    import pyarrow.parquet as pq
+    datasets.disable_progress_bars()
+    path = Path(dataset)
+    try:
+        if path.exists():
+            files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+            if not files:
+                raise ValueError(f"no parquet files under {path}")
+            n = 0
+            for f in files:  # footers: a truncated file is named here, not deep inside a worker
+                try:
+                    n += pq.ParquetFile(f).metadata.num_rows
+                except Exception as e:
+                    raise ValueError(f"{f} is not a readable parquet file ({_first_line(e)})") from None
+            ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+        else:
+            ds = datasets.load_dataset(dataset, split=split, streaming=True)
+            splits = ds.info.splits or {}
+            n = splits[split].num_examples if split in splits and splits[split].num_examples else None
+        columns = list(ds.features) if ds.features else list(next(iter(ds)))
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot open {dataset} ({_first_line(e)}); pass a hub id or a local parquet "
+                         "folder/file") from None
+    return ds, n, columns
+
+
+def resolve_columns(dataset, columns, image_col=None, caption_cols=None, weights=None):
+    """The image column, caption columns and weights: flags first, then the known data sets (by hub id, or by
+    schema for local copies), then image/caption. Every bad combination is one clear ValueError."""
+    known = KNOWN_DATASETS.get(dataset) or next(
+        (v for v in KNOWN_DATASETS.values() if {v[0], *v[1]} <= set(columns)), None)
+    if caption_cols is None:
+        if known is not None:
+            image_col, caption_cols, weights = image_col or known[0], list(known[1]), weights or list(known[2])
+        elif "caption" in columns:
+            caption_cols = ["caption"]
+        else:
+            raise ValueError(f"{dataset}: which caption column? pass --caption-cols (its columns: {columns})")
+    image_col = image_col or "image"
+    weights = list(weights) if weights else [1.0] * len(caption_cols)
+    missing = [c for c in [image_col, *caption_cols] if c not in columns]
+    if missing:
+        raise ValueError(f"{dataset} has no column {', '.join(missing)} (its columns: {columns}); "
+                         "pass --image-col / --caption-cols")
+    if len(weights) != len(caption_cols) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--caption-weights {weights} must be one non-negative number per caption column "
+                         f"({caption_cols}) with a positive sum")
+    return image_col, list(caption_cols), [float(w) for w in weights]
+
+
+def _raw_bytes(cell):  # an image cell: {bytes, path} (the Image feature) or raw bytes -> bytes or None
+    return cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, (bytes, bytearray)) else None
+
+
+def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=None, res=512, heldout=10000,
+               shard_rows=HF_SHARD_ROWS, max_rows=None, workers=None, seed=0, split="train", patch=None,
+               aspect_max=None, crash_after=None):
+    """Convert `dataset` (hub id, streamed, or local parquet) into DIR/train shards of aspect-bucketed JPEGs,
+    DIR/heldout/heldout.parquet, DIR/meta.json and DIR/summary.json. Input rows [k * shard_rows, ...) become
+    shard k; DIR/progress.json records the shards done and the stream position after them, so a restarted
+    conversion continues there (crash_after=K: raise after K more shards, to test exactly that).
+    Returns the summary dict."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from train_gpt_style import Hyperparameters, aspect_buckets
+    hp = Hyperparameters()
+    patch, aspect_max = patch or hp.patch, aspect_max or hp.aspect_max
+    if res < patch or res % patch:
+        raise ValueError(f"--res {res} must be a positive multiple of the patch {patch}")
+    if heldout < 0 or shard_rows < 1 or (max_rows is not None and max_rows < 1):
+        raise ValueError("--heldout must be >= 0, --shard-rows and --max-rows >= 1")
+    stream, n_rows, columns = open_source(dataset, split)
+    image_col, caption_cols, weights = resolve_columns(dataset, columns, image_col, caption_cols, caption_weights)
+    if max_rows:
+        n_rows = min(n_rows, max_rows) if n_rows else max_rows
+    if n_rows and 2 * heldout > n_rows:
+        raise ValueError(f"--heldout {heldout} would take more than half of the {n_rows} input rows; pass a "
+                         "smaller --heldout")
+    every = max(1, n_rows // heldout) if heldout and n_rows else HELDOUT_EVERY_UNKNOWN
+    out = Path(out)
+    meta = dict(dataset=str(dataset), split=split, image_col=image_col, caption_cols=caption_cols,
+                caption_weights=weights, res=res, patch=patch, aspect_max=aspect_max,
+                buckets=[list(b) for b in aspect_buckets(res, patch, aspect_max)], heldout=heldout,
+                heldout_every=every, shard_rows=shard_rows, max_rows=max_rows, seed=seed, jpeg_quality=JPEG_QUALITY)
+    if (out / "meta.json").exists():
+        if json.loads((out / "meta.json").read_text()) != meta:
+            raise ValueError(f"{out} already holds a conversion with other settings ({out / 'meta.json'}); "
+                             "use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "meta.json", meta)
+    for stale in out.rglob("*.tmp"):  # left by a crash in the middle of a write; never read by the loader
+        stale.unlink()
+    progress_path = out / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else dict(shards=0, state=None)
+    counts = collections.Counter(progress.get("counts", {}))
+    if isinstance(stream.features.get(image_col) if stream.features else None, datasets.Image):
+        stream = stream.cast_column(image_col, datasets.Image(decode=False))  # bytes to the workers, not pixels
+    stream = stream.select_columns([image_col, *caption_cols])
+    if progress["state"] is not None:
+        stream.load_state_dict(progress["state"])
+    workers = max(1, workers or os.cpu_count())
+    done0, t0, pending = progress["shards"], time.time(), collections.deque()
+    with Pool(workers) as pool:  # before the stream opens: the workers fork without its files and sockets
+        rows_iter, k = iter(stream), done0
+        while True:
+            first = k * shard_rows
+            take = shard_rows if max_rows is None else max(0, min(shard_rows, max_rows - first))
+            rows = [(first + j, _raw_bytes(r[image_col]), [r[c] for c in caption_cols])
+                    for j, r in zip(range(take), rows_iter)]
+            if rows:
+                job = (out, k, rows, meta)
+                pending.append((k, pool.apply_async(_convert_chunk, (job,)), copy.deepcopy(stream.state_dict())))
+                k += 1
+            while pending and (len(pending) > 2 * workers or len(rows) < shard_rows):  # in order, bounded
+                kk, result, state = pending.popleft()
+                counts.update(result.get())
+                _write_json(progress_path, dict(shards=kk + 1, state=state, counts=dict(counts)))
+                rate = (counts["rows_in"] - progress.get("counts", {}).get("rows_in", 0)) / (time.time() - t0)
+                print(f"\rhf: {kk + 1} shards, {counts['rows_in']} rows in, {counts['train']} train, "
+                      f"{counts['heldout']} held out, {rate:.1f} rows/s", end="", file=sys.stderr, flush=True)
+                if crash_after is not None and kk + 1 - done0 >= crash_after:
+                    raise RuntimeError(f"injected crash after {crash_after} shards")
+            if len(rows) < shard_rows:
+                break
+    print(file=sys.stderr)
+    parts, merged = out / "heldout" / "parts", out / "heldout" / "heldout.parquet"
+    files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
+    if files and not json.loads(progress_path.read_text()).get("heldout_merged"):
+        with pq.ParquetWriter(tmp, pq.read_schema(files[0])) as w:  # streamed: never all held-out images in memory
+            for f in files:
+                w.write_table(pq.read_table(f), row_group_size=100)
+        os.replace(tmp, merged)
+        _write_json(progress_path, {**json.loads(progress_path.read_text()), "heldout_merged": True})
+    shutil.rmtree(parts, ignore_errors=True)
+    train_bytes = sum(f.stat().st_size for f in (out / "train").glob("*.parquet"))
+    by = {p: {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith(p + ":")}
+          for p in ("skipped", "converted", "bucket")}
+    summary = dict(dataset=str(dataset), out=str(out), input_rows=counts["rows_in"], train_rows=counts["train"],
+                   heldout_rows=counts["heldout"], skipped=by["skipped"], converted=by["converted"],
+                   buckets=by["bucket"], train_bytes=train_bytes,
+                   gb_per_million_images=train_bytes / max(1, counts["train"]) * 1e6 / 1e9)
+    _write_json(out / "summary.json", summary)
+    print(f"hf: {dataset} -> {out}: {summary['input_rows']} rows in, {summary['train_rows']} train, "
+          f"{summary['heldout_rows']} held out, {summary['gb_per_million_images']:.1f} GB per million images")
+    for section in ("skipped", "converted", "buckets"):
+        for name, n in summary[section].items():
+            print(f"  {section:<10} {name:<18} {n:>10}")
+    return summary
+
+# ----------------------------------------------------------------------------------------------
+# Text embeddings, precomputed (`encode-text`): one process per GPU, disjoint shard files
+
+def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
+    """Run the trainer's TextEncoder over every caption of DIR's shards (train and held-out) and write
+    DIR/text_emb/<same path>.parquet (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically.
+    Rank r of `world` (torchrun's RANK / WORLD_SIZE by default) takes files r, r + world, ...; files already
+    done are skipped. Returns this rank's {files, captions, tokens, bytes}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from train_gpt_style import Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers
+    hp = Hyperparameters()
+    text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    root = Path(shards)
+    files = sorted(p for p in root.rglob("*.parquet") if not {"text_emb", "parts"} & set(p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"no parquet shards under {root}; run data_prep.py hf first")
+    todo = [f for f in files[rank::world] if not (root / "text_emb" / f.relative_to(root)).exists()]
+    stats = dict(files=len(todo), captions=0, tokens=0, bytes=0)
+    if not todo:
+        return stats
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    quiet_transformers()
+    try:
+        enc = TextEncoder(text_encoder, text_len, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except Exception as e:
+        raise ValueError(f"cannot load the text encoder {text_encoder} ({_first_line(e)}); pass --text-encoder "
+                         "with a hub id or a local folder") from None
+    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
+    t0 = time.time()
+    for i, f in enumerate(todo):
+        captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+        out = root / "text_emb" / f.relative_to(root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with pq.ParquetWriter(tmp, schema) as w:
+            for j in range(0, len(captions), batch):
+                h, mask = enc([c or "" for c in captions[j:j + batch]])
+                packed = pack_text_emb(h.to(torch.bfloat16).cpu(), mask.cpu())
+                w.write_table(pa.table({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]},
+                                       schema=schema), row_group_size=64)
+                stats["tokens"] += sum(p[1] for p in packed)
+        os.replace(tmp, out)
+        stats["captions"] += len(captions)
+        stats["bytes"] += out.stat().st_size
+        print(f"\rencode-text rank {rank}/{world}: {i + 1}/{len(todo)} files, {stats['captions']} captions, "
+              f"{stats['captions'] / (time.time() - t0):.1f} captions/s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    n = max(1, stats["captions"])
+    print(f"encode-text rank {rank}/{world}: {stats['captions']} captions, {stats['tokens'] / n:.1f} tokens per "
+          f"caption, {stats['bytes'] / n / 1e3:.1f} kB per caption stored, {stats['bytes'] / n / 1e3:.0f} GB per "
+          "million captions")
+    return stats
+
+# ----------------------------------------------------------------------------------------------
+# Loader throughput (`bench-decode`): decode + bucket resize per worker process, as the trainer's loader does it
+
+SYNTH_SIZES = [(1024, 1024)] * 4 + [(1216, 832), (832, 1216), (1344, 768), (768, 1344)]  # FLUX-like sizes
+SYNTH_ALPHA = 1.5  # amplitude ~ 1/f^1.5: JPEG q95 at 3.9-4.7 bits/pixel, as detailed photographs (1/f: 10+)
+
+
+def synthetic_image(rng, w, h):
+    """A stand-in for a photograph, for JPEG sizes and decode speed: coloured noise with random phases and a
+    1/f^SYNTH_ALPHA amplitude spectrum (cloud-like texture at every scale), channels mixed so that they
+    correlate as in photographs. -> uint8 (h, w, 3)."""
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
+    f[0, 0] = 1.0
+    spec = (rng.standard_normal((3, h, w // 2 + 1)) + 1j * rng.standard_normal((3, h, w // 2 + 1))) / f ** SYNTH_ALPHA
+    x = np.fft.irfft2(spec, s=(h, w))  # (3, h, w)
+    x = np.tensordot(np.array([[1.0, 0.3, 0.1], [0.8, 0.5, 0.1], [0.6, 0.3, 0.5]]), x, 1)  # luminance-dominated
+    x = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std() * 55 + rng.uniform(90, 160, (3, 1, 1))
+    return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def make_synthetic_source(path, n, seed=0):
+    """n synthetic images (FLUX-like sizes, JPEG q95) as one parquet file with image and caption columns."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        w, h = SYNTH_SIZES[i % len(SYNTH_SIZES)]
+        buf = io.BytesIO()
+        Image.fromarray(synthetic_image(rng, w, h)).save(buf, format="JPEG", quality=95)
+        images.append({"bytes": buf.getvalue(), "path": None})
+    write_rows(Path(path), {"image": images, "caption": [f"synthetic image {i}" for i in range(n)],
+                            "width": [SYNTH_SIZES[i % len(SYNTH_SIZES)][0] for i in range(n)],
+                            "height": [SYNTH_SIZES[i % len(SYNTH_SIZES)][1] for i in range(n)]})
+
+
+def _decode_worker(job):
+    """Time the loader's __getitem__ (decode, bucket crop, resize) over `indices` -> (images per CPU second of
+    this process, images per wall-clock second). The CPU-time rate is what a worker gets from a core of its own,
+    also on a machine shared with other jobs."""
+    ds, indices = job
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in indices:
+        ds[i]
+    return len(indices) / (time.process_time() - c0), len(indices) / (time.perf_counter() - t0)
+
+
+def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=1024, steps_per_s=1.0, gpus=8):
+    """Images/s per loader worker at each resolution (per CPU second of the worker), and the CPU cores needed to
+    feed the record pace (batch_per_step x steps_per_s images/s over `gpus` GPUs, one worker per core).
+    Returns {res: (rate, cores)}."""
+    import torch
+
+    from train_gpt_style import Hyperparameters, ShardDataset
+    torch.set_num_threads(1)  # one core per worker, as in the trainer's DataLoader workers
+    hp, need, results = Hyperparameters(), batch_per_step * steps_per_s, {}
+    for res in res_list:
+        ds = ShardDataset(Path(shards) / str(res) if (Path(shards) / str(res)).is_dir() else shards)
+        ds.set_stage(res, hp.patch, hp.aspect_max)
+        idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
+        jobs = [(ds, idx[w::workers]) for w in range(workers)]
+        _decode_worker((ds, idx[:8]))  # warm-up: imports, page cache
+        with Pool(workers) as pool:
+            rates = np.array(pool.map(_decode_worker, jobs))  # (workers, 2): per CPU second, per wall second
+        rate = float(rates[:, 0].mean())
+        results[res] = (rate, need / rate)
+        print(f"bench-decode res:{res} workers:{workers} img/s/worker:{rate:.1f} (per CPU second; wall-clock "
+              f"total {rates[:, 1].sum():.1f} img/s) cores_for_{gpus}_gpus@{batch_per_step}x{steps_per_s:g}steps/s:"
+              f"{need / rate:.1f} ({need / gpus / rate:.2f} per GPU)")
+    return results
+
+# ----------------------------------------------------------------------------------------------
+# CLI: one subcommand per job
+
+def _floats(text):
+    return [float(x) for x in text.split(",")]
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -296,10 +708,55 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="image side S in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p = sub.add_parser("hf", help="convert a hub data set or local parquet files into bucketed JPEG shards")
+    p.add_argument("--dataset", required=True, help="hub id (streamed) or local parquet folder/file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-col", default=None, help="image column (default: known data set's, else image)")
+    p.add_argument("--caption-cols", default=None, help="caption columns, comma-separated")
+    p.add_argument("--caption-weights", type=_floats, default=None, help="sampling weights, comma-separated")
+    p.add_argument("--res", type=int, default=512, help="bucket area ~res^2 (one conversion per stage)")
+    p.add_argument("--heldout", type=int, default=10000, help="held-out rows, spread over the input")
+    p.add_argument("--shard-rows", type=int, default=HF_SHARD_ROWS, help="input rows per shard")
+    p.add_argument("--max-rows", type=int, default=None, help="convert only the first N input rows")
+    p.add_argument("--split", default="train", help="hub split")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="caption choice")
+    p = sub.add_parser("encode-text", help="precompute text embeddings (run under torchrun for several GPUs)")
+    p.add_argument("--shards", required=True, help="folder written by hf or shapes")
+    p.add_argument("--text-encoder", default=None, help="hub id or folder (default: the trainer's)")
+    p.add_argument("--text-len", type=int, default=None, help="max tokens (default: the trainer's)")
+    p.add_argument("--batch", type=int, default=64, help="captions per forward pass")
+    p = sub.add_parser("bench-decode", help="loader decode + resize throughput per worker process")
+    p.add_argument("--shards", required=True, help="shard folder (with --synthetic: where to write them)")
+    p.add_argument("--res", default="512,1024", help="resolutions to decode to; a subfolder named RES is used "
+                   "for RES when present")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, one per core")
+    p.add_argument("--n", type=int, default=256, help="images decoded per resolution")
+    p.add_argument("--synthetic", type=int, default=0, help="first write N synthetic images (1/f noise, "
+                   "FLUX-like sizes) converted at each resolution into shards/RES")
+    p.add_argument("--batch-per-step", type=int, default=1024, help="record pace: images per step (stage 1)")
+    p.add_argument("--steps-per-s", type=float, default=1.0, help="record pace: optimizer steps per second")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs fed by the node's cores")
     args = parser.parse_args(argv)
     try:
         if args.command == "shapes":
             print(make_shapes(args.out, args.n, args.size, args.seed, args.workers))
+        elif args.command == "hf":
+            convert_hf(args.dataset, args.out, args.image_col, args.caption_cols and args.caption_cols.split(","),
+                       args.caption_weights, args.res, args.heldout, args.shard_rows, args.max_rows, args.workers,
+                       args.seed, args.split)
+        elif args.command == "encode-text":
+            encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
+        elif args.command == "bench-decode":
+            res_list = [int(r) for r in args.res.split(",")]
+            if args.synthetic:
+                src = Path(args.shards) / "source" / "synthetic.parquet"
+                if not src.exists():
+                    make_synthetic_source(src, args.synthetic)
+                for res in res_list:
+                    convert_hf(src, Path(args.shards) / str(res), res=res, heldout=0, workers=args.workers)
+            bench_decode(args.shards, res_list, args.workers, args.n, args.batch_per_step, args.steps_per_s,
+                         args.gpus)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
 

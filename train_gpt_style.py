@@ -56,6 +56,7 @@ class Hyperparameters:
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
     text_len: int = 256  # tokens per caption (padded, masked)
     num_workers: int = 8  # image decoding processes per rank
+    aspect_max: float = 2.0  # aspect-ratio buckets span ratios 1/aspect_max..aspect_max (1: square crops only)
     # model: PRX simplified MMDiT, 1.2B at the record size
     hidden: int = 1792
     depth: int = 16
@@ -227,6 +228,8 @@ def check_config(hp):
         raise ValueError(f"repa_block={hp.repa_block} is beyond the model's depth {hp.depth}")
     if not 0 <= hp.cfg_lo <= hp.cfg_hi <= 1:
         raise ValueError(f"the guidance interval needs 0 <= cfg_lo <= cfg_hi <= 1, got [{hp.cfg_lo}, {hp.cfg_hi}]")
+    if hp.aspect_max < 1:
+        raise ValueError(f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
     if not 0 < hp.perc_frac <= 1:
         raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
     for i, st in enumerate(hp.stages, 1):
@@ -765,25 +768,71 @@ def lr_factor(step, hp):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: parquet shards (image {bytes, path}, caption) from data_prep.py. The global batch at step k holds the
-# same images whatever the world size: one seeded permutation per epoch, cut into global batches, then into
-# rank micro-batches. The position in the stream is a number of images, saved with the checkpoint.
+# Data: parquet shards (image {bytes, path}, caption, width, height) from data_prep.py. A global batch is one aspect
+# bucket and the same images whatever the world size: a seeded bucket choice per batch (weighted by bucket size),
+# one seeded permutation per epoch and bucket, cut into rank micro-batches. The position in the stream is a number
+# of images, saved with the checkpoint. A bad row is replaced by its bucket's next row and counted by cause.
+
+BUCKET_AREA_TOL = 0.1  # a bucket's area (its token count) lies within 10 % of the square's
+
+
+def aspect_buckets(res, patch, aspect_max):  # -> [(w, h)] sorted by aspect ratio, the square (res, res) included
+    out = {(res, res)}
+    for h in range(patch, res, patch):  # the landscape bucket of short side h nearest res^2 in area, and its transpose
+        w = min(range(h + patch, int(h * aspect_max) + 1, patch), key=lambda w: abs(w * h - res * res), default=h)
+        if w > h and abs(w * h / res ** 2 - 1) <= BUCKET_AREA_TOL:
+            out |= {(w, h), (h, w)}
+    return sorted(out, key=lambda b: b[0] / b[1])
+
+
+def nearest_bucket(buckets, w, h):  # image sizes -> index of the (sorted) bucket nearest in log aspect ratio
+    r = np.log([bw / bh for bw, bh in buckets])
+    return np.searchsorted((r[1:] + r[:-1]) / 2, np.log(np.asarray(w, dtype=float) / np.asarray(h, dtype=float)))
+
+
+def decode_image(raw, draft=None):
+    """Image bytes -> (RGB image, cause): cause None, or 'mode_<M>' when converted (alpha composited on white), or
+    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it."""
+    from PIL import Image
+    try:
+        img = Image.open(io.BytesIO(raw or b""))
+        mode = img.mode
+        if draft:
+            img.draft("RGB", draft)
+        img.load()
+        if img.mode != "RGB":
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError on bad bytes
+        return None, "truncated" if "truncated" in str(e).lower() else "undecodable"
+    return img, None if mode == "RGB" else f"mode_{mode}"
 
 
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (columns
-    text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step."""
+    text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step. set_stage(res) assigns each
+    row its aspect bucket (by the width/height columns; square without them)."""
 
     def __init__(self, folder):
         import datasets
+        import pyarrow.parquet as pq
         root = Path(folder)
         skip = {"heldout", "text_emb"}  # evaluation split and embedding sidecars are not training shards
         files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
+        for f in files:  # footers only: a truncated or foreign file is named before any training
+            try:
+                names = pq.read_schema(f).names
+            except Exception as e:
+                raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
+                                 "re-create it with data_prep.py or delete it") from None
+            if not {"image", "caption"} <= set(names):
+                raise ValueError(f"{f} has columns {names}, not image and caption; convert it with data_prep.py")
         datasets.disable_progress_bars()
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         ds = ds.cast_column("image", datasets.Image(decode=False))
+        self.sizes = [ds.data.column(c).to_numpy() if c in ds.column_names else np.ones(len(ds))
+                      for c in ("width", "height")]
         embs = [root / "text_emb" / f.relative_to(root) for f in files]
         self.has_emb = all(e.exists() for e in embs)
         if self.has_emb:
@@ -792,21 +841,37 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
                                  "rewrite text_emb/ so that it mirrors the shards row for row")
             ds = datasets.concatenate_datasets([ds, emb.select_columns(["text_emb", "n_tokens"])], axis=1)
-        self.ds, self.res = ds, None
+        self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
 
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, i):  # -> (uint8 (3, res, res), caption, (emb bytes, n_tokens) or None)
+    def set_stage(self, res, patch, aspect_max):  # -> row indices of each aspect bucket at this resolution
+        self.buckets = aspect_buckets(res, patch, aspect_max)
+        self.bucket_of = nearest_bucket(self.buckets, *self.sizes)
+        self.groups = [np.flatnonzero(self.bucket_of == b) for b in range(len(self.buckets))]
+        return self.groups
+
+    def __getitem__(self, i):  # -> (uint8 (3, h, w), caption, (emb bytes, n_tokens) or None, [bad-row causes])
         from PIL import Image
-        row = self.ds[i]
-        img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
-        w, h = img.size
-        s = min(w, h)  # centre square crop, then resize (aspect buckets come with the data issue)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        img = img.resize((self.res, self.res), Image.BICUBIC if s < self.res else Image.BOX)
+        group, causes = self.groups[self.bucket_of[i]], []
+        w, h = self.buckets[self.bucket_of[i]]
+        for _ in range(len(group)):
+            row = self.ds[int(i)]
+            img, cause = decode_image((row["image"] or {}).get("bytes"), (w, h))
+            causes += [cause] if cause else []
+            if img is not None and (row["caption"] or "").strip():
+                break
+            causes += [] if img is None else ["empty_caption"]
+            i = group[(np.searchsorted(group, i) + 1) % len(group)]  # deterministic: the bucket's next row
+        else:
+            raise RuntimeError(f"no row of the {w}x{h} bucket has a decodable image and a caption")
+        W, H = img.size
+        s = min(W / w, H / h)  # the centred box of the bucket's aspect ratio, resized to (w, h)
+        box = ((W - w * s) / 2, (H - h * s) / 2, (W + w * s) / 2, (H + h * s) / 2)
+        img = img.resize((w, h), Image.BICUBIC if s < 1 else Image.BOX, box=box)
         emb = (row["text_emb"], row["n_tokens"]) if self.has_emb else None
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"] or "", emb
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"], emb, causes
 
 
 def pack_text_emb(h, mask):
@@ -830,43 +895,58 @@ def unpack_text_emb(items, max_len, dim):
 
 
 class StreamSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches (lists of indices) from image position `start` onward."""
+    """Yields this rank's micro-batches (lists of indices) from image position `start` onward. groups: row indices
+    per aspect bucket (default one group, all rows); first: the image position where this stage began."""
 
-    def __init__(self, n, seed, start, batch, micro, rank, world):
+    def __init__(self, n, seed, start, batch, micro, rank, world, groups=None, first=0):
         self.n, self.seed, self.start, self.batch, self.micro, self.rank, self.world = \
             n, seed, start, batch, micro, rank, world
+        self.groups = [g for g in (groups if groups is not None else [np.arange(n)]) if len(g)]
+        self.first, self._perms = first, {}
 
     def __iter__(self):
-        pos = self.start
+        sizes = np.array([len(g) for g in self.groups])
+        cdf, rng = np.cumsum(sizes) / sizes.sum(), np.random.default_rng([self.seed, self.first])
+        pick = lambda u: np.minimum(np.searchsorted(cdf, u, side="right"), len(sizes) - 1)  # one draw per batch
+        k, rem = divmod(self.start - self.first, self.batch)  # replay this stage's k global batches so far
+        pos = self.first * sizes // sizes.sum() + self.batch * np.bincount(pick(rng.random(k)), minlength=len(sizes))
+        pos += rem  # pos: the next position in each group's stream
         while True:
-            glob = [self._index(pos + j) for j in range(self.batch)]
+            g = int(pick(rng.random()))
+            glob = [self._index(g, pos[g] + j) for j in range(self.batch)]
+            pos[g] += self.batch
             per_rank = self.batch // self.world
             mine = glob[self.rank * per_rank:(self.rank + 1) * per_rank]
             for j in range(0, per_rank, self.micro):
                 yield mine[j:j + self.micro]
-            pos += self.batch
 
-    def _index(self, pos):
-        epoch, k = divmod(pos, self.n)
-        if getattr(self, "_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-        return self._perm[k]
-
-
-def collate_batch(items, text_len, text_dim):  # -> images (B, 3, res, res) uint8, captions, (txt, mask) or None
-    emb = unpack_text_emb([e for _, _, e in items], text_len, text_dim) if items[0][2] is not None else None
-    return torch.stack([a for a, _, _ in items]), [c for _, c, _ in items], emb
+    def _index(self, g, pos):
+        epoch, k = divmod(int(pos), len(self.groups[g]))
+        if self._perms.get(g, (None,))[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 999_983 * g)
+            self._perms[g] = epoch, self.groups[g][torch.randperm(len(self.groups[g]), generator=gen).numpy()]
+        return int(self._perms[g][1][k])
 
 
-def make_loader(ds, res, stage, start, hp, rank, world):
-    ds.res = res
-    sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world)
+def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, captions, (txt, mask) or None, causes
+    emb = unpack_text_emb([it[2] for it in items], text_len, text_dim) if items[0][2] is not None else None
+    return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
+
+
+def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)
+    groups = ds.set_stage(res, hp.patch, hp.aspect_max)
+    k = next(i for i, st in enumerate(hp.stages) if st is stage)
+    first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
+    sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first)
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
-    return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=hp.num_workers,
-                                            collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                                            generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
-                                            persistent_workers=False, prefetch_factor=4 if hp.num_workers else None))
+    for imgs, captions, emb, causes in torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
+            prefetch_factor=4 if hp.num_workers else None):
+        for c in causes:  # counted as batches are consumed: the same counts for any num_workers
+            ds.skipped[c] = ds.skipped.get(c, 0) + 1
+        yield imgs, captions, emb
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1053,7 +1133,7 @@ def run_eval(model, text, hp, ev, res, cache_dir, device, batch=32):
     if dist.is_initialized():
         dist.broadcast_object_list(todo, 0)
     if todo[0]:  # reference features of the first n held-out images, resized like training images
-        ref.res = res
+        ref.set_stage(res, hp.patch, 1.0)  # square centre crops, like the square generated images
         f = eval_features({k: fns[k] for k in todo[0]}, ((torch.stack([ref[j][0] for j in range(a, b)]) / 255, None)
                                                          for a, b in mine(n)), device)
         if rank == 0:
@@ -1432,6 +1512,7 @@ class Trainer:
                     self.evaluate(stage.res)
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
+            self.log(f"data: bad rows replaced or converted so far (rank 0): {self.dataset.skipped or 'none'}")
         self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
         if hp.preset == "cpu":
             self.score_demo()

@@ -247,7 +247,7 @@ def test_run_eval_caches_reference_statistics(eval_models, tmp_path, monkeypatch
         assert second[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6)
     # the cached statistics are those of the reference images
     ref = T.ShardDataset(tmp_path / "data" / "heldout")
-    ref.res = 16
+    ref.set_stage(16, hp.patch, 1.0)
     x = torch.stack([orig(ref, i)[0] for i in range(5)]) / 255
     mu, cov = torch.load(next(cache.glob("dinov2-*")), weights_only=True)
     f = ev[0]["dinov2"](x)

@@ -51,7 +51,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     tr = T.main(args)
     log = (run / "log.txt").read_text()
     assert log.split("\n", 1)[1].startswith((ROOT / "train_gpt_style.py").read_text())  # the source comes first
-    assert "torch " + torch.__version__ in log and '"lr": 0.001' in log and "RANDOM" in log
+    assert "torch " + torch.__version__ in log and f'"lr": {T.PRESETS["cpu"]["lr"]}' in log and "RANDOM" in log
     line = r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+$"
     steps = re.findall(line, log, re.M)
     assert [(int(s), int(st)) for s, st, _ in steps] == [(1, 1), (2, 1), (4, 1), (6, 2)]
@@ -99,11 +99,12 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
         datasets.Dataset.from_dict({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]}
                                    ).to_parquet(str(out))
     ds = T.ShardDataset(data)
-    ds.res = 32
+    ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
     items = [ds[i] for i in (0, 7, 300, 511)]
-    imgs, captions, (txt, mask) = T.collate_batch(items, hp.text_len, hp.text_dim)
+    imgs, captions, (txt, mask), causes = T.collate_batch(items, hp.text_len, hp.text_dim)
     ref, ref_mask = text(captions)
+    assert causes == [] and imgs.shape == (4, 3, 32, 32)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
     assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
     assert torch.equal(txt, ref.to(torch.bfloat16).float())

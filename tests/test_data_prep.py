@@ -1,0 +1,467 @@
+"""data_prep.py hf / encode-text / bench-decode and the trainer's bucketed loader: conversions of tiny local parquet
+files with the three real schemas (counts per cause exact), bucket assignment against its closed form, resuming an
+interrupted conversion, held-out rows disjoint from training, identical global batches for any world size, and
+shards with random corruption."""
+import ast
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_prep as dp
+import train_gpt_style as T
+from conftest import ROOT
+
+RES, PATCH = 64, 8  # small buckets: 64x64, 72x56, 88x48 and transposes
+GOOD_SIZES = [(96, 96), (120, 60), (60, 120), (100, 80), (80, 100), (70, 70)]
+
+
+def encoded(w, h, mode="RGB", fmt="JPEG", seed=0, color=None):
+    rng = np.random.default_rng(seed)
+    arr = np.full((h, w, 3), color, np.uint8) if color else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    if mode == "RGBA":  # fully transparent black: must come out white
+        img = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    elif mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90) if fmt == "JPEG" else img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bad_images():
+    """(image cell, expected outcome): outcome 'kept', 'skipped:<cause>' or 'converted:<cause>'."""
+    jpg = encoded(96, 96, seed=1)
+    return [
+        ({"bytes": b"not an image at all" * 5, "path": None}, "skipped:undecodable"),
+        ({"bytes": jpg[:len(jpg) // 2], "path": None}, "skipped:truncated"),
+        ({"bytes": encoded(8, 8), "path": None}, "skipped:too_small"),
+        (None, "skipped:no_image"),
+        ({"bytes": encoded(96, 96, "CMYK"), "path": None}, "converted:mode_CMYK"),
+        ({"bytes": encoded(96, 96, "L", "PNG"), "path": None}, "converted:mode_L"),
+        ({"bytes": encoded(96, 96, "RGBA", "PNG"), "path": None}, "converted:mode_RGBA"),
+        ({"bytes": encoded(96, 96, "P", "PNG"), "path": None}, "converted:mode_P"),
+    ]
+
+
+def write_source(folder, columns, types, files=2):
+    """Columns as the hub's parquet files hold them (image: the Image feature, {bytes, path}), split in files."""
+    import datasets
+    feats = datasets.Features({k: datasets.Image() if t == "image" else datasets.Value(t) for k, t in types.items()})
+    n = len(next(iter(columns.values())))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        part = {k: v[f * n // files:(f + 1) * n // files] for k, v in columns.items()}
+        datasets.Dataset.from_dict(part, features=feats).to_parquet(str(folder / f"train-{f:05d}.parquet"))
+    return folder
+
+
+def make_schema(kind, folder, n_good=14):
+    """A tiny copy of a real data set's schema with every kind of bad row; -> (folder, expected counts)."""
+    images = [{"bytes": encoded(*GOOD_SIZES[i % len(GOOD_SIZES)], seed=i), "path": None} for i in range(n_good)]
+    outcomes = ["kept"] * n_good
+    for cell, outcome in bad_images():
+        images.append(cell)
+        outcomes.append(outcome)
+    good_caps = [f"a photo of thing {i}" for i in range(len(images))]
+    # rows with unusable captions (good images): the rule drops them, or falls back to the other column
+    images += [{"bytes": encoded(96, 96, seed=100 + i), "path": None} for i in range(3)]
+    n = len(images)
+    if kind == "flux_reason":  # caption_detail always present in the real data; caption_original often null
+        detail = good_caps + ["", None, "  "]
+        original = [f"short {i}" for i in range(n - 3)] + [None, None, None]  # (null: fallback, at random)
+        cols = dict(image=images, caption_detail=detail, caption_original=original,
+                    caption_entity=[None] * n, score_aesthetics=[5.0] * n)
+        types = dict(image="image", caption_detail="string", caption_original="string", caption_entity="string",
+                     score_aesthetics="float32")
+        outcomes += ["skipped:no_caption"] * 3
+    elif kind == "flux_generated":
+        cols = dict(image=images, height=[0] * n, width=[0] * n, caption_caption=good_caps + ["", None, " \n"])
+        types = dict(image="image", height="int64", width="int64", caption_caption="string")
+        outcomes += ["skipped:no_caption"] * 3
+    else:  # midjourney: llava picked first (weight 1), prompt only as a fallback (weight 0)
+        cols = dict(id=[str(i) for i in range(n)], prompt=[f"prompt {i} --ar 1:1 --v 6" for i in range(n - 3)]
+                    + ["prompt x", None, ""], image=images, llava=good_caps + [None, "", None],
+                    llava_status=["ok"] * n)
+        types = dict(id="string", prompt="string", image="image", llava="string", llava_status="string")
+        outcomes += ["converted:caption_fallback", "skipped:no_caption", "skipped:no_caption"]
+    return write_source(folder, cols, types), outcomes
+
+
+def expected_counts(outcomes):
+    skipped, converted = {}, {}
+    for o in outcomes:
+        if o != "kept":
+            d = skipped if o.startswith("skipped") else converted
+            d[o.split(":")[1]] = d.get(o.split(":")[1], 0) + 1
+    return skipped, converted
+
+
+def read_table(folder):
+    import pyarrow.parquet as pq
+    files = sorted(folder.glob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def convert(src, out, **kw):
+    kw = dict(res=RES, patch=PATCH, heldout=3, shard_rows=5, workers=2) | kw
+    return dp.convert_hf(src, out, **kw)
+
+# ---------------------------------------------------------------------------------------------
+# hf conversion
+
+
+@pytest.mark.parametrize("kind", ["flux_reason", "flux_generated", "midjourney"])
+def test_convert_real_schemas_counts_every_cause(kind, tmp_path):
+    import datasets
+    src, outcomes = make_schema(kind, tmp_path / "src")
+    summary = convert(src, tmp_path / "out")  # columns found from the schema, as for a downloaded copy
+    skipped, converted = expected_counts(outcomes)
+    assert summary["skipped"] == skipped and summary["converted"] == converted
+    n_kept = sum(not o.startswith("skipped") for o in outcomes)
+    assert summary["input_rows"] == len(outcomes)
+    assert summary["train_rows"] + summary["heldout_rows"] == n_kept
+    assert sum(summary["buckets"].values()) == summary["train_rows"]
+    buckets = T.aspect_buckets(RES, PATCH, 2.0)
+    train = read_table(tmp_path / "out" / "train")
+    held = read_table(tmp_path / "out" / "heldout")
+    assert len(train) == summary["train_rows"] and len(held) == summary["heldout_rows"] > 0
+    for r in train + held:
+        img = Image.open(io.BytesIO(r["image"]["bytes"]))
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size == (r["width"], r["height"])
+        assert (r["width"], r["height"]) in buckets and r["bucket"] == f"{r['width']}x{r['height']}"
+        assert r["caption"].strip() == r["caption"] and r["caption"]
+        assert outcomes[r["source_row"]] != "kept" or r["caption"] in (f"a photo of thing {r['source_row']}",
+                                                                       f"short {r['source_row']}")
+    rgba_row = next(i for i, o in enumerate(outcomes) if o == "converted:mode_RGBA")
+    rgba = next(r for r in train + held if r["source_row"] == rgba_row)
+    assert np.asarray(Image.open(io.BytesIO(rgba["image"]["bytes"]))).min() >= 250  # transparent -> white
+    if kind == "midjourney":
+        fb = next(r for r in train + held if outcomes[r["source_row"]] == "converted:caption_fallback")
+        assert fb["caption"] == "prompt x"
+    # held-out split: fixed, spread over the input, disjoint from train
+    rows_train, rows_held = {r["source_row"] for r in train}, {r["source_row"] for r in held}
+    assert not rows_train & rows_held
+    every = len(outcomes) // 3
+    assert rows_held == {i for i in range(0, 3 * every, every) if not outcomes[i].startswith("skipped")}
+    # the shards load as the trainer and `datasets` read them
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "train" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["image"], datasets.Image) and len(ds) == len(train)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+def test_caption_choice_follows_the_weights_and_the_fallback_rule():
+    n = 4000
+    picks = [dp.pick_caption(["a", "b"], [0.7, 0.3], np.random.default_rng([0, i]))[0] for i in range(n)]
+    frac = picks.count("a") / n
+    assert abs(frac - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n)  # binomial, 4 sigma
+    rng = np.random.default_rng(0)
+    assert dp.pick_caption([None, " b "], [1.0, 0.0], rng) == ("b", "caption_fallback")
+    assert dp.pick_caption(["", "b", "c"], [1.0, 0.2, 0.5], rng) == ("c", "caption_fallback")  # highest weight
+    assert dp.pick_caption([" ", None], [0.5, 0.5], rng) == (None, "no_caption")
+    assert dp.pick_caption(["x"], [1.0], rng) == ("x", None)
+
+
+@pytest.mark.parametrize("res,patch", [(512, 32), (1024, 32), (64, 8), (256, 16), (32, 8)])
+def test_bucket_table_and_assignment_closed_form(res, patch):
+    buckets = T.aspect_buckets(res, patch, 2.0)
+    assert (res, res) in buckets and len(set(buckets)) == len(buckets)
+    ratios = [w / h for w, h in buckets]
+    assert ratios == sorted(ratios)
+    for w, h in buckets:
+        assert w % patch == 0 and h % patch == 0 and 0.5 <= w / h <= 2
+        assert abs(w * h / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert (h, w) in buckets
+    if res >= 256:
+        assert min(ratios) <= 0.56 and max(ratios) >= 1.79  # the range is used, not only the square
+    # each landscape bucket is the multiple-of-patch width nearest res^2 / h for its short side h
+    for w, h in buckets:
+        if w > h:
+            best = min(range(h + patch, 2 * h + 1, patch), key=lambda x: abs(x * h - res * res))
+            assert w == best
+    # assignment: the bucket nearest in log aspect ratio (brute force over the table)
+    rng = np.random.default_rng(0)
+    W, H = rng.integers(16, 4000, 2000), rng.integers(16, 4000, 2000)
+    got = T.nearest_bucket(buckets, W, H)
+    d = np.abs(np.log(W / H)[:, None] - np.log(ratios)[None, :])
+    assert np.all(d[np.arange(len(W)), got] <= d.min(1) + 1e-12)
+    assert T.aspect_buckets(res, patch, 1.0) == [(res, res)]
+    with pytest.raises(ValueError, match="aspect_max must be >= 1"):
+        T.parse_args(["preset=cpu", "aspect_max=0.5"], False)
+
+
+def test_interrupted_conversion_resumes_to_the_same_output(tmp_path):
+    src, outcomes = make_schema("flux_generated", tmp_path / "src", n_good=20)
+    ref = convert(src, tmp_path / "ref")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected crash after 2 shards"):
+        convert(src, out, crash_after=2)
+    assert json.loads((out / "progress.json").read_text())["shards"] == 2
+    (out / "train" / "shard-00004.parquet.tmp").write_bytes(b"half a shard")  # a crash in the middle of a write
+    ds = T.ShardDataset(out)  # the loader reads the complete shards only
+    assert len(ds) <= ref["train_rows"]
+    summary = convert(src, out)
+    assert summary == {**ref, "out": str(out)}
+    assert read_table(out / "train") == read_table(tmp_path / "ref" / "train")
+    assert read_table(out / "heldout") == read_table(tmp_path / "ref" / "heldout")
+    assert not list(out.rglob("*.tmp"))  # stale temporary files are cleared on restart
+    # a complete conversion is a no-op; other settings are refused
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.parquet")}
+    assert convert(src, out) == summary
+    assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.parquet")} == mtimes
+    with pytest.raises(ValueError, match="other settings"):
+        convert(src, out, res=128)
+
+
+def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
+    src, _ = make_schema("flux_generated", tmp_path / "src", n_good=2)
+    for kw, needle in [(dict(caption_cols=["nope"]), "has no column nope"),
+                       (dict(caption_cols=["caption_caption"], caption_weights=[1, 2]), "--caption-weights"),
+                       (dict(caption_weights=[-1]), "--caption-weights"), (dict(res=60), "multiple of the patch"),
+                       (dict(heldout=-1), "--heldout"), (dict(heldout=7), "more than half")]:
+        with pytest.raises(ValueError, match=needle):
+            convert(src, tmp_path / "out", **kw)
+    with pytest.raises(ValueError, match="cannot open"):
+        dp.convert_hf(str(tmp_path / "missing"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "data_prep.py"), "hf", "--dataset", str(src), "--out",
+                        str(tmp_path / "out"), "--caption-cols", "nope"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no column nope" in r.stderr, r.stderr
+
+
+def test_hf_unknown_schema_and_truncated_source_are_named(tmp_path):
+    src = write_source(tmp_path / "src", dict(image=[{"bytes": encoded(96, 96), "path": None}], txt=["a"]),
+                       dict(image="image", txt="string"), files=1)
+    with pytest.raises(ValueError, match="which caption column"):
+        convert(src, tmp_path / "o1")
+    assert convert(src, tmp_path / "o2", caption_cols=["txt"], heldout=0)["train_rows"] == 1
+    f = src / "train-00000.parquet"
+    f.write_bytes(f.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=f"{f} is not a readable parquet file"):
+        convert(src, tmp_path / "o3", caption_cols=["txt"])
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's loader on bucketed shards
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bucketed")
+    src, _ = make_schema("flux_generated", tmp / "src", n_good=60)
+    convert(src, tmp / "out", heldout=0, shard_rows=20)
+    return tmp / "out"
+
+
+def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
+    groups = ds.set_stage(RES, PATCH, 2.0)
+    it = [iter(T.StreamSampler(len(ds), 3, start, batch, micro, r, world, groups, first)) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        ids = []
+        for r in range(world):
+            for _ in range(batch // (world * micro)):
+                ids += next(it[r])
+        out.append(ids)
+    return out
+
+
+def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
+    ds = T.ShardDataset(bucketed)
+    ref = global_batches(ds, 1, 6)
+    assert global_batches(ds, 2, 3) == ref and global_batches(ds, 2, 1) == ref and global_batches(ds, 1, 2) == ref
+    assert len({int(ds.bucket_of[b[0]]) for b in ref}) > 1  # several buckets in use
+    for b in ref:
+        assert len({int(ds.bucket_of[i]) for i in b}) == 1  # one bucket per global batch
+    # resuming at a batch boundary continues the same stream (the replay of bucket choices), also in a later
+    # stage (which began at image `first`)
+    assert global_batches(ds, 2, 3, steps=4, start=5 * 6) == ref[5:9]
+    later = global_batches(ds, 1, 6, steps=9, start=100, first=100)
+    assert global_batches(ds, 2, 3, steps=4, start=100 + 5 * 6, first=100) == later[5:9] and later != ref[:9]
+    # each bucket's stream is a permutation of its rows per epoch
+    flat = global_batches(ds, 1, 6, steps=60)
+    for g, rows in enumerate(ds.groups):
+        drawn = [i for b in flat for i in b if ds.bucket_of[i] == g]
+        full = len(drawn) // len(rows) * len(rows)
+        for e in range(0, full, len(rows)):
+            assert sorted(drawn[e:e + len(rows)]) == sorted(rows.tolist())
+    # through make_loader: every micro-batch is one tensor of its bucket's size
+    hp = T.Hyperparameters(seed=3, patch=PATCH, num_workers=0, stages=[T.Stage(RES, 6, 3, 12, False)])
+    loader = T.make_loader(ds, RES, hp.stages[0], 0, hp, 0, 1)
+    for step in range(12):
+        for half in range(2):
+            imgs, caps, emb = next(loader)
+            w, h = ds.buckets[ds.bucket_of[ref[step][3 * half]]]
+            assert imgs.shape == (3, 3, h, w) and imgs.dtype == torch.uint8 and len(caps) == 3 and emb is None
+    assert ds.skipped == {}
+    # make_loader finds where its stage began: resuming in stage 2 continues stage 2's stream
+    hp2 = T.Hyperparameters(seed=3, patch=PATCH, num_workers=0, stages=[T.Stage(RES, 4, 4, 5, False),
+                                                                         T.Stage(RES, 6, 6, 8, False)])
+    fresh = T.make_loader(ds, RES, hp2.stages[1], 20, hp2, 0, 1)
+    captions = [next(fresh)[1] for _ in range(5)]
+    resumed = T.make_loader(ds, RES, hp2.stages[1], 20 + 3 * 6, hp2, 0, 1)
+    assert [next(resumed)[1] for _ in range(2)] == captions[3:5]
+
+
+def test_square_data_keeps_one_permutation_stream():
+    """One group (square data) is exactly the former stream: one seeded permutation of all rows per epoch."""
+    s = T.StreamSampler(20, 5, 0, 4, 4, 0, 1)
+    got = [i for _, b in zip(range(15), iter(s)) for i in b]
+    perm = lambda e: torch.randperm(20, generator=torch.Generator().manual_seed(5 * 1_000_003 + e)).tolist()  # noqa
+    assert got == perm(0) + perm(1) + perm(2)
+
+# ---------------------------------------------------------------------------------------------
+# text embeddings
+
+
+def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(bucketed, data)
+    hp = T.Hyperparameters(text_len=16, text_dim=32)
+    captions = [r["caption"] for r in read_table(data / "train")]
+    enc_dir = T.build_demo_encoders(tmp_path / "enc", hp, captions)[0]
+    stats = [dp.encode_text(data, enc_dir, 16, batch=7, rank=r, world=2) for r in (0, 1)]
+    files = sorted((data / "train").glob("*.parquet"))
+    assert [s["files"] for s in stats] == [len(files[0::2]), len(files[1::2])]
+    assert sum(s["captions"] for s in stats) == len(captions)
+    assert dp.encode_text(data, enc_dir, 16, rank=0, world=1)["files"] == 0  # done files are skipped
+    ds = T.ShardDataset(data)
+    ds.set_stage(RES, PATCH, 2.0)
+    assert ds.has_emb
+    text = T.TextEncoder(enc_dir, 16, torch.device("cpu"), torch.float32)
+    items = [ds[i] for i in range(0, len(ds), 7)]
+    _, caps, (txt, mask), causes = T.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
+    ref, ref_mask = text(caps)
+    assert causes == [] and torch.equal(mask, ref_mask)
+    assert torch.equal(txt, ref.to(torch.bfloat16).float())  # stored in bf16, trimmed to the real tokens
+    n_tok = [r["n_tokens"] for f in sorted((data / "text_emb" / "train").glob("*.parquet"))
+             for r in read_table_file(f)]
+    assert sum(len(r["text_emb"]) for f in sorted((data / "text_emb" / "train").glob("*.parquet"))
+               for r in read_table_file(f)) == 2 * 32 * sum(n_tok)  # bytes = 2 x dim x tokens
+
+
+def read_table_file(f):
+    import pyarrow.parquet as pq
+    return pq.read_table(f).to_pylist()
+
+# ---------------------------------------------------------------------------------------------
+# decode benchmark
+
+
+def test_bench_decode_reports_rates_and_cores(tmp_path, capsys):
+    dp.make_synthetic_source(tmp_path / "src" / "s.parquet", 4)
+    img = Image.open(io.BytesIO(read_table(tmp_path / "src")[0]["image"]["bytes"]))
+    assert img.size == dp.SYNTH_SIZES[0] and np.asarray(img).std() > 20  # textured, not flat
+    dp.convert_hf(tmp_path / "src", tmp_path / "shards" / "128", res=128, heldout=0, workers=1)
+    res = dp.bench_decode(tmp_path / "shards", [128], workers=1, n=4, batch_per_step=1024, steps_per_s=0.5)
+    rate, cores = res[128]
+    assert rate > 0 and cores == pytest.approx(512 / rate)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("bench-decode res:128 workers:1 img/s/worker:") and "cores_for_8_gpus@1024x0.5" in line
+
+# ---------------------------------------------------------------------------------------------
+# fuzz: corrupt shards
+
+
+def corrupt_copy(src, dst, seed):
+    """Copy a shard folder, then damage random rows of its first shard: garbage or truncated image bytes, other
+    modes, empty or missing captions. -> {row: [causes the loader must count]} for the damaged rows."""
+    import pyarrow.parquet as pq
+    shutil.copytree(src, dst)
+    first = sorted((dst / "train").glob("*.parquet"))[0]
+    rows = pq.read_table(first).to_pylist()
+    rng = np.random.default_rng(seed)
+    damage = {}
+    for j, i in enumerate(rng.choice(len(rows), len(rows) // 4, replace=False)):
+        kind = j % 6
+        raw = rows[i]["image"]["bytes"]
+        if kind == 0:
+            rows[i]["image"]["bytes"], damage[i] = rng.bytes(50), ["undecodable"]
+        elif kind == 1:
+            rows[i]["image"]["bytes"], damage[i] = raw[:len(raw) // 2], ["truncated"]
+        elif kind in (2, 3):
+            mode = ("L", "RGBA")[kind - 2]
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(raw)).convert(mode).save(buf, format="PNG")
+            rows[i]["image"]["bytes"], damage[i] = buf.getvalue(), [f"mode_{mode}"]
+        else:
+            rows[i]["caption"], damage[i] = ("", None)[kind - 4], ["empty_caption"]
+    dp.write_rows(first, {c: [r[c] for r in rows] for c in rows[0]})
+    return damage
+
+
+def expected_skips(drawn, damage, n):
+    """Reference: each drawn row, then the next rows (cyclically) until one is usable; count every cause met."""
+    counts = {}
+    for i in drawn:
+        while True:
+            causes = damage.get(i, [])
+            for c in causes:
+                counts[c] = counts.get(c, 0) + 1
+            if not causes or causes[0].startswith("mode_"):
+                break
+            i = (i + 1) % n
+    return counts
+
+
+def test_fuzz_truncated_and_foreign_shards_are_named(tmp_path):
+    from data_prep import make_shapes
+    data = make_shapes(tmp_path / "shapes", n=64, size=32, shard_rows=32)
+    second = data / "train" / "shard-00001.parquet"
+    raw = second.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 5, 3):
+        second.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=f"{second} is not a readable parquet file"):
+            T.ShardDataset(data)
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", f"data={data}",
+                        f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {second} is not a readable parquet file")
+    import datasets
+    datasets.Dataset.from_dict({"img": [b"x"], "text": ["a"]}).to_parquet(str(second))
+    with pytest.raises(ValueError, match=r"has columns \['img', 'text'\], not image and caption"):
+        T.ShardDataset(data)
+
+
+@pytest.mark.slow
+def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path):
+    from data_prep import make_shapes
+    clean = make_shapes(tmp_path / "shapes", n=96, size=32, shard_rows=48)
+    data = tmp_path / "data"
+    damage = corrupt_copy(clean, data, seed=3)
+    assert {c for cs in damage.values() for c in cs} >= {"undecodable", "truncated", "empty_caption"}
+    vocab = (clean / "prompts_seen.txt").read_text().splitlines() + ["and"]
+    hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
+    enc = T.build_demo_encoders(tmp_path / "enc", hp0, vocab)[0]
+    run = tmp_path / "run"
+    steps = [(32, 8, 4, 5), (32, 4, 2, 3)]  # (res, batch, micro, steps): two stages
+    args = ["preset=record", f"data={data}", f"run_dir={run}", f"text_encoder={enc}", "text_dim=32", "text_len=16",
+            "hidden=32", "depth=2", "heads=2", "patch=8", "bottleneck=16", "tread_frac=0", "repa_weight=0",
+            "lpips_weight=0", "pdino_weight=0", "compile=0", "amp=0", "num_workers=2", "sample_steps=1",
+            "log_every=1", "ckpt_every=0", "warmup=1", "eval_every=0"]
+    for k, (res, batch, micro, n) in enumerate(steps, 1):
+        args += [f"stage{k}.res={res}", f"stage{k}.batch={batch}", f"stage{k}.micro_batch={micro}",
+                 f"stage{k}.steps={n}", f"stage{k}.repa=0"]
+    T.main(args)
+    log = (run / "log.txt").read_text()
+    assert f"step:{sum(s[3] for s in steps)}/{sum(s[3] for s in steps)}" in log  # it ran to the end
+    lines = [line for line in log.splitlines() if line.startswith("data: bad rows")]
+    assert len(lines) == 2
+    # the reference: the rows the sampler drew, each walked forward past the damaged ones
+    drawn, pos = [], 0
+    for (res, batch, micro, n), line in zip(steps, lines):
+        it = iter(T.StreamSampler(96, 0, pos, batch, batch, 0, 1, None, pos))
+        drawn += [i for _ in range(n) for i in next(it)]
+        pos += batch * n
+        want = expected_skips(drawn, damage, 96)
+        assert ast.literal_eval(line.split("(rank 0): ", 1)[1]) == want
+    assert sum(want.values()) > 0  # the run met damaged rows and went on
