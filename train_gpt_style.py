@@ -15,6 +15,7 @@ import datetime
 import functools
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -95,7 +96,7 @@ class Hyperparameters:
     ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation
     ema_every: int = 10  # steps between EMA updates
     # systems
-    compile: bool = True  # torch.compile the denoiser (the frozen encoders run eager for now)
+    compile: bool = True  # torch.compile the denoiser and the frozen encoders
     amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
     shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
     reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
@@ -1027,7 +1028,7 @@ class Trainer:
         hp, dev = self.hp, self.device
         describe_run(self.log, hp, dev, self.world)
         quiet_transformers()  # and two harmless warnings: the REPA projector's output is a view; DCP on one process
-        warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to save)")
+        warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
         enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
         if hp.bench:  # random encoders of the configured architectures: same cost, no download
@@ -1276,6 +1277,7 @@ class Trainer:
         saved = {k: ck["config"].get(k) for k in arch}
         if saved != {k: getattr(self.hp, k) for k in arch}:
             fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
+        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the error below is one line
         try:
             model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
             state = dict(model=model, optim=optim)
@@ -1283,9 +1285,10 @@ class Trainer:
             set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
-        except (RuntimeError, ValueError, KeyError, dcp.CheckpointException) as e:
-            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): a constant that changes the trainable "
-                 "parameters (e.g. repa_weight) differs from the checkpoint's; use a new run_dir or resume=off")
+        except (RuntimeError, ValueError, KeyError, OSError, dcp.CheckpointException) as e:
+            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): its files are damaged, or a constant "
+                 "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or resume=off")
+        logging.disable(logging.NOTSET)
         self.step, self.data_pos = ck["step"], ck["data_pos"]
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream

@@ -180,11 +180,14 @@ def test_resume_after_sigkill_gives_the_same_losses(shapes, tmp_path):
         assert torch.allclose(ea[k], eb[k], rtol=1e-6, atol=1e-7)
 
 
-def test_resume_refuses_another_architecture(shapes, tmp_path):
+@pytest.mark.parametrize("arch,needle", [(["hidden=64", "heads=2"], "another architecture"),
+                                          ([], "its files are damaged")])
+def test_resume_refuses_another_architecture_or_damaged_files(shapes, tmp_path, arch, needle):
     run = tmp_path / "r"
     (run / "ckpt" / "step0000002").mkdir(parents=True)
-    hp = T.parse_args(["preset=cpu", "hidden=64", "heads=2"], False)
+    hp = T.parse_args(["preset=cpu"] + arch, False)
     torch.save(dict(config=dataclasses.asdict(hp)), run / "ckpt" / "step0000002" / "extra.pt")
+    (run / "ckpt" / "step0000002" / ".metadata").write_bytes(b"not a DCP index")
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", f"data={shapes}",
                         f"run_dir={run}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 2 and "another architecture" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
