@@ -10,46 +10,54 @@ The model, the sampler and the text encoder come from train_gpt_style.py. EMA we
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 import train_gpt_style as T
 
 
 def find_checkpoint(path):
-    """A .pt file, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder (ckpt/step*/, holding ema.pt), its ema.pt, or a run folder (its newest checkpoint)."""
     p = Path(path)
+    if p.is_file() or (p / "ema.pt").exists():
+        return p.parent if p.is_file() else p
     if p.is_dir():
-        cks = sorted((p / "ckpt").glob("step*.pt")) if (p / "ckpt").is_dir() else sorted(p.glob("step*.pt"))
+        cks = sorted(c.parent for c in (p / "ckpt").glob("step*/ema.pt"))
         if not cks:
-            raise FileNotFoundError(f"no checkpoint (step*.pt) in {p} or {p}/ckpt")
+            raise FileNotFoundError(f"no checkpoint (ckpt/step*/ema.pt) in {p}")
         return cks[-1]
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p
+    raise FileNotFoundError(f"checkpoint {p} does not exist")
 
 
 def load_model(path, ema=True):
-    """-> (hp, model in eval mode, run folder). Refuses a file that is not a prx-speedrun checkpoint."""
-    ck_path = find_checkpoint(path)
+    """-> (hp, model in eval mode, run folder). EMA weights from ema.pt; the raw ones (ema=False) from the sharded
+    torch.distributed.checkpoint files, read in one process. Refuses a folder that is not a prx-speedrun checkpoint."""
+    ck_dir = find_checkpoint(path)
     try:
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ck_dir / "ema.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {ck_path}: {e}") from None
-    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise ValueError(f"{ck_path} is not a prx-speedrun checkpoint (no config/model)")
+        raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {e}") from None
+    if not isinstance(ck, dict) or "config" not in ck or "ema" not in ck:
+        raise ValueError(f"{ck_dir} is not a prx-speedrun checkpoint (no config/ema)")
     try:
         hp = T.hp_from_config(ck["config"])
     except TypeError as e:  # a config from another version of the trainer
-        raise ValueError(f"{ck_path}: its config does not fit this trainer ({e})") from None
+        raise ValueError(f"{ck_dir}: its config does not fit this trainer ({e})") from None
     model = T.PRXDiT(hp)
     try:
-        model.load_state_dict(ck["ema" if ema else "model"])
-    except RuntimeError as e:
-        raise ValueError(f"{ck_path} does not match the architecture in its config: {str(e)[:200]}") from None
-    return hp, model.eval().requires_grad_(False), ck_path.parents[1] if ck_path.parent.name == "ckpt" \
-        else ck_path.parent
+        if ema:
+            model.load_state_dict(ck["ema"])
+        else:  # DCP fills these tensors (the trainer saved {"model": {"model.<name>": ...}}) in place
+            sd = model.state_dict()
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process: as meant
+            dcp.load(dict(model={f"model.{k}": v for k, v in sd.items()}), checkpoint_id=ck_dir, no_dist=True)
+    except (RuntimeError, dcp.CheckpointException) as e:
+        raise ValueError(f"{ck_dir} does not match the architecture in its config: {str(e)[:200]}") from None
+    return hp, model.eval().requires_grad_(False), ck_dir.parents[1] if ck_dir.parent.name == "ckpt" \
+        else ck_dir.parent
 
 
 def text_encoder_path(hp, run_dir):
@@ -94,7 +102,7 @@ def export_diffusers(model, hp, out_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt/step*) or run folder")
     ap.add_argument("--prompts", help="file with one prompt per line")
     ap.add_argument("--prompt", help="a single prompt")
     ap.add_argument("--out", help="output folder for PNGs")

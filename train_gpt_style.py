@@ -15,22 +15,28 @@ import datetime
 import functools
 import io
 import json
+import logging
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants: the interface. Edit here, or override any of them on the command line as name=value.
@@ -92,8 +98,10 @@ class Hyperparameters:
     ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation
     ema_every: int = 10  # steps between EMA updates
     # systems
-    compile: bool = True  # torch.compile the denoiser (the frozen encoders run eager for now)
-    amp: bool = True  # bf16 autocast (weights stay fp32)
+    compile: bool = True  # torch.compile the denoiser and the frozen encoders
+    amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
+    shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
+    reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
@@ -211,7 +219,7 @@ def check_config(hp):
                  "ema_every", "sample_steps", "eval_n"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every"):
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
@@ -470,6 +478,28 @@ def sample_t(batch, hp, device, generator=None):
     return torch.where(pick, uni, ln).clamp(1e-3, 1 - 1e-3)
 
 
+# Every training draw is keyed on the sample's position in the global data stream, never on the rank, so that
+# 1, 2 or 8 processes (any micro-batch) train on the same noise, t, routing and caption dropout.
+def stream_key(seed, pos, noise):  # generator seed for stream position pos: global-batch draws, or one noise
+    return (2 * pos + noise + seed * 0x9E3779B9) % 2 ** 64  # CPU generators keep the low 32 bits: seed mixed in
+
+
+def batch_draws(hp, batch, n_tok, pos, gen):
+    """The draws of the global batch that starts at stream position pos, on gen's device, to be sliced per rank:
+    caption dropout (G,) bool, t (G,), TREAD keep (G, K) or None."""
+    gen.manual_seed(stream_key(hp.seed, pos, 0))
+    drop = torch.rand(batch, device=gen.device, generator=gen) < hp.caption_dropout
+    keep = tread_keep(batch, n_tok, hp.tread_frac, gen.device, gen) if hp.tread_frac > 0 else None
+    return drop, sample_t(batch, hp, gen.device, gen), keep
+
+
+def sample_noise(hp, shape, pos, gen):  # (B, C, H, W) noise of the samples at stream positions pos..pos+B-1
+    out = torch.empty(shape, device=gen.device)
+    for i in range(shape[0]):  # B small launches, no host sync
+        out[i].normal_(generator=gen.manual_seed(stream_key(hp.seed, pos + i, 1)))
+    return out
+
+
 def velocity(x_t, x0, t, t_min_div):  # v = dx/dt = noise - x0 = (x_t - x0) / t, with t clamped from below
     return (x_t - x0) / t.clamp(min=t_min_div).view(-1, 1, 1, 1)
 
@@ -689,8 +719,9 @@ def load_lpips(device, pretrained):
 
 
 def lpips_loss(lp, pred, x0):  # -> (B,)
-    half = lambda x: F.interpolate(x.float(), scale_factor=0.5, mode="bilinear", align_corners=False)
-    return lp(half(pred), half(x0)).flatten()
+    dt = next(lp.parameters()).dtype  # bf16 on GPU
+    half = lambda x: F.interpolate(x.float(), scale_factor=0.5, mode="bilinear", align_corners=False).to(dt)
+    return lp(half(pred), half(x0)).flatten().float()
 
 
 def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine
@@ -719,27 +750,73 @@ def newton_schulz(G, steps=5, eps=1e-7):
     return (X.mT if tall else X).to(G.dtype)
 
 
+def shard_rows(n, world):  # rows of each rank's shard of an n-row matrix: FSDP2 splits dim 0 like torch.chunk
+    c = -(-n // world)
+    return [min(c, max(0, n - r * c)) for r in range(world)]
+
+
+def all_to_all(chunks, sizes, group):
+    """chunks[k]: tensors for rank k; sizes[j]: the numels rank j sends here -> received pieces, j-major (flat)."""
+    send = torch.cat([chunks[0][0].new_empty(0)] + [c.flatten() for cs in chunks for c in cs])
+    recv = send.new_empty(sum(map(sum, sizes)))
+    dist.all_to_all_single(recv, send, [sum(s) for s in sizes], [sum(c.numel() for c in cs) for cs in chunks],
+                           group=group)
+    return recv.split([n for s in sizes for n in s])
+
+
+def orthogonalise(updates, shapes, group, ns_steps):
+    """Newton-Schulz of full matrices. updates[i]: this rank's rows of matrix i (global shape shapes[i]), sharded
+    over `group` (None: whole matrices, one process). Matrix i is orthogonalised by rank i % S of the group only:
+    one all-to-all brings each rank the full matrices it owns, one sends the results' rows back. On each rank the
+    matrices of one shape go through one batched iteration."""
+    n, S, me = len(shapes), group.size() if group else 1, group.rank() if group else 0
+    rows = [shard_rows(s[0], S) for s in shapes]
+    owned = [list(range(k, n, S)) for k in range(S)]  # matrices by owner
+    mine = owned[me]
+    full = dict(enumerate(updates))
+    if S > 1:
+        got = all_to_all([[updates[i] for i in owned[k]] for k in range(S)],
+                         [[rows[i][j] * shapes[i][1] for i in mine] for j in range(S)], group)
+        full = {i: torch.cat([got[j * len(mine) + m].view(-1, shapes[i][1]) for j in range(S)])
+                for m, i in enumerate(mine)}
+    by_shape = {}
+    for i in mine:
+        by_shape.setdefault(tuple(shapes[i]), []).append(i)
+    for idx in by_shape.values():
+        full.update(zip(idx, newton_schulz(torch.stack([full[i] for i in idx]), ns_steps).unbind(0)))
+    if S == 1:
+        return [full[i] for i in range(n)]
+    back = all_to_all([[full[i].split(rows[i])[j] for i in mine] for j in range(S)],
+                      [[rows[i][me] * shapes[i][1] for i in owned[k]] for k in range(S)], group)
+    out = dict(zip([i for k in range(S) for i in owned[k]], back))  # pieces arrive by owner
+    return [out[i].view(-1, shapes[i][1]) for i in range(n)]
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols)).
-    Matrices of one shape are orthogonalised together in one batched iteration."""
+    Parameters may be FSDP shards (DTensor, rows split over ranks): momentum stays sharded, Newton-Schulz runs on
+    each full matrix, on one rank of the shard group (round-robin), see `orthogonalise`."""
 
     def __init__(self, params, lr, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: unused, part of the optimizer interface (DCP calls step(closure=None))
+        local = lambda t: t.to_local() if isinstance(t, DTensor) else t
         for g in self.param_groups:
-            by_shape = {}
-            for p in g["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape), []).append(p)
-            for shape, ps in by_shape.items():
-                grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-                torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
-                nesterov = torch.stack(grads).lerp_(torch.stack(bufs), g["momentum"])  # (n, rows, cols)
-                u = newton_schulz(nesterov, g["ns_steps"])
-                torch._foreach_add_(ps, list(u.unbind(0)), alpha=-g["lr"] * 0.2 * math.sqrt(max(shape)))
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads = [local(p.grad) for p in ps]
+            bufs = [local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))) for p in ps]
+            torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
+            nesterov = torch._foreach_lerp(grads, bufs, g["momentum"])
+            group = None
+            if isinstance(ps[0], DTensor):  # the mesh dimension that splits rows
+                group = ps[0].device_mesh.get_group([pl.is_shard() for pl in ps[0].placements].index(True))
+            upd = orthogonalise(nesterov, [p.shape for p in ps], group, g["ns_steps"])
+            for p, u in zip(ps, upd):
+                local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
 def build_optimizers(model, extra, hp):
@@ -1204,7 +1281,8 @@ class Trainer:
     def setup(self):
         hp, dev = self.hp, self.device
         describe_run(self.log, hp, dev, self.world)
-        quiet_transformers()
+        quiet_transformers()  # and two harmless warnings: the REPA projector's output is a view; DCP on one process
+        warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
         enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
         if hp.bench:  # random encoders of the configured architectures: same cost, no download
@@ -1225,23 +1303,47 @@ class Trainer:
         self.dino3 = load_vit(paths[1], dev, enc_dtype) if any_repa else None
         self.dino2 = load_vit(paths[2], dev, enc_dtype) if hp.pdino_weight > 0 else None
         real_vgg = hp.preset != "cpu" and not hp.bench  # the bench needs no weights (and no download)
-        self.lpips = load_lpips(dev, pretrained=real_vgg) if hp.lpips_weight > 0 else None
+        self.lpips = load_lpips(dev, pretrained=real_vgg).to(enc_dtype) if hp.lpips_weight > 0 else None
+        for m in (self.text.model, self.dino3, self.dino2, self.lpips):  # frozen, replicated on every rank
+            if m is not None and hp.compile:
+                m.compile()
         self.model = PRXDiT(hp).to(dev)
         enc_dim = self.dino3.config.hidden_size if self.dino3 is not None else 1
         self.projector = repa_projector(hp.hidden, enc_dim).to(dev) if any_repa else nn.Module()
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.trainable = nn.ModuleDict(dict(model=self.model, projector=self.projector))  # what DCP saves
+        if self.distributed:  # same initial weights on every rank
+            for p in self.trainable.parameters():
+                dist.broadcast(p.data, 0)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)  # replicated, fp32 (bf16 would lose updates)
+        self.sharded = self.shard() if self.distributed else []
         self.optimizers = build_optimizers(self.model, self.projector, hp)
         self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
         self.forward = torch.compile(self.model) if hp.compile else self.model
-        if self.distributed:  # same initial weights on every rank
-            for p in list(self.model.parameters()) + list(self.projector.parameters()):
-                dist.broadcast(p.data, 0)
-            self.ema.load_state_dict(self.model.state_dict())
+        self.gen = torch.Generator(dev)  # training draws, reseeded per global batch and per sample
         n = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
         self.eval_inputs = prepare_eval(hp, dev) if hp.eval_every and not hp.bench else None  # bad paths fail now
+
+    def shard(self):
+        """FSDP2: each block, then the rest of the DiT, and the REPA projector, sharded over `shard_size` ranks and
+        replicated across shard groups (hybrid: shard within a node, replicate across nodes). -> the FSDP roots."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        size = self.hp.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        if self.world % size:
+            fail(f"world size {self.world} is not a multiple of shard_size={size}; set shard_size to a divisor")
+        hybrid = size < self.world
+        mesh = init_device_mesh(self.device.type, (self.world // size, size) if hybrid else (size,),
+                                mesh_dim_names=("replicate", "shard") if hybrid else ("shard",))
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if self.hp.amp else MixedPrecisionPolicy()
+        roots = [self.model] + ([self.projector] if list(self.projector.parameters()) else [])
+        for m in [*self.model.blocks, *roots]:
+            fully_shard(m, mesh=mesh, reshard_after_forward=self.hp.reshard, mp_policy=mp)
+        self.log(f"FSDP: {self.world} ranks, {self.world // size} x {size} (replicate x shard), "
+                 f"reshard after forward {self.hp.reshard}, {'bf16' if self.hp.amp else 'fp32'} weights gathered")
+        return roots
 
     def repa_dim(self, stage):  # width of the REPA projector's output in this stage, 0 when REPA is off
         return self.dino3.config.hidden_size if stage.repa and self.dino3 is not None else 0
@@ -1283,22 +1385,25 @@ class Trainer:
         accum = stage.batch // (self.world * stage.micro_batch)
         sums = torch.zeros(8, device=dev)  # loss, LOSS_PARTS, and flow summed per t-bin (3)
         counts = torch.zeros(3, device=dev)
+        per_rank, n_tok = stage.batch // self.world, (stage.res // hp.patch) ** 2
+        drops, ts, keeps = batch_draws(hp, stage.batch, n_tok, self.data_pos, self.gen)
         for a in range(accum):
+            for m in self.sharded:  # reduce-scatter gradients after the last micro-batch only
+                m.set_requires_gradient_sync(a == accum - 1)
             imgs, captions, emb = next(self.loader)
             x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-            B, _, H, W = x0.shape
+            B = x0.shape[0]
             if emb is not None:  # precomputed (ShardDataset)
                 txt, mask = emb[0].to(dev, non_blocking=True), emb[1].to(dev, non_blocking=True)
             else:
                 txt, mask = self.text(captions)
-            drop = torch.rand(B, device=dev) < hp.caption_dropout  # classifier-free guidance dropout
+            first = self.rank * per_rank + a * B  # this micro-batch's place in the global batch
+            drop, t = drops[first:first + B], ts[first:first + B]  # drop: caption dropout (for CFG)
+            keep = keeps[first:first + B] if keeps is not None else None
             txt = torch.where(drop[:, None, None], self.null_txt, txt)
             mask = torch.where(drop[:, None], self.null_mask, mask)
-            t = sample_t(B, hp, dev)
-            noise = torch.randn_like(x0)
+            noise = sample_noise(hp, x0.shape, self.data_pos + first, self.gen)
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-            n_tok = (H // hp.patch) * (W // hp.patch)
-            keep = tread_keep(B, n_tok, hp.tread_frac, dev) if hp.tread_frac > 0 else None
             use_repa = stage.repa and hp.repa_weight > 0
             nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
             with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp), attention_backend(dev):
@@ -1321,22 +1426,18 @@ class Trainer:
             bins = torch.bucketize(t, self.t_bins, right=True)  # (B,) in 0..2
             sums[5:].index_add_(0, bins, flow.detach().float())
             counts.index_add_(0, bins, torch.ones_like(t))
-        if self.distributed:  # average gradients over ranks, one flat buffer
-            grads = [p.grad for p in self.params if p.grad is not None]
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            pieces = flat.div_(self.world).split([g.numel() for g in grads])
-            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(pieces, grads)])
-        # optimizer step: clip, schedule, step, EMA
+        # optimizer step (gradients already averaged over ranks by FSDP): clip, schedule, step, EMA
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
+        gnorm = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
         f = lr_factor(self.step, hp)
         for o in self.optimizers:
             for g in o.param_groups:
                 g["lr"] = hp.lr * f
             o.step()
             o.zero_grad(set_to_none=True)
-        if self.step % hp.ema_every == 0:
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - hp.ema_decay)
+        if self.step % hp.ema_every == 0:  # the EMA is replicated: gather sharded weights
+            full = [p.full_tensor() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+            torch._foreach_lerp_(list(self.ema.parameters()), full, 1 - hp.ema_decay)
         return sums, counts, gnorm
 
     @torch.no_grad()
@@ -1398,41 +1499,52 @@ class Trainer:
         return self
 
     def checkpoint(self, tag):
+        """ckpt/<tag>/: model, projector and optimizers via torch.distributed.checkpoint (each rank writes its
+        shards; loads on any world size), ema.pt (replicated EMA and config, what sample.py reads), extra.pt (step,
+        data position, per-rank RNG, clock, config). Written to ckpt/.<tag>.tmp and renamed: complete or absent."""
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         rngs = [rng]
-        if self.distributed:  # every rank draws its own noise: keep all their states
+        if self.distributed:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng)
-        if not self.master:
-            return
         ck = self.run_dir / "ckpt"
-        ck.mkdir(parents=True, exist_ok=True)
-        state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
-                     projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
-                     step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
-                     train_time=self.train_time, timed_steps=self.timed_steps, rng=rngs,
-                     config=dataclasses.asdict(self.hp))
-        tmp = ck / f".{tag}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, ck / f"{tag}.pt")  # a checkpoint is complete or absent
+        tmp = ck / f".{tag}.tmp"
+        if self.master:
+            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that crashed
+            tmp.mkdir(parents=True)
+        if self.distributed:
+            dist.barrier()
+        model, optim = get_state_dict(self.trainable, self.optimizers)
+        dcp.save(dict(model=model, optim=optim), checkpoint_id=tmp, no_dist=not self.distributed)
+        if self.master:
+            torch.save(dict(ema=self.ema.state_dict(), config=dataclasses.asdict(self.hp)), tmp / "ema.pt")
+            torch.save(dict(step=self.step, stage=self.stage_idx, data_pos=self.data_pos, train_time=self.train_time,
+                            timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp)),
+                       tmp / "extra.pt")
+            shutil.rmtree(ck / tag, ignore_errors=True)  # only where this very step was saved before
+            os.replace(tmp, ck / tag)
 
     def resume_from(self, path):
-        """Continue exactly where the checkpoint left off: weights, EMA, optimizers, step, data position, RNG."""
-        ck = torch.load(path, map_location=self.device, weights_only=False)
+        """Continue exactly where the checkpoint left off: weights, EMA, optimizers, step, data position, RNG. The
+        sharded state is resharded to this run's world size."""
+        ck = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
         arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
         saved = {k: ck["config"].get(k) for k in arch}
         if saved != {k: getattr(self.hp, k) for k in arch}:
             fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
+        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the error below is one line
         try:
-            self.model.load_state_dict(ck["model"])
-            self.ema.load_state_dict(ck["ema"])
-            self.projector.load_state_dict(ck["projector"])
-            for o, st in zip(self.optimizers, ck["optimizers"]):
-                o.load_state_dict(st)
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): a constant that changes the trainable "
-                 "parameters (e.g. repa_weight) differs from the checkpoint's; use a new run_dir or resume=off")
+            model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
+            state = dict(model=model, optim=optim)
+            dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
+            set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
+        except (RuntimeError, ValueError, KeyError, OSError, dcp.CheckpointException) as e:
+            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): its files are damaged, or a constant "
+                 "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or resume=off")
+        logging.disable(logging.NOTSET)
         self.step, self.data_pos = ck["step"], ck["data_pos"]
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
@@ -1442,15 +1554,15 @@ class Trainer:
             random.setstate(rng["python"])
             if rng["cuda"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
-        else:
-            self.log(f"resuming on {self.world} ranks from a {len(ck['rng'])}-rank checkpoint: new random streams")
+        else:  # the training draws are keyed on the data stream, not on these
+            self.log(f"resuming on {self.world} ranks from a {len(ck['rng'])}-rank checkpoint: new global RNG streams")
         self.log(f"resumed from {path} at step {self.step}, image {self.data_pos}")
 
     def run(self):
         hp = self.hp
         self.setup()
         self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
-        cks = sorted((self.run_dir / "ckpt").glob("step*.pt"))
+        cks = sorted(p.parent for p in (self.run_dir / "ckpt").glob("step*/extra.pt"))
         if hp.resume == "auto" and cks:
             self.resume_from(cks[-1])
         total = sum(st.steps for st in hp.stages)

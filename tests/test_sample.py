@@ -2,10 +2,12 @@
 import dataclasses
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import sample as S
 import train_gpt_style as T
@@ -14,7 +16,8 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run folder as the trainer writes it: ckpt/step*.pt and the demo's random text encoder."""
+    """A run folder as the trainer writes it: ckpt/step*/ (ema.pt, the raw weights in torch.distributed.checkpoint
+    files) and the demo's random text encoder."""
     d = tmp_path_factory.mktemp("run")
     hp = T.parse_args(["preset=cpu", "hidden=64", "depth=3", "heads=2", "text_dim=32", "text_len=12"], False)
     T.build_demo_encoders(d / "demo_encoders", hp, ["a small red circle in the top left", "and"])
@@ -23,9 +26,13 @@ def run(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # leave adaLN-Zero so outputs depend on every weight
-    (d / "ckpt").mkdir()
-    state = dict(model=model.state_dict(), ema=model.state_dict(), config=dataclasses.asdict(hp), step=3)
-    torch.save(state, d / "ckpt" / "step0000003.pt")
+    ck = d / "ckpt" / "step0000003"
+    ck.mkdir(parents=True)
+    torch.save(dict(ema=model.state_dict(), config=dataclasses.asdict(hp)), ck / "ema.pt")
+    raw = {f"model.{k}": v + 1 for k, v in model.state_dict().items()}  # the raw weights differ from the EMA
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
+        dcp.save(dict(model=raw), checkpoint_id=ck, no_dist=True)
     return d, hp, model
 
 
@@ -35,6 +42,11 @@ def test_load_model_roundtrip(run):
     assert hp2 == hp and run_dir == d
     for (k, v), (k2, v2) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+    for path in (d / "ckpt" / "step0000003", d / "ckpt" / "step0000003" / "ema.pt"):
+        assert S.find_checkpoint(path) == d / "ckpt" / "step0000003"
+    raw = S.load_model(d, ema=False)[1]
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), raw.state_dict().items()):
+        assert k == k2 and torch.equal(v + 1, v2)
 
 
 def test_same_seed_same_image_whatever_the_batch(run):
@@ -109,15 +121,22 @@ def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "step0000001.pt")
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "a" / "ema.pt")
     with pytest.raises(ValueError, match="not a prx-speedrun checkpoint"):
-        S.load_model(tmp_path / "step0000001.pt")
+        S.load_model(tmp_path / "a")
+    (tmp_path / "b" / "ema.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        S.load_model(tmp_path / "b")
     hp = T.parse_args(["preset=cpu", "hidden=64", "depth=2", "heads=2", "tread_end=1"], False)
-    bad = dict(model=T.PRXDiT(hp).state_dict(), ema={}, config=dataclasses.asdict(hp))
+    bad = dict(ema=T.PRXDiT(hp).state_dict(), config=dataclasses.asdict(hp))
     bad["config"]["depth"] = 3
-    torch.save(bad, tmp_path / "step0000002.pt")
+    torch.save(bad, tmp_path / "c" / "ema.pt")
     with pytest.raises(ValueError, match="does not match"):
-        S.load_model(tmp_path / "step0000002.pt", ema=False)
+        S.load_model(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        S.find_checkpoint(tmp_path)
 
 
 def test_export_to_diffusers_gives_equal_outputs(tmp_path):

@@ -180,6 +180,27 @@ def test_sample_t_distribution():
     assert (m < 0.25).float().mean().item() == pytest.approx(0.1 * 0.25 + 0.9 * p_ln, abs=0.005)
 
 
+def test_training_draws_depend_on_the_stream_position_only():
+    """A sample's noise is the same whatever batch it is drawn in; different samples and seeds get independent
+    standard normals; the global batch's draws are a function of (seed, position)."""
+    hp, gen = tiny_hp(tread_frac=0.5), torch.Generator()
+    noise = T.sample_noise(hp, (6, 3, 8, 8), 100, gen)
+    parts = [T.sample_noise(hp, (2, 3, 8, 8), 100 + i, gen) for i in (0, 2, 4)]
+    assert torch.equal(noise, torch.cat(parts))
+    assert torch.equal(noise[3], T.sample_noise(hp, (1, 3, 8, 8), 103, gen)[0])
+    many = T.sample_noise(hp, (64, 3, 8, 8), 0, gen).flatten(1)  # (64, 192)
+    assert abs(many.mean()) < 0.02 and abs(many.std() - 1) < 0.02
+    corr = torch.corrcoef(many)  # samples are not copies of one another
+    assert (corr - torch.eye(64)).abs().max() < 0.35
+    other = T.sample_noise(tiny_hp(seed=1), (6, 3, 8, 8), 100, gen)
+    assert not torch.allclose(noise, other)
+    a, b = T.batch_draws(hp, 8, 16, 40, gen), T.batch_draws(hp, 8, 16, 40, gen)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = T.batch_draws(hp, 8, 16, 48, gen)
+    assert not torch.equal(a[1], c[1]) and a[2].shape == (8, 8)
+    assert T.stream_key(0, 5, 0) != T.stream_key(0, 5, 1) != T.stream_key(1, 5, 1)
+
+
 def test_flow_loss_closed_form():
     g = torch.Generator().manual_seed(0)
     x0, eps, pred = (torch.randn(6, 3, 8, 8, generator=g) for _ in range(3))
@@ -298,6 +319,18 @@ def test_muon_matches_torch_reference():
         ours.step(), ref.step()
     for a, b, w in zip(ours_p, ref_p, w0):  # both orthogonalise in bf16; the order of operations differs
         assert ((a - w) - (b - w)).norm() / (b - w).norm() < 3e-2
+
+
+def test_shard_rows_is_fsdp_chunking_and_unsharded_orthogonalise_is_newton_schulz():
+    for n in (1, 5, 30, 64):
+        for world in (1, 2, 3, 4, 8):
+            ref = [len(c) for c in torch.arange(n).chunk(world)]
+            assert T.shard_rows(n, world) == ref + [0] * (world - len(ref))
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(s, generator=g) for s in ((6, 4), (3, 5), (6, 4))]
+    out = T.orthogonalise(mats, [m.shape for m in mats], None, 5)
+    for m, o in zip(mats, out):
+        assert torch.allclose(o, T.newton_schulz(m[None])[0], atol=1e-6)
 
 
 def test_every_parameter_in_exactly_one_group_and_muon_gets_block_matrices():

@@ -1,0 +1,145 @@
+"""Multi-process training through torchrun on CPU (gloo): FSDP, hybrid sharding, sharded Muon, DCP checkpoints.
+
+Run as a script under torchrun, this file is the worker of the sharded-Muon test (see `muon_worker`)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+# One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
+# (TREAD, REPA, LPIPS, P-DINO, caption dropout, Muon, EMA); fp32 so that the only differences are summation orders.
+ARGS = ["preset=cpu", "stages=1", "stage1.steps=5", "stage1.batch=8", "stage1.micro_batch=2", "log_every=1",
+        "ckpt_every=3", "sample_every=0", "sample_steps=1", "warmup=2", "cooldown=0", "hidden=32", "heads=2",
+        "depth=3", "amp=0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # 2 cores shared by up to 4 processes
+
+
+def train(run_dir, data, nproc=1, extra=()):
+    """nproc=1: plain `python train_gpt_style.py` (no torchrun, no FSDP); else torchrun with nproc processes."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                 if nproc > 1 else [])
+    r = subprocess.run(launch + [str(ROOT / "train_gpt_style.py")] + ARGS + [f"data={data}", f"run_dir={run_dir}",
+                                                                             *extra],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def losses(run_dir):  # step -> (loss, grad norm); a step logged twice keeps the last
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from data_prep import make_shapes
+    tmp = tmp_path_factory.mktemp("dist")
+    data = make_shapes(tmp / "shapes", n=256, shard_rows=128)
+    logs = {1: train(tmp / "w1", data), 2: train(tmp / "w2", data, 2),
+            4: train(tmp / "w4", data, 4, ["shard_size=2"])}
+    return tmp, data, logs
+
+
+@pytest.mark.slow
+def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
+    tmp, _, logs = runs
+    assert "FSDP" not in logs[1]
+    assert "FSDP: 2 ranks, 1 x 2 (replicate x shard)" in logs[2]
+    assert "FSDP: 4 ranks, 2 x 2 (replicate x shard)" in logs[4]
+    ref = losses(tmp / "w1")
+    assert sorted(ref) == [1, 2, 3, 4, 5] and len(set(v[0] for v in ref.values())) == 5  # it trains
+    for world in (2, 4):
+        got = losses(tmp / f"w{world}")
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            for x, y in zip(ref[step], got[step]):
+                assert y == pytest.approx(x, rel=1e-4), (world, step, ref[step], got[step])
+    # each rank wrote its own shard of the weights and optimizer states
+    assert len(list((tmp / "w4" / "ckpt" / "step0000005").glob("*.distcp"))) == 4
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_by_two_processes_resumes_in_one(runs):
+    tmp, data, _ = runs
+    run = tmp / "resume"
+    shutil.copytree(tmp / "w2", run)
+    shutil.rmtree(run / "ckpt" / "step0000005")  # the run "died" after its step-3 checkpoint
+    out = train(run, data)
+    assert "resumed from" in out and "from a 2-rank checkpoint" in out
+    ref, got = losses(tmp / "w2"), losses(run)
+    for step in (4, 5):
+        for x, y in zip(ref[step], got[step]):
+            assert y == pytest.approx(x, rel=1e-4), (step, ref[step], got[step])
+
+
+# ---------------------------------------------------------------- sharded Muon
+
+
+def muon_worker():
+    """Under torchrun (4 processes): Muon on row-sharded DTensor parameters, on a 1-D mesh of 4 and on a 2 x 2
+    hybrid mesh, against Muon on the full tensors in this process. Shapes include uneven and empty shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import train_gpt_style as T
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    shapes = [(30, 8), (5, 4), (30, 8), (16, 12), (8, 30), (30, 8), (3, 5)]  # 5 rows over 4 ranks: 2, 2, 1, 0
+    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    calls = []
+    ns = T.newton_schulz
+    T.newton_schulz = lambda X, steps: calls.append(X.shape[0]) or ns(X, steps)  # count matrices per rank
+    ref = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = T.Muon(ref, lr=0.02)
+    for step in grads:
+        for p, gr in zip(ref, step):
+            p.grad = gr.clone()
+        opt.step()
+    full_calls, calls[:] = sum(calls), []
+    result = {}
+    for mesh_shape, placements in (((world,), [Shard(0)]), ((2, world // 2), [Replicate(), Shard(0)])):
+        mesh = init_device_mesh("cpu", mesh_shape)
+        ps = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in w0]
+        opt = T.Muon(ps, lr=0.02)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = distribute_tensor(gr.clone(), mesh, placements)
+            opt.step()
+        err = max(((p.full_tensor() - r).abs().max() / (r - w).abs().max()).item() for p, r, w in zip(ps, ref, w0))
+        counts = [None] * world
+        dist.all_gather_object(counts, sum(calls))
+        calls[:] = []
+        result[str(mesh_shape)] = dict(err=err, counts=counts, full=full_calls)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_muon_update_equals_the_unsharded_one():
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        str(ROOT / "tests" / "test_dist.py")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    n = 7 * 3  # matrices x steps
+    for mesh, res in result.items():
+        assert res["err"] < 1e-6, (mesh, res)  # the same full matrices go through Newton-Schulz
+        assert res["full"] == n
+        if mesh == "(4,)":  # round-robin over 4 ranks: matrices 0,4 / 1,5 / 2,6 / 3
+            assert res["counts"] == [6, 6, 6, 3]
+        else:  # each 2-rank shard group splits the work; the two groups (replicas) do the same
+            assert res["counts"] == [12, 9, 12, 9]
+
+
+if __name__ == "__main__":
+    muon_worker()
