@@ -19,6 +19,8 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +101,9 @@ class Hyperparameters:
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
     ckpt_every: int = 2000  # steps between checkpoints; 0: only at the end
+    keep_ckpts: int = 3  # newest step checkpoints kept in run_dir/ckpt; 0 keeps all
+    time_limit: float = 0.0  # seconds of wall-clock from start (e.g. a job's limit): stops with a checkpoint before
+    max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops; seen at log steps
     sample_steps: int = 50  # Euler steps when sampling (PRX evaluations use 50)
     cfg: float = 3.5  # classifier-free guidance scale on x0 (PRX evaluations use 3.5)
     stages: list = field(default_factory=lambda: [
@@ -193,16 +198,20 @@ def hp_from_config(config):
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
     for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
-                 "ema_every", "sample_steps"):
+                 "ema_every", "sample_steps", "max_bad_steps", "pdino_res", "bench_devices"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup"):
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "keep_ckpts", "time_limit",
+                 "repa_weight", "lpips_weight", "pdino_weight"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
+    for name in ("lr", "grad_clip", "t_shift", "t_min_div", "mlp_ratio", "peak_tflops"):
+        if not getattr(hp, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
         raise ValueError(f"resume must be auto or off, got {hp.resume!r}")
-    if not 0 <= hp.cooldown <= 1 or not 0 <= hp.caption_dropout <= 1 or not 0 <= hp.uniform_t <= 1:
-        raise ValueError("cooldown, caption_dropout and uniform_t must lie in [0, 1]")
+    if not all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)):
+        raise ValueError("cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
     if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
         raise ValueError(f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
     if not 0 <= hp.tread_frac < 1:
@@ -221,6 +230,18 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+
+
+def check_paths(hp):
+    """Data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any model."""
+    demo_data = hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]  # rendered on first use
+    if not (hp.bench or demo_data or Path(hp.data).is_dir()):
+        raise ValueError(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+    for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
+        p = getattr(hp, name)
+        hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
+        if p and not (hp.bench or hub_id or Path(p).exists()):
+            raise ValueError(f"{name}={p} is neither a local folder nor a hub id (org/name); set {name}=PATH or ID")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,6 +573,14 @@ def quiet_transformers():
     transformers.utils.logging.set_verbosity_error()
 
 
+def load_encoder(name, fn, path, *args):  # fn(path, *args), or one line when path holds no model we can load
+    try:
+        return fn(path, *args)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load {name} {path} ({str(e).strip().splitlines()[0][:160]}); set {name} to a folder holding "
+             "the model or a hub id that can be downloaded")
+
+
 def load_vit(path, device, dtype):
     from transformers import AutoModel
     m = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -693,6 +722,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        skip = getattr(self, "found_inf", None)  # as in torch's fused Adam: 1 leaves weights and momentum unchanged
         for g in self.param_groups:
             by_shape = {}
             for p in g["params"]:
@@ -701,9 +731,12 @@ class Muon(torch.optim.Optimizer):
             for shape, ps in by_shape.items():
                 grads = [p.grad for p in ps]
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                if skip is not None:  # skipped: the buffers lerp onto themselves, the update is scaled to 0
+                    grads = list(torch.where(skip > 0, torch.stack(bufs), torch.stack(grads)).unbind(0))
                 torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
                 nesterov = torch.stack(grads).lerp_(torch.stack(bufs), g["momentum"])  # (n, rows, cols)
                 u = newton_schulz(nesterov, g["ns_steps"])
+                u = u if skip is None else u * (1 - skip)
                 torch._foreach_add_(ps, list(u.unbind(0)), alpha=-g["lr"] * 0.2 * math.sqrt(max(shape)))
 
 
@@ -715,7 +748,7 @@ def build_optimizers(model, extra, hp):
     every = list(model.parameters()) + list(extra.parameters())
     ids = [id(p) for p in muon + adam]
     assert len(ids) == len(set(ids)) == len(every), "every trainable parameter must be in exactly one group"
-    return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8)]
+    return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)]
 
 
 def lr_factor(step, hp):
@@ -916,13 +949,31 @@ FIXED_PROMPTS = [  # the record configuration's sample grid (fixed prompts and s
 ]
 
 
+def save_atomic(write, path, keep):
+    """write(tmp) writes a checkpoint (file or folder) that becomes `path` once complete; then only the newest `keep`
+    step* checkpoints are kept (0: all). On any error (a full disk) the temporary is removed, the older checkpoints
+    stay as they were, and the error comes back as one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    rm = lambda p: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        rm(tmp)
+        return f"{type(e).__name__}: {e}"
+    older = sorted(p for p in path.parent.glob("step*") if p != path)
+    for p in (older[:max(0, len(older) - keep + 1)] if keep else []) + list(path.parent.glob(".*.tmp")):
+        rm(p)  # and temporaries left by a process killed while writing
+
+
 class Trainer:
     def __init__(self, hp):
-        self.hp = hp
+        self.hp, self.t0 = hp, time.monotonic()  # time_limit counts from here
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.cpu_group = dist.new_group(backend="gloo")  # for the stop flags: no device sync
         else:
             self.rank, self.world = 0, 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -940,7 +991,12 @@ class Trainer:
         if self.distributed:  # rank 0's clock names the run for everyone
             dist.broadcast_object_list(run_dir, 0)
         self.run_dir = Path(run_dir[0])
-        self.log = Logger(self.run_dir, self.master)
+        try:
+            self.log = Logger(self.run_dir, self.master)
+            if self.master:
+                (self.run_dir / "ckpt").mkdir(exist_ok=True)
+        except OSError as e:
+            fail(f"run_dir {self.run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder")
         torch.manual_seed(hp.seed + self.rank)
         random.seed(hp.seed + self.rank)
         np.random.seed(hp.seed + self.rank)
@@ -963,13 +1019,13 @@ class Trainer:
                 Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
             demo = self.on_master(build_demo_encoders, self.run_dir / "demo_encoders", hp, vocab)
             paths = [p or d for p, d in zip(paths, demo)]
-        self.text = TextEncoder(paths[0], hp.text_len, dev, enc_dtype)
+        self.text = load_encoder("text_encoder", TextEncoder, paths[0], hp.text_len, dev, enc_dtype)
         if self.text.dim != hp.text_dim:
             fail(f"text encoder {paths[0]} has width {self.text.dim} but text_dim={hp.text_dim}; set text_dim")
         self.null_txt, self.null_mask = self.text([""])  # caption dropout and CFG use the empty caption
         any_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages)
-        self.dino3 = load_vit(paths[1], dev, enc_dtype) if any_repa else None
-        self.dino2 = load_vit(paths[2], dev, enc_dtype) if hp.pdino_weight > 0 else None
+        self.dino3 = load_encoder("repa_encoder", load_vit, paths[1], dev, enc_dtype) if any_repa else None
+        self.dino2 = load_encoder("pdino_encoder", load_vit, paths[2], dev, enc_dtype) if hp.pdino_weight else None
         real_vgg = hp.preset != "cpu" and not hp.bench  # the bench needs no weights (and no download)
         self.lpips = load_lpips(dev, pretrained=real_vgg) if hp.lpips_weight > 0 else None
         self.model = PRXDiT(hp).to(dev)
@@ -986,6 +1042,7 @@ class Trainer:
         n = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
+        self.bad_run, self.worst_run, self.skipped = torch.zeros(3, dtype=torch.long, device=dev)  # non-finite steps
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
 
     def repa_dim(self, stage):  # width of the REPA projector's output in this stage, 0 when REPA is off
@@ -1006,8 +1063,6 @@ class Trainer:
                 self.on_master(make_shapes, hp.data)
             except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
                 fail(f"{hp.data}: {e}")
-        if not Path(hp.data).exists():
-            fail(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
         try:
             self.dataset = ShardDataset(hp.data)
         except (FileNotFoundError, ValueError) as e:
@@ -1074,10 +1129,18 @@ class Trainer:
             torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(pieces, grads)])
         # optimizer step: clip, schedule, step, EMA
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
+        # A non-finite loss or gradient norm skips the update on the device, without a host sync: Adam (fused) and
+        # Muon read found_inf and then leave weights and states as they were. Counted here, read at log steps.
+        bad = (~(torch.isfinite(gnorm) & torch.isfinite(sums[0]))).float()
+        if self.distributed:  # the loss differs per rank: skip on every rank or on none
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        torch.maximum(self.worst_run, self.bad_run.add_(1).mul_(bad.long()), out=self.worst_run)  # longest streak
+        self.skipped.add_(bad.long())
         f = lr_factor(self.step, hp)
         for o in self.optimizers:
             for g in o.param_groups:
                 g["lr"] = hp.lr * f
+            o.found_inf = bad
             o.step()
             o.zero_grad(set_to_none=True)
         if self.step % hp.ema_every == 0:
@@ -1141,7 +1204,7 @@ class Trainer:
                  f"{hp.bench_devices} (DiT and encoders, no data loading or communication)")
         return self
 
-    def checkpoint(self, tag):
+    def checkpoint(self, tag, final=False):
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         rngs = [rng]
@@ -1151,19 +1214,33 @@ class Trainer:
         if not self.master:
             return
         ck = self.run_dir / "ckpt"
-        ck.mkdir(parents=True, exist_ok=True)
         state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
                      projector=self.projector.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
                      step=self.step, stage=self.stage_idx, data_pos=self.data_pos,
                      train_time=self.train_time, timed_steps=self.timed_steps, rng=rngs,
-                     config=dataclasses.asdict(self.hp))
-        tmp = ck / f".{tag}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, ck / f"{tag}.pt")  # a checkpoint is complete or absent
+                     config=dataclasses.asdict(self.hp), skipped=int(self.skipped))
+        err = save_atomic(lambda tmp: torch.save(state, tmp), ck / f"{tag}.pt", self.hp.keep_ckpts)
+        if err:  # training goes on without this one, unless it is the last
+            msg = f"checkpoint {ck / tag}.pt not written ({err}); the last good one is {self.last_checkpoint()}"
+            self.log(msg + ("; stopping" if final else "; training continues"))
+            if final:
+                fail(msg)
 
-    def resume_from(self, path):
-        """Continue exactly where the checkpoint left off: weights, EMA, optimizers, step, data position, RNG."""
-        ck = torch.load(path, map_location=self.device, weights_only=False)
+    def last_checkpoint(self):
+        return ([str(p) for p in sorted((self.run_dir / "ckpt").glob("step*"))] or ["none"])[-1]
+
+    def resume_from(self, paths):
+        """Continue exactly where the newest readable checkpoint of `paths` (oldest first) left off: weights, EMA,
+        optimizers, step, data position, RNG. A truncated or corrupt one is passed over with a warning."""
+        for path in reversed(paths):
+            try:
+                ck = torch.load(path, map_location=self.device, weights_only=False)
+                break
+            except Exception as e:
+                err = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+                self.log(f"warning: checkpoint {path} is unreadable ({err}); trying the one before")
+        else:
+            fail(f"no readable checkpoint in {path.parent}; move them away, or set resume=off or a new run_dir")
         arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
         saved = {k: ck["config"].get(k) for k in arch}
         if saved != {k: getattr(self.hp, k) for k in arch}:
@@ -1178,6 +1255,7 @@ class Trainer:
             fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): a constant that changes the trainable "
                  "parameters (e.g. repa_weight) differs from the checkpoint's; use a new run_dir or resume=off")
         self.step, self.data_pos = ck["step"], ck["data_pos"]
+        self.skipped.fill_(ck.get("skipped", 0))
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
             rng = ck["rng"][self.rank]
@@ -1196,12 +1274,15 @@ class Trainer:
         self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
         cks = sorted((self.run_dir / "ckpt").glob("step*.pt"))
         if hp.resume == "auto" and cks:
-            self.resume_from(cks[-1])
+            self.resume_from(cks)
         total = sum(st.steps for st in hp.stages)
+        # a checkpoint takes 2 min (~15 GB at the record size) or a tenth of the time_limit until one is measured
+        stop, self.stop_signal, self.ckpt_s, self.tick = None, None, min(120.0, hp.time_limit / 10), time.monotonic()
+        handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for self.stage_idx, stage in enumerate(hp.stages):
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
-            if self.step >= s_first + stage.steps:
-                continue  # a stage finished before the resume
+            if self.step >= s_first + stage.steps or stop:
+                continue  # a stage finished before the resume, or a stop
             self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
             step_flops = dit_train_flops(hp, stage.res, self.repa_dim(stage)) * stage.batch  # DiT, all devices
@@ -1210,21 +1291,23 @@ class Trainer:
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
             clock = None  # None until this stage's first step (it compiles) has run: that step is not timed
             pending = 0  # steps run since the clock last stopped
-            while self.step < s_first + stage.steps:
+            while self.step < s_first + stage.steps and not stop:
                 sums, counts, gnorm = self.train_step(stage)
                 self.step += 1
                 self.data_pos += stage.batch
                 pending += 1
                 last = self.step == s_first + stage.steps
-                log_now = self.step % hp.log_every == 0 or last or self.step == 1
+                stop = self.stop_reason() if self.step < total else None
+                log_now = self.step % hp.log_every == 0 or last or self.step == 1 or stop
                 sample_now = hp.sample_every and self.step % hp.sample_every == 0 or last
-                ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total
+                ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total or stop
                 if log_now or sample_now or ckpt_now or clock is None:  # stop the clock: wait for the device
                     if log_now:
                         if self.distributed:
                             dist.all_reduce(sums), dist.all_reduce(counts)
                             sums[:5] /= self.world
                         s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: these steps only
+                        worst, skipped = torch.stack([self.worst_run, self.skipped]).tolist()
                     elif torch.cuda.is_available():
                         torch.cuda.synchronize()
                     if clock is not None:
@@ -1237,28 +1320,54 @@ class Trainer:
                         if self.device.type == "cuda" and self.timed_steps else "n/a"
                     bins = [s[5 + i] / c[i] if c[i] else float("nan") for i in range(3)]
                     self.log(f"step:{self.step}/{total} stage:{self.stage_idx + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} "
-                             f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} "
+                             f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} skipped:{skipped} "
                              f"train_time:{self.train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
                              f"img/s:{stage.batch / avg if self.timed_steps else 0:.1f} mfu:{mfu}")
                     self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=self.train_time,
                                           loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
+                                          skipped=skipped,
                                           flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
                                           lr=hp.lr * lr_factor(self.step - 1, hp), step_avg_ms=avg * 1000))
-                    if not math.isfinite(s[0]):
-                        self.checkpoint(f"nonfinite_step{self.step:07d}")
-                        fail(f"non-finite loss at step {self.step}; see {self.run_dir}/log.txt")
+                    if worst >= hp.max_bad_steps:  # the weights are still those of the last good step
+                        msg = (f"{worst} non-finite steps in a row (skipped) by step {self.step}; the last good "
+                               f"checkpoint is {self.last_checkpoint()}; lower lr or check the data, then resume")
+                        self.log(msg, console=False)
+                        fail(msg)
                 if sample_now:
                     self.save_samples(stage.res, f"step{self.step:07d}")
                 if ckpt_now:
-                    self.checkpoint(f"step{self.step:07d}")
+                    t_ck = time.monotonic()
+                    self.checkpoint(f"step{self.step:07d}", final=self.step == total or bool(stop))
+                    self.ckpt_s = time.monotonic() - t_ck
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
-        self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
-        if hp.preset == "cpu":
-            self.score_demo()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if stop:
+            self.log(f"stopped after step {self.step}/{total} ({stop}); the checkpoint is {self.last_checkpoint()}; "
+                     "run the same command to resume")
+        else:
+            self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
+            if hp.preset == "cpu":
+                self.score_demo()
         if self.distributed:
             dist.destroy_process_group()
         return self
+
+    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: only a flag; a second one ends the process at once
+        self.stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def stop_reason(self):
+        """A signal, or the time_limit would pass within two steps (the host may run one ahead of the device) and a
+        checkpoint. Every step, on the host; under torchrun all-reduced over gloo: all ranks stop after one step."""
+        now = time.monotonic()
+        step_s, self.tick = now - self.tick, now
+        late = self.hp.time_limit > 0 and now + 2 * step_s + self.ckpt_s > self.t0 + self.hp.time_limit
+        flags = torch.tensor([self.stop_signal is not None, late], dtype=torch.float32)
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return (self.stop_signal or "signal") if flags[0] else "time_limit" if flags[1] else None
 
     def save_samples(self, res, tag):
         imgs = self.sample(self.sample_prompts, res)
@@ -1287,6 +1396,7 @@ class Trainer:
 def main(argv):
     try:
         hp = parse_args(argv, torch.cuda.is_available())
+        check_paths(hp)
     except ValueError as e:
         fail(str(e))
     return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
