@@ -860,12 +860,17 @@ def collate_batch(items, text_len, text_dim):  # -> images (B, 3, res, res) uint
     return torch.stack([a for a, _, _ in items]), [c for _, c, _ in items], emb
 
 
+def own_session(worker_id):  # loading workers leave the trainer's process group, so that a SIGTERM or SIGINT sent
+    os.setsid()  # to the group (Ctrl-C, kill -- -PGID) reaches the trainer only, which then stops cleanly
+
+
 def make_loader(ds, res, stage, start, hp, rank, world):
     ds.res = res
     sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world)
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=hp.num_workers,
                                             collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                            worker_init_fn=own_session,
                                             generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
                                             persistent_workers=False, prefetch_factor=4 if hp.num_workers else None))
 

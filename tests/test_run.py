@@ -146,7 +146,9 @@ def _logged(run):
 def test_resume_after_kills_and_sigterm_gives_the_same_losses(shapes, tmp_path):
     """A run killed with SIGKILL at three seeded random steps (one after the stage switch at step 4), then stopped
     with SIGTERM, then finished: every step it logs, first time or again after a resume, equals the uninterrupted
-    run's to 1e-6, and so do the final EMA weights and data position."""
+    run's to 1e-6, and so do the final EMA weights and data position. The interrupted run loads data with two
+    workers and each signal goes to its process group, as Ctrl-C or `kill -- -PGID` sends it; the reference loads
+    data in the main process."""
     import random
     import signal
     import time
@@ -165,15 +167,18 @@ def test_resume_after_kills_and_sigterm_gives_the_same_losses(shapes, tmp_path):
     plan = [(signal.SIGKILL, k) for k in kills] + [(signal.SIGTERM, rng.randint(kills[-1], 7)), (None, None)]
     for sig, step in plan:
         seen = len(_logged(run)) if (run / "metrics.jsonl").exists() else 0
-        p = subprocess.Popen(cmd + [f"run_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=ROOT, env=env)
+        logs = [open(tmp_path / name, "w+") for name in ("out.txt", "err.txt")]  # files: orphaned workers of a
+        p = subprocess.Popen(cmd + [f"run_dir={run}", "num_workers=2"], stdout=logs[0],  # killed run may hold them
+                             stderr=logs[1], text=True, cwd=ROOT, env=env, start_new_session=True)
         if sig is not None:  # wait until this process has logged step `step`, then signal it
             deadline = time.time() + 300
             while time.time() < deadline and p.poll() is None and not (
                     (run / "metrics.jsonl").exists() and any(s >= step for s, _ in _logged(run)[seen:])):
                 time.sleep(0.02)
-            p.send_signal(sig)
-        out, err = p.communicate(timeout=300)
+            os.killpg(p.pid, sig)
+        p.wait(timeout=300)
+        out, err = [f.seek(0) or f.read() for f in logs]
+        [f.close() for f in logs]
         if sig == signal.SIGKILL:
             assert p.returncode == -signal.SIGKILL, err[-2000:]
         else:
