@@ -22,6 +22,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +110,9 @@ class Hyperparameters:
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
     ckpt_every: int = 2000  # steps between checkpoints; 0: only at the end
+    keep_ckpts: int = 3  # newest step checkpoints kept in run_dir/ckpt; 0 keeps all
+    time_limit: float = 0.0  # seconds of wall-clock from start (e.g. a job's limit): stops with a checkpoint before
+    max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops; seen at log steps
     sample_steps: int = 50  # Euler steps when sampling (PRX evaluations use 50)
     cfg: float = 3.5  # classifier-free guidance scale on x0 (PRX evaluations use 3.5)
     cfg_lo: float = 0.0  # guidance interval: guide only for t in [cfg_lo, cfg_hi], elsewhere conditional only
@@ -216,16 +220,21 @@ def hp_from_config(config):
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
     for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
-                 "ema_every", "sample_steps", "eval_n"):
+                 "ema_every", "sample_steps", "eval_n", "max_bad_steps",
+                 "pdino_res", "bench_devices"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size"):
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size", "keep_ckpts",
+                 "time_limit", "repa_weight", "lpips_weight", "pdino_weight"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
+    for name in ("lr", "grad_clip", "t_shift", "t_min_div", "mlp_ratio", "peak_tflops"):
+        if not getattr(hp, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
         raise ValueError(f"resume must be auto or off, got {hp.resume!r}")
-    if not 0 <= hp.cooldown <= 1 or not 0 <= hp.caption_dropout <= 1 or not 0 <= hp.uniform_t <= 1:
-        raise ValueError("cooldown, caption_dropout and uniform_t must lie in [0, 1]")
+    if not all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)):
+        raise ValueError("cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
     if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
         raise ValueError(f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
     if not 0 <= hp.tread_frac < 1:
@@ -248,6 +257,18 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+
+
+def check_paths(hp):
+    """Data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any model."""
+    demo_data = hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]  # rendered on first use
+    if not (hp.bench or demo_data or Path(hp.data).is_dir()):
+        raise ValueError(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+    for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
+        p = getattr(hp, name)
+        hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
+        if p and not (hp.bench or hub_id or Path(p).exists()):
+            raise ValueError(f"{name}={p} is neither a local folder nor a hub id (org/name); set {name}=PATH or ID")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -617,6 +638,14 @@ def quiet_transformers():
     transformers.utils.logging.set_verbosity_error()
 
 
+def load_encoder(name, fn, path, *args):  # fn(path, *args), or one line when path holds no model we can load
+    try:
+        return fn(path, *args)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load {name} {path} ({str(e).strip().splitlines()[0][:160]}); set {name} to a folder holding "
+             "the model or a hub id that can be downloaded")
+
+
 def load_vit(path, device, dtype):
     from transformers import AutoModel
     m = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -803,12 +832,15 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # closure: unused, part of the optimizer interface (DCP calls step(closure=None))
         local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+        skip = getattr(self, "found_inf", None)  # as in torch's fused Adam: 1 leaves weights and momentum unchanged
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             if not ps:
                 continue
             grads = [local(p.grad) for p in ps]
             bufs = [local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))) for p in ps]
+            if skip is not None:  # skipped: the buffers lerp onto themselves, the update is scaled to 0
+                grads = [torch.where(skip > 0, b, gr) for b, gr in zip(bufs, grads)]
             torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
             nesterov = torch._foreach_lerp(grads, bufs, g["momentum"])
             group = None
@@ -816,6 +848,7 @@ class Muon(torch.optim.Optimizer):
                 group = ps[0].device_mesh.get_group([pl.is_shard() for pl in ps[0].placements].index(True))
             upd = orthogonalise(nesterov, [p.shape for p in ps], group, g["ns_steps"])
             for p, u in zip(ps, upd):
+                u = u if skip is None else u * (1 - skip)
                 local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
@@ -827,7 +860,7 @@ def build_optimizers(model, extra, hp):
     every = list(model.parameters()) + list(extra.parameters())
     ids = [id(p) for p in muon + adam]
     assert len(ids) == len(set(ids)) == len(every), "every trainable parameter must be in exactly one group"
-    return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8)]
+    return [Muon(muon, lr=hp.lr), torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)]
 
 
 def lr_factor(step, hp):
@@ -1010,6 +1043,10 @@ def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, c
     return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
 
 
+def own_session(worker_id):  # loading workers leave the trainer's process group, so that a SIGTERM or SIGINT sent
+    os.setsid()  # to the group (Ctrl-C, kill -- -PGID) reaches the trainer only, which then stops cleanly
+
+
 def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)
     groups = ds.set_stage(res, hp.patch, hp.aspect_max)
     k = next(i for i, st in enumerate(hp.stages) if st is stage)
@@ -1018,7 +1055,7 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     for imgs, captions, emb, causes in torch.utils.data.DataLoader(
             ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
             generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
             prefetch_factor=4 if hp.num_workers else None):
         for c in causes:  # counted as batches are consumed: the same counts for any num_workers
@@ -1247,13 +1284,31 @@ FIXED_PROMPTS = [  # the record configuration's sample grid (fixed prompts and s
 ]
 
 
+def save_atomic(write, path, keep):
+    """write(tmp) writes a checkpoint (file or folder) that becomes `path` once complete; then only the newest `keep`
+    step* checkpoints are kept (0: all). On any error (a full disk) the temporary is removed, the older checkpoints
+    stay as they were, and the error comes back as one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    rm = lambda p: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        rm(tmp)
+        return f"{type(e).__name__}: {e}"
+    older = sorted(p for p in path.parent.glob("step*") if p != path)
+    for p in (older[:max(0, len(older) - keep + 1)] if keep else []) + list(path.parent.glob(".*.tmp")):
+        rm(p)  # and temporaries left by a process killed while writing
+
+
 class Trainer:
     def __init__(self, hp):
-        self.hp = hp
+        self.hp, self.t0 = hp, time.monotonic()  # time_limit counts from here
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.cpu_group = dist.new_group(backend="gloo")  # for the stop flags: no device sync
         else:
             self.rank, self.world = 0, 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1271,7 +1326,12 @@ class Trainer:
         if self.distributed:  # rank 0's clock names the run for everyone
             dist.broadcast_object_list(run_dir, 0)
         self.run_dir = Path(run_dir[0])
-        self.log = Logger(self.run_dir, self.master)
+        try:
+            self.log = Logger(self.run_dir, self.master)
+            if self.master:
+                (self.run_dir / "ckpt").mkdir(exist_ok=True)
+        except OSError as e:
+            fail(f"run_dir {self.run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder")
         torch.manual_seed(hp.seed + self.rank)
         random.seed(hp.seed + self.rank)
         np.random.seed(hp.seed + self.rank)
@@ -1295,13 +1355,13 @@ class Trainer:
                 Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
             demo = self.on_master(build_demo_encoders, self.run_dir / "demo_encoders", hp, vocab)
             paths = [p or d for p, d in zip(paths, demo)]
-        self.text = TextEncoder(paths[0], hp.text_len, dev, enc_dtype)
+        self.text = load_encoder("text_encoder", TextEncoder, paths[0], hp.text_len, dev, enc_dtype)
         if self.text.dim != hp.text_dim:
             fail(f"text encoder {paths[0]} has width {self.text.dim} but text_dim={hp.text_dim}; set text_dim")
         self.null_txt, self.null_mask = self.text([""])  # caption dropout and CFG use the empty caption
         any_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages)
-        self.dino3 = load_vit(paths[1], dev, enc_dtype) if any_repa else None
-        self.dino2 = load_vit(paths[2], dev, enc_dtype) if hp.pdino_weight > 0 else None
+        self.dino3 = load_encoder("repa_encoder", load_vit, paths[1], dev, enc_dtype) if any_repa else None
+        self.dino2 = load_encoder("pdino_encoder", load_vit, paths[2], dev, enc_dtype) if hp.pdino_weight else None
         real_vgg = hp.preset != "cpu" and not hp.bench  # the bench needs no weights (and no download)
         self.lpips = load_lpips(dev, pretrained=real_vgg).to(enc_dtype) if hp.lpips_weight > 0 else None
         for m in (self.text.model, self.dino3, self.dino2, self.lpips):  # frozen, replicated on every rank
@@ -1323,6 +1383,7 @@ class Trainer:
         n = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {n / 1e6:.2f}M parameters, {hp.depth} blocks of width {hp.hidden}, patch {hp.patch}")
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
+        self.bad_run, self.worst_run, self.skipped = torch.zeros(3, dtype=torch.long, device=dev)  # non-finite steps
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
         self.eval_inputs = prepare_eval(hp, dev) if hp.eval_every and not hp.bench else None  # bad paths fail now
 
@@ -1363,8 +1424,6 @@ class Trainer:
                 self.on_master(make_shapes, hp.data)
             except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
                 fail(f"{hp.data}: {e}")
-        if not Path(hp.data).exists():
-            fail(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
         try:
             self.dataset = ShardDataset(hp.data)
         except (FileNotFoundError, ValueError) as e:
@@ -1429,10 +1488,18 @@ class Trainer:
         # optimizer step (gradients already averaged over ranks by FSDP): clip, schedule, step, EMA
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip)
         gnorm = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
+        # A non-finite loss or gradient norm skips the update on the device, without a host sync: Adam (fused) and
+        # Muon read found_inf and then leave weights and states as they were. Counted here, read at log steps.
+        bad = (~(torch.isfinite(gnorm) & torch.isfinite(sums[0]))).float()
+        if self.distributed:  # the loss differs per rank: skip on every rank or on none
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        torch.maximum(self.worst_run, self.bad_run.add_(1).mul_(bad.long()), out=self.worst_run)  # longest streak
+        self.skipped.add_(bad.long())
         f = lr_factor(self.step, hp)
         for o in self.optimizers:
             for g in o.param_groups:
                 g["lr"] = hp.lr * f
+            o.found_inf = bad
             o.step()
             o.zero_grad(set_to_none=True)
         if self.step % hp.ema_every == 0:  # the EMA is replicated: gather sharded weights
@@ -1498,7 +1565,7 @@ class Trainer:
                  f"{hp.bench_devices} (DiT and encoders, no data loading or communication)")
         return self
 
-    def checkpoint(self, tag):
+    def checkpoint(self, tag, final=False):
         """ckpt/<tag>/: model, projector and optimizers via torch.distributed.checkpoint (each rank writes its
         shards; loads on any world size), ema.pt (replicated EMA and config, what sample.py reads), extra.pt (step,
         data position, per-rank RNG, clock, config). Written to ckpt/.<tag>.tmp and renamed: complete or absent."""
@@ -1509,26 +1576,52 @@ class Trainer:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng)
         ck = self.run_dir / "ckpt"
-        tmp = ck / f".{tag}.tmp"
+        tmp, err = ck / f".{tag}.tmp", None
         if self.master:
             shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that crashed
             tmp.mkdir(parents=True)
         if self.distributed:
             dist.barrier()
         model, optim = get_state_dict(self.trainable, self.optimizers)
-        dcp.save(dict(model=model, optim=optim), checkpoint_id=tmp, no_dist=not self.distributed)
-        if self.master:
+        try:  # every rank writes its shards into tmp
+            dcp.save(dict(model=model, optim=optim), checkpoint_id=tmp, no_dist=not self.distributed)
+        except (Exception, dcp.CheckpointException) as e:  # a full disk (DCP raises on every rank)
+            if isinstance(e, dcp.CheckpointException):  # the first failing rank's own error, (exception, traceback)
+                e = next(iter(e.failures.values()))[0]
+            err = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+        def finish(tmp):  # rank 0 adds the replicated parts; save_atomic renames and keeps the newest keep_ckpts
             torch.save(dict(ema=self.ema.state_dict(), config=dataclasses.asdict(self.hp)), tmp / "ema.pt")
             torch.save(dict(step=self.step, stage=self.stage_idx, data_pos=self.data_pos, train_time=self.train_time,
-                            timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp)),
-                       tmp / "extra.pt")
+                            timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp),
+                            skipped=int(self.skipped)), tmp / "extra.pt")
             shutil.rmtree(ck / tag, ignore_errors=True)  # only where this very step was saved before
-            os.replace(tmp, ck / tag)
+        if self.master:
+            err = err or save_atomic(finish, ck / tag, self.hp.keep_ckpts)
+            shutil.rmtree(tmp, ignore_errors=True)
+        err = self.on_master(lambda: err)
+        if err:  # training goes on without this one, unless it is the last
+            msg = f"checkpoint {ck / tag} not written ({err}); the last good one is {self.last_checkpoint()}"
+            self.log(msg + ("; stopping" if final else "; training continues"))
+            if final:
+                fail(msg)
 
-    def resume_from(self, path):
-        """Continue exactly where the checkpoint left off: weights, EMA, optimizers, step, data position, RNG. The
-        sharded state is resharded to this run's world size."""
-        ck = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+    def last_checkpoint(self):
+        return ([str(p) for p in sorted((self.run_dir / "ckpt").glob("step*"))] or ["none"])[-1]
+
+    def resume_from(self, paths):
+        """Continue exactly where the newest readable checkpoint of `paths` (oldest first) left off: weights, EMA,
+        optimizers, step, data position, RNG; the sharded state is resharded to this run's world size. One whose
+        extra.pt is truncated or corrupt is passed over with a warning."""
+        for path in reversed(paths):
+            try:
+                ck = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+                break
+            except Exception as e:
+                err = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+                self.log(f"warning: checkpoint {path} is unreadable ({err}); trying the one before")
+        else:
+            fail(f"no readable checkpoint in {path.parent}; move them away, or set resume=off or a new run_dir")
         arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
         saved = {k: ck["config"].get(k) for k in arch}
         if saved != {k: getattr(self.hp, k) for k in arch}:
@@ -1546,6 +1639,7 @@ class Trainer:
                  "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or resume=off")
         logging.disable(logging.NOTSET)
         self.step, self.data_pos = ck["step"], ck["data_pos"]
+        self.skipped.fill_(ck.get("skipped", 0))
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
             rng = ck["rng"][self.rank]
@@ -1564,12 +1658,15 @@ class Trainer:
         self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
         cks = sorted(p.parent for p in (self.run_dir / "ckpt").glob("step*/extra.pt"))
         if hp.resume == "auto" and cks:
-            self.resume_from(cks[-1])
+            self.resume_from(cks)
         total = sum(st.steps for st in hp.stages)
+        # a checkpoint takes 2 min (~15 GB at the record size) or a tenth of the time_limit until one is measured
+        stop, self.stop_signal, self.ckpt_s, self.tick = None, None, min(120.0, hp.time_limit / 10), time.monotonic()
+        handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for self.stage_idx, stage in enumerate(hp.stages):
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
-            if self.step >= s_first + stage.steps:
-                continue  # a stage finished before the resume
+            if self.step >= s_first + stage.steps or stop:
+                continue  # a stage finished before the resume, or a stop
             self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
             step_flops = dit_train_flops(hp, stage.res, self.repa_dim(stage)) * stage.batch  # DiT, all devices
@@ -1578,22 +1675,24 @@ class Trainer:
                      f"REPA {'on' if stage.repa and hp.repa_weight > 0 else 'off'}")
             clock = None  # None until this stage's first step (it compiles) has run: that step is not timed
             pending = 0  # steps run since the clock last stopped
-            while self.step < s_first + stage.steps:
+            while self.step < s_first + stage.steps and not stop:
                 sums, counts, gnorm = self.train_step(stage)
                 self.step += 1
                 self.data_pos += stage.batch
                 pending += 1
                 last = self.step == s_first + stage.steps
-                log_now = self.step % hp.log_every == 0 or last or self.step == 1
+                stop = self.stop_reason() if self.step < total else None
+                log_now = self.step % hp.log_every == 0 or last or self.step == 1 or stop
                 sample_now = hp.sample_every and self.step % hp.sample_every == 0 or last
-                ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total
-                eval_now = hp.eval_every and (self.step % hp.eval_every == 0 or self.step == total)
+                ckpt_now = hp.ckpt_every and self.step % hp.ckpt_every == 0 or self.step == total or stop
+                eval_now = hp.eval_every and (self.step % hp.eval_every == 0 or self.step == total) and not stop
                 if log_now or sample_now or ckpt_now or eval_now or clock is None:  # stop the clock: sync the device
                     if log_now:
                         if self.distributed:
                             dist.all_reduce(sums), dist.all_reduce(counts)
                             sums[:5] /= self.world
                         s, c, gn = sums.tolist(), counts.tolist(), gnorm.item()  # host sync: these steps only
+                        worst, skipped = torch.stack([self.worst_run, self.skipped]).tolist()
                     elif torch.cuda.is_available():
                         torch.cuda.synchronize()
                     if clock is not None:
@@ -1606,31 +1705,57 @@ class Trainer:
                         if self.device.type == "cuda" and self.timed_steps else "n/a"
                     bins = [s[5 + i] / c[i] if c[i] else float("nan") for i in range(3)]
                     self.log(f"step:{self.step}/{total} stage:{self.stage_idx + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} "
-                             f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} "
+                             f"repa:{s[2]:.4f} lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} skipped:{skipped} "
                              f"train_time:{self.train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
                              f"img/s:{stage.batch / avg if self.timed_steps else 0:.1f} mfu:{mfu}")
                     self.log.metrics(dict(step=self.step, stage=self.stage_idx + 1, train_time_s=self.train_time,
                                           loss=s[0], flow=s[1], repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn,
+                                          skipped=skipped,
                                           flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
                                           lr=hp.lr * lr_factor(self.step - 1, hp), step_avg_ms=avg * 1000))
-                    if not math.isfinite(s[0]):
-                        self.checkpoint(f"nonfinite_step{self.step:07d}")
-                        fail(f"non-finite loss at step {self.step}; see {self.run_dir}/log.txt")
+                    if worst >= hp.max_bad_steps:  # the weights are still those of the last good step
+                        msg = (f"{worst} non-finite steps in a row (skipped) by step {self.step}; the last good "
+                               f"checkpoint is {self.last_checkpoint()}; lower lr or check the data, then resume")
+                        self.log(msg, console=False)
+                        fail(msg)
                 if sample_now:
                     self.save_samples(stage.res, f"step{self.step:07d}")
                 if ckpt_now:
-                    self.checkpoint(f"step{self.step:07d}")
+                    t_ck = time.monotonic()
+                    self.checkpoint(f"step{self.step:07d}", final=self.step == total or bool(stop))
+                    self.ckpt_s = time.monotonic() - t_ck
                 if eval_now:
                     self.evaluate(stage.res)
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
             self.log(f"data: bad rows replaced or converted so far (rank 0): {self.dataset.skipped or 'none'}")
-        self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
-        if hp.preset == "cpu":
-            self.score_demo()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if stop:
+            self.log(f"stopped after step {self.step}/{total} ({stop}); the checkpoint is {self.last_checkpoint()}; "
+                     "run the same command to resume")
+        else:
+            self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
+            if hp.preset == "cpu":
+                self.score_demo()
         if self.distributed:
             dist.destroy_process_group()
         return self
+
+    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: only a flag; a second one ends the process at once
+        self.stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def stop_reason(self):
+        """A signal, or the time_limit would pass within two steps (the host may run one ahead of the device) and a
+        checkpoint. Every step, on the host; under torchrun all-reduced over gloo: all ranks stop after one step."""
+        now = time.monotonic()
+        step_s, self.tick = now - self.tick, now
+        late = self.hp.time_limit > 0 and now + 2 * step_s + self.ckpt_s > self.t0 + self.hp.time_limit
+        flags = torch.tensor([self.stop_signal is not None, late], dtype=torch.float32)
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return (self.stop_signal or "signal") if flags[0] else "time_limit" if flags[1] else None
 
     def save_samples(self, res, tag):
         imgs = self.sample(self.sample_prompts, res)
@@ -1668,6 +1793,7 @@ class Trainer:
 def main(argv):
     try:
         hp = parse_args(argv, torch.cuda.is_available())
+        check_paths(hp)
     except ValueError as e:
         fail(str(e))
     return Trainer(hp).bench() if hp.bench else Trainer(hp).run()

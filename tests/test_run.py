@@ -1,6 +1,7 @@
 """End to end: a tiny CPU run through the real code path (data, encoders, both stages, logs, samples, checkpoints)."""
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -137,46 +138,69 @@ def test_bench_prints_every_figure(tmp_path):
                                                                                                           abs=0.01)
 
 
-def _losses(run):
-    """step -> (loss, flow) from metrics.jsonl; a step logged twice (before a kill and after resuming) keeps the
-    last."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = (r["loss"], r["flow"], r["grad_norm"])
-    return out
+def _logged(run):
+    """Every logged training step of a run folder, in order, including steps logged again after a resume:
+    [(step, (loss, flow, grad_norm))]."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], (r["loss"], r["flow"], r["grad_norm"])) for r in rows if "loss" in r]
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_losses(shapes, tmp_path):
+def test_resume_after_kills_and_sigterm_gives_the_same_losses(shapes, tmp_path):
+    """A run killed with SIGKILL at three seeded random steps (one after the stage switch at step 4), then stopped
+    with SIGTERM, then finished: every step it logs, first time or again after a resume, equals the uninterrupted
+    run's to 1e-6, and so do the final EMA weights and data position. The interrupted run loads data with two
+    workers and each signal goes to its process group, as Ctrl-C or `kill -- -PGID` sends it; the reference loads
+    data in the main process."""
+    import random
     import signal
     import time
-    args = ["preset=cpu", f"data={shapes}", "stage1.steps=5", "stage1.batch=8", "stage1.micro_batch=4",
-            "stage2.steps=4", "stage2.batch=4", "stage2.micro_batch=4", "log_every=1", "ckpt_every=2",
-            "sample_steps=1", "warmup=3"]
-    cmd = [sys.executable, str(ROOT / "train_gpt_style.py")]
-    subprocess.run(cmd + args + [f"run_dir={tmp_path}/a"], check=True, capture_output=True, timeout=600, cwd=ROOT)
-    # the same run, killed without warning once its step-4 checkpoint exists, then started again
-    p = subprocess.Popen(cmd + args + [f"run_dir={tmp_path}/b"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 300
-    while not (tmp_path / "b" / "ckpt" / "step0000004").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (tmp_path / "b" / "ckpt" / "step0000009").exists()  # it really died before the end
-    r = subprocess.run(cmd + args + [f"run_dir={tmp_path}/b"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stdout
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert sorted(a) == sorted(b) == list(range(1, 10))
-    for step in range(1, 10):  # across the stage switch at step 5
-        for x, y in zip(a[step], b[step]):
-            assert y == pytest.approx(x, rel=1e-6), (step, a[step], b[step])
-    ca, cb = (torch.load(tmp_path / r / "ckpt" / "step0000009" / "extra.pt", weights_only=False) for r in "ab")
-    assert ca["data_pos"] == cb["data_pos"] == 5 * 8 + 4 * 4
-    ea, eb = (torch.load(tmp_path / r / "ckpt" / "step0000009" / "ema.pt")["ema"] for r in "ab")
+    args = ["preset=cpu", f"data={shapes}", "stage1.steps=4", "stage1.batch=8", "stage1.micro_batch=4",
+            "stage2.steps=6", "stage2.batch=4", "stage2.micro_batch=4", "log_every=1", "ckpt_every=2",
+            "sample_steps=1", "warmup=3", "keep_ckpts=2"]
+    cmd = [sys.executable, str(ROOT / "train_gpt_style.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the reference runs beside the interrupted one, a core each
+    ref = subprocess.Popen(cmd + [f"run_dir={tmp_path}/a"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           cwd=ROOT, env=env)
+    run = tmp_path / "b"
+    rng = random.Random(0)
+    kills = sorted(rng.sample(range(1, 7), 3))
+    assert kills[-1] > 4  # after the stage switch
+    # a signal goes once the step is logged; SIGTERM by step 7, so that it stops before the last step, 10
+    plan = [(signal.SIGKILL, k) for k in kills] + [(signal.SIGTERM, rng.randint(kills[-1], 7)), (None, None)]
+    for sig, step in plan:
+        seen = len(_logged(run)) if (run / "metrics.jsonl").exists() else 0
+        logs = [open(tmp_path / name, "w+") for name in ("out.txt", "err.txt")]  # files: orphaned workers of a
+        p = subprocess.Popen(cmd + [f"run_dir={run}", "num_workers=2"], stdout=logs[0],  # killed run may hold them
+                             stderr=logs[1], text=True, cwd=ROOT, env=env, start_new_session=True)
+        if sig is not None:  # wait until this process has logged step `step`, then signal it
+            deadline = time.time() + 300
+            while time.time() < deadline and p.poll() is None and not (
+                    (run / "metrics.jsonl").exists() and any(s >= step for s, _ in _logged(run)[seen:])):
+                time.sleep(0.02)
+            os.killpg(p.pid, sig)
+        p.wait(timeout=300)
+        out, err = [f.seek(0) or f.read() for f in logs]
+        [f.close() for f in logs]
+        if sig == signal.SIGKILL:
+            assert p.returncode == -signal.SIGKILL, err[-2000:]
+        else:
+            assert p.returncode == 0, err[-2000:]
+        if sig == signal.SIGTERM:
+            stopped = int(re.search(r"stopped after step (\d+)/10 \(SIGTERM\)", out).group(1))
+            assert stopped < 10 and (run / "ckpt" / f"step{stopped:07d}" / "extra.pt").exists()
+        if sig is None:
+            assert "resumed from" in out and "done: 10 steps" in out
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
+    a, b = dict(_logged(tmp_path / "a")), _logged(run)
+    assert sorted(a) == sorted(dict(b)) == list(range(1, 11))
+    for step, values in b:
+        for x, y in zip(a[step], values):
+            assert y == pytest.approx(x, rel=1e-6), (step, a[step], values)
+    assert len(list((run / "ckpt").glob("step*"))) == 2 and not list((run / "ckpt").glob(".*"))
+    ca, cb = (torch.load(r / "ckpt" / "step0000010" / "extra.pt", weights_only=False) for r in (tmp_path / "a", run))
+    assert ca["data_pos"] == cb["data_pos"] == 4 * 8 + 6 * 4
+    ea, eb = (torch.load(r / "ckpt" / "step0000010" / "ema.pt")["ema"] for r in (tmp_path / "a", run))
     for k in ea:
         assert torch.allclose(ea[k], eb[k], rtol=1e-6, atol=1e-7)
 

@@ -1,0 +1,225 @@
+"""Faults a long run meets: a full disk, non-finite steps, signals, a wall-clock limit, corrupt checkpoints, bad
+input. Each test runs the real trainer in-process at toy size and checks what happens against what must hold."""
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train_gpt_style as T
+
+TINY = ["preset=cpu", "stages=1", "stage1.batch=4", "stage1.micro_batch=4", "log_every=1", "sample_steps=1",
+        "warmup=2", "lpips_weight=0", "pdino_weight=0"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from data_prep import make_shapes
+    return make_shapes(tmp_path_factory.mktemp("shapes"), n=64, shard_rows=32)
+
+
+def run(shapes, run_dir, *args):
+    return T.main(TINY + [f"data={shapes}", f"run_dir={run_dir}", *args])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(capsys, fn, *args):
+    """fn(*args) must stop with exit code 2 and exactly one line on stderr: the message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# ---------------------------------------------------------------- checkpoints: atomic, newest K, full disk
+
+
+def test_save_atomic_keeps_the_newest_k_and_survives_a_failed_write(tmp_path):
+    write = lambda text: lambda tmp: tmp.write_text(text)
+    for step in range(1, 6):
+        assert T.save_atomic(write(f"ck{step}"), tmp_path / f"step{step:07d}.pt", keep=3) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)]
+
+    def full_disk(tmp):
+        tmp.write_text("half a checkpo")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    err = T.save_atomic(full_disk, tmp_path / "step0000006.pt", keep=3)
+    assert err == f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)]  # no temporary left
+    assert [(tmp_path / f"step{s:07d}.pt").read_text() for s in (3, 4, 5)] == ["ck3", "ck4", "ck5"]
+    # a folder checkpoint (as torch.distributed.checkpoint writes), a temporary left by a killed process, keep=0
+    (tmp_path / ".step0000007.pt.tmp").write_text("killed while writing")
+    T.save_atomic(lambda tmp: (tmp.mkdir(), (tmp / "rank0").write_text("x")), tmp_path / "step0000008", keep=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)] + ["step0000008"]
+    assert (tmp_path / "step0000008" / "rank0").read_text() == "x"
+    # a run restarted with resume=off writes older step numbers: the new checkpoint is never the one removed
+    T.save_atomic(write("new"), tmp_path / "step0000001.pt", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000001.pt", "step0000008"]
+
+
+def test_full_disk_mid_run_continues_and_at_the_end_stops_naming_the_last_good_checkpoint(shapes, tmp_path,
+                                                                                           monkeypatch, capsys):
+    save, calls = torch.save, []
+
+    def flaky_save(obj, f, *a, **k):  # checkpoints 2 and 3 (the final one) hit a full disk half-way
+        calls.append(f)
+        if (tmp_path / "ckpt" / "step0000001").exists():  # the disk is full once the first checkpoint is written
+            if isinstance(f, (str, os.PathLike)):  # ema.pt, extra.pt (DCP serialises into memory first)
+                open(f, "wb").write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(T.torch, "save", flaky_save)
+    msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=3", "ckpt_every=1")
+    good = tmp_path / "ckpt" / "step0000001"
+    assert msg == (f"error: checkpoint {tmp_path}/ckpt/step0000003 not written (OSError: [Errno 28] No space left "
+                   f"on device); the last good one is {good}")
+    log = (tmp_path / "log.txt").read_text()
+    assert (f"checkpoint {tmp_path}/ckpt/step0000002 not written (OSError: [Errno 28] No space left on device); "
+            f"the last good one is {good}; training continues") in log
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2, 3]  # it went on after the failure
+    assert os.listdir(tmp_path / "ckpt") == ["step0000001"]  # the temporaries are gone
+    monkeypatch.undo()
+    assert torch.load(good / "extra.pt", weights_only=False)["step"] == 1
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+def test_non_finite_steps_are_skipped_on_device_and_k_in_a_row_stop_the_run(shapes, tmp_path, monkeypatch, capsys):
+    bad_steps, calls = {2, 4, 5}, []
+    flow_loss = T.flow_loss
+
+    def nan_flow_loss(*args):  # one call per step (one micro-batch per step)
+        calls.append(1)
+        loss = flow_loss(*args)
+        return loss * float("nan") if len(calls) in bad_steps else loss
+    monkeypatch.setattr(T, "flow_loss", nan_flow_loss)
+    snaps, train_step = [], T.Trainer.train_step
+
+    def state(tr):  # weights, EMA aside, and every optimizer state tensor
+        opt = [t.clone() for o in tr.optimizers for s in o.state.values() for t in s.values()]
+        return [p.detach().clone() for p in tr.model.parameters()], opt
+
+    def recording_step(tr, stage):
+        before = state(tr)
+        out = train_step(tr, stage)
+        snaps.append((before, state(tr)))
+        return out
+    monkeypatch.setattr(T.Trainer, "train_step", recording_step)
+    msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=8", "ckpt_every=2", "max_bad_steps=2")
+    assert msg == (f"error: 2 non-finite steps in a row (skipped) by step 5; the last good checkpoint is "
+                   f"{tmp_path}/ckpt/step0000004; lower lr or check the data, then resume")
+    same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(snaps) == 5
+    for step, ((p0, o0), (p1, o1)) in enumerate(snaps, 1):
+        if step in bad_steps:  # weights, Adam moments and step count, Muon momentum: exactly as before
+            assert same(p0, p1) and same(o0, o1), step
+        else:
+            assert not same(p0, p1), step
+    assert all(torch.isfinite(p).all() for p in snaps[-1][1][0])
+    rows = {r["step"]: r for r in metrics(tmp_path) if "loss" in r}
+    assert [rows[s]["skipped"] for s in range(1, 6)] == [0, 1, 1, 2, 3]
+    assert [rows[s]["loss"] != rows[s]["loss"] for s in range(1, 6)] == [s in bad_steps for s in range(1, 6)]
+    assert "skipped:3" in (tmp_path / "log.txt").read_text().splitlines()[-2]
+
+
+# ---------------------------------------------------------------- signals and the time limit
+
+
+def test_sigint_finishes_the_step_checkpoints_and_returns(shapes, tmp_path, monkeypatch):
+    train_step = T.Trainer.train_step
+
+    def interrupted_step(tr, stage):
+        if tr.step == 1:  # arrives during step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(tr, stage)
+    monkeypatch.setattr(T.Trainer, "train_step", interrupted_step)
+    before = signal.getsignal(signal.SIGINT)
+    tr = run(shapes, tmp_path, "stage1.steps=5", "ckpt_every=0")
+    assert tr.step == 2 and signal.getsignal(signal.SIGINT) is before  # handlers given back
+    assert os.listdir(tmp_path / "ckpt") == ["step0000002"]
+    assert f"stopped after step 2/5 (SIGINT); the checkpoint is {tmp_path}/ckpt/step0000002; run the same " \
+           "command to resume" in (tmp_path / "log.txt").read_text()
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2]
+
+
+def test_time_limit_stops_with_a_checkpoint_before_the_deadline(shapes, tmp_path, monkeypatch):
+    """A fake clock: each step takes 10 s, nothing else takes time. With time_limit=50 the checkpoint reserve is
+    50 / 10 = 5 s until one is measured; after step k the run goes on while 10 k + 2 * 10 + 5 <= 50, so it stops
+    after step 3, and its checkpoint is done at t = 30, before the deadline."""
+    now = [0.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    train_step = T.Trainer.train_step
+
+    def ten_second_step(tr, stage):
+        now[0] += 10
+        return train_step(tr, stage)
+    monkeypatch.setattr(T.Trainer, "train_step", ten_second_step)
+    tr = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "time_limit=50")
+    assert tr.step == 3 and now[0] == 30 <= 50
+    assert os.listdir(tmp_path / "ckpt") == ["step0000003"]
+    assert "stopped after step 3/8 (time_limit)" in (tmp_path / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------- bad input: one line, before any model
+
+
+def test_new_constants_are_checked():
+    for bad in (["keep_ckpts=-1"], ["time_limit=-5"], ["max_bad_steps=0"], ["lr=0"], ["grad_clip=-1"],
+                ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"]):
+        with pytest.raises(ValueError):
+            T.parse_args(bad, cuda_available=False)
+    hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1"], cuda_available=False)
+    assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps) == (0, 3600.0, 1)
+
+
+def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes, tmp_path, capsys):
+    for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
+        msg = one_line_error(capsys, run, shapes, tmp_path / "r", f"{name}=./no/such/folder")
+        assert msg == f"error: {name}=./no/such/folder is neither a local folder nor a hub id (org/name); " \
+                      f"set {name}=PATH or ID"
+    assert one_line_error(capsys, run, tmp_path / "nope", tmp_path / "r").startswith(
+        f"error: data folder {tmp_path}/nope does not exist")
+    assert not (tmp_path / "r").exists()
+    # a hub id that cannot be downloaded here (offline), and a folder that holds no model
+    (tmp_path / "empty").mkdir()
+    for value in ("nobody-here/no-model", tmp_path / "empty"):
+        msg = one_line_error(capsys, run, shapes, tmp_path / "r", f"text_encoder={value}")
+        assert msg.startswith(f"error: cannot load text_encoder {value} (") and msg.endswith(
+            "set text_encoder to a folder holding the model or a hub id that can be downloaded")
+
+
+def test_run_dir_that_is_not_writable_is_one_line(shapes, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    msg = one_line_error(capsys, run, shapes, tmp_path / "file" / "run")
+    assert msg == f"error: run_dir {tmp_path}/file/run is not writable (Not a directory: {tmp_path}/file/run); " \
+                  "set run_dir to another folder"
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_path, capsys):
+    args = ["stage1.steps=2", "ckpt_every=1"]
+    run(shapes, tmp_path, *args)
+    first = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r}
+    newest = tmp_path / "ckpt" / "step0000002"
+    (newest / "extra.pt").write_bytes((newest / "extra.pt").read_bytes()[:500])  # truncated, as by a crash of the file system
+    capsys.readouterr()
+    run(shapes, tmp_path, *args)
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {newest} is unreadable (" in out and "trying the one before" in out
+    assert f"resumed from {tmp_path}/ckpt/step0000001 at step 1" in out
+    redone = [r for r in metrics(tmp_path) if "loss" in r][-1]
+    assert redone["step"] == 2 and redone["loss"] == pytest.approx(first[2], rel=1e-6)
+    assert torch.load(newest / "extra.pt", weights_only=False)["step"] == 2  # written again, complete
+    # nothing readable at all: refuse rather than start over on top of them
+    for p in (tmp_path / "ckpt").iterdir():
+        (p / "extra.pt").write_bytes(b"garbage")
+    msg = one_line_error(capsys, run, shapes, tmp_path, *args)
+    assert msg == f"error: no readable checkpoint in {tmp_path}/ckpt; move them away, or set resume=off or a new " \
+                  "run_dir"
