@@ -642,7 +642,7 @@ def load_encoder(name, fn, path, *args):  # fn(path, *args), or one line when pa
     try:
         return fn(path, *args)
     except (OSError, ValueError) as e:
-        fail(f"cannot load {name} {path} ({str(e).strip().splitlines()[0][:160]}); set {name} to a folder holding "
+        fail(f"cannot load {name} {path} ({' '.join(str(e).split())[:160]}); set {name} to a folder holding "
              "the model or a hub id that can be downloaded")
 
 
@@ -1043,8 +1043,8 @@ def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, c
     return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
 
 
-def own_session(worker_id):  # loading workers leave the trainer's process group, so that a SIGTERM or SIGINT sent
-    os.setsid()  # to the group (Ctrl-C, kill -- -PGID) reaches the trainer only, which then stops cleanly
+def own_session(worker_id):  # a loading worker leaves the trainer's process group: Ctrl-C or a SIGTERM sent to the
+    os.setsid()  # group reaches the trainer only, which stops cleanly (a dead worker would crash it)
 
 
 def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)

@@ -31,8 +31,11 @@ def metrics(run_dir):
 def one_line_error(capsys, fn, *args):
     """fn(*args) must stop with exit code 2 and exactly one line on stderr: the message."""
     capsys.readouterr()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SystemExit) as e:
         fn(*args)
+    for sig, h in handlers.items():  # a run that ends the process leaves its handlers in place; this one goes on
+        signal.signal(sig, h)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
