@@ -131,7 +131,7 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale, every component on, under 9 minutes on 2 cores (README).
+# The CPU demo: the same code path at toy scale, about 8 minutes on 2 cores (README: scores and ablations).
 # Its encoders are tiny random models built through the same transformers classes as the real ones.
 PRESETS = {
     "record": {},
