@@ -10,3 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: everything loads fr
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs (tens of seconds); CI runs them too")
+
+
+def global_batches(samplers, world, micro, batch, steps):
+    """Concatenate the ranks' micro-batches of each step: the global batch as the index lists of every rank."""
+    its = [iter(s) for s in samplers]
+    out = []
+    for _ in range(steps):
+        ids = []
+        for it in its:
+            for _ in range(batch // (world * micro)):
+                ids += next(it)
+        out.append(ids)
+    return out

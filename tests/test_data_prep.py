@@ -17,6 +17,7 @@ from PIL import Image
 
 import data_prep as dp
 import train_gpt_style as T
+import conftest
 from conftest import ROOT
 
 RES, PATCH = 64, 8  # small buckets: 64x64, 72x56, 88x48 and transposes
@@ -264,15 +265,8 @@ def bucketed(tmp_path_factory):
 
 def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
     groups = ds.set_stage(RES, PATCH, 2.0)
-    it = [iter(T.StreamSampler(len(ds), 3, start, batch, micro, r, world, groups, first)) for r in range(world)]
-    out = []
-    for _ in range(steps):
-        ids = []
-        for r in range(world):
-            for _ in range(batch // (world * micro)):
-                ids += next(it[r])
-        out.append(ids)
-    return out
+    samplers = [T.StreamSampler(len(ds), 3, start, batch, micro, r, world, groups, first) for r in range(world)]
+    return conftest.global_batches(samplers, world, micro, batch, steps)
 
 
 def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):

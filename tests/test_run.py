@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_gpt_style as T
+import conftest
 from conftest import ROOT
 
 
@@ -21,15 +22,8 @@ def shapes(tmp_path_factory):
 
 def test_stream_sampler_same_global_batch_for_any_world_size():
     def global_batches(world, micro, steps=5, batch=12, start=30):
-        per_rank = [iter(T.StreamSampler(50, 7, start, batch, micro, r, world)) for r in range(world)]
-        out = []
-        for _ in range(steps):
-            ids = []
-            for r in range(world):
-                for _ in range(batch // (world * micro)):
-                    ids += next(per_rank[r])
-            out.append(ids)
-        return out
+        samplers = [T.StreamSampler(50, 7, start, batch, micro, r, world) for r in range(world)]
+        return conftest.global_batches(samplers, world, micro, batch, steps)
 
     ref = global_batches(1, 12)
     for world, micro in ((1, 3), (2, 6), (4, 1), (3, 2)):
