@@ -1739,6 +1739,7 @@ class Trainer:
             if hp.preset == "cpu":
                 self.score_demo()
         if self.distributed:
+            dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
             dist.destroy_process_group()
         return self
 

@@ -121,6 +121,7 @@ def muon_worker():
         result[str(mesh_shape)] = dict(err=err, counts=counts, full=full_calls)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result))
+    dist.barrier()  # a rank that tears gloo down while another still uses it aborts ("terminate called ...")
     dist.destroy_process_group()
 
 
