@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -224,8 +223,8 @@ def check_config(hp):
                  "pdino_res", "bench_devices"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size", "keep_ckpts",
-                 "time_limit", "repa_weight", "lpips_weight", "pdino_weight"):
+    for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size",
+                 "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
     for name in ("lr", "grad_clip", "t_shift", "t_min_div", "mlp_ratio", "peak_tflops"):
@@ -1127,148 +1126,6 @@ def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: fixed prompts and seeds, generated in slices across ranks, features all-gathered, compared with the
-# held-out reference images (<data>/heldout): FID (Inception), FD-DINOv2 (Stein et al. 2023), CMMD (CLIP ViT-L/14-336,
-# Jayasumana et al. 2024), CLIP score. Reference statistics are computed once per model and resolution, and cached.
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def frechet_distance(mu1, s1, mu2, s2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, with tr (S1 S2)^1/2 = sum of the square roots of the
-    eigenvalues of the symmetric S1^1/2 S2 S1^1/2 (no complex matrix square root)."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
-    w, V = torch.linalg.eigh(s1)
-    r1 = (V * w.clamp(min=0).sqrt()) @ V.T  # S1^1/2
-    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
-
-
-def gaussian_stats(f):  # features (N, D) -> mean (D,), unbiased covariance (D, D), float64
-    return f.double().mean(0), torch.cov(f.double().T)
-
-
-def mmd(x, y, sigma=10.0, scale=1000.0, unbiased=True):
-    """scale x squared MMD of x (m, D) and y (n, D) with the kernel exp(-|a - b|^2 / (2 sigma^2)) (CMMD: 10, 1000).
-    Unbiased as in the CMMD paper (no i = j pairs within a set); unbiased=False: its reference code's V-statistic."""
-    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()).pow(2) / (2 * sigma ** 2))
-    within = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1)) if unbiased else K.mean()
-    return (scale * (within(k(x, x)) + within(k(y, y)) - 2 * k(x, y).mean())).item()
-
-
-def load_eval_models(hp, device):
-    """Frozen float32 feature extractors, by hub id or local folder: name -> fn(images (B, 3, H, W) in [0, 1]) ->
-    (B, D); "clip_text": prompts -> unit CLIP text embeddings."""
-    def prep(x, size, mean, std):  # bicubic resize, then the model's normalisation
-        x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
-    fns, name = {}, ""
-    try:
-        if name := hp.eval_inception:  # timm (optional package): 2048-d pooled features (num_classes=0)
-            import timm
-            net = timm.create_model(("local-dir:" if Path(name).is_dir() else "hf-hub:") + name, pretrained=True,
-                                    num_classes=0).to(device).eval()
-            c = net.pretrained_cfg
-            fns["inception"] = lambda x: net(prep(x, c["input_size"][1:], c["mean"], c["std"]))
-        if name := hp.eval_dino:  # the CLS token after the final norm
-            dino = load_vit(name, device, torch.float32)
-            fns["dinov2"] = lambda x: dino(pixel_values=prep(x, (224, 224), IMAGENET_MEAN, IMAGENET_STD)).pooler_output
-        if name := hp.eval_clip:
-            from transformers import AutoTokenizer, CLIPModel
-            clip, tok = CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name)
-            size, n_tok = clip.config.vision_config.image_size, clip.config.text_config.max_position_embeddings
-            fns["clip"] = lambda x: F.normalize(clip.get_image_features(
-                pixel_values=prep(x, (size, size), CLIP_MEAN, CLIP_STD)).pooler_output, dim=-1)
-
-            def clip_text(prompts):
-                b = tok(prompts, padding=True, truncation=True, max_length=n_tok, return_tensors="pt").to(device)
-                return F.normalize(clip.get_text_features(**b).pooler_output, dim=-1)
-            fns["clip_text"] = clip_text
-    except ImportError as e:
-        fail(f"evaluation: {e}; pip install it (timm: FID's Inception), or set eval_inception= to skip FID")
-    except (OSError, ValueError) as e:
-        fail(f"cannot load evaluation model {name}: {str(e).splitlines()[0][:200]}")
-    return fns
-
-
-def prepare_eval(hp, device):
-    """Everything the evaluation needs, loaded once, so that a bad path fails before training starts:
-    -> (feature extractors, held-out reference images (ShardDataset), prompts)."""
-    try:
-        ref = ShardDataset(Path(hp.data) / "heldout")
-        prompts = Path(hp.eval_prompts).read_text().splitlines() if hp.eval_prompts else \
-            list(ref.ds.select(range(min(hp.eval_n, len(ref))))["caption"])
-    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-        fail(f"evaluation: {e}; write the held-out split with data_prep.py, fix eval_prompts, or set eval_every=0")
-    if min(len(prompts), len(ref), hp.eval_n) < 2:
-        fail(f"evaluation needs >= 2 prompts and reference images, has {len(prompts)} and {len(ref)}")
-    return load_eval_models(hp, device), ref, [p or "" for p in prompts[:hp.eval_n]]
-
-
-@torch.no_grad()
-def eval_features(fns, chunks, device):
-    """This rank's chunks of (images in [0, 1], prompts or None) -> {name: (N, D)} of all ranks, in order; with
-    prompts also "clip_score" (N, 1): 100 x cosine of the CLIP image and text embeddings, clipped at 0."""
-    out = {}
-    for x, prompts in chunks:
-        f = {k: fn(x.to(device)).float() for k, fn in fns.items() if k != "clip_text"}
-        if prompts is not None and "clip" in f:
-            f["clip_score"] = 100 * (f["clip"] * fns["clip_text"](prompts)).sum(-1, keepdim=True).clamp(min=0)
-        for k, v in f.items():
-            out.setdefault(k, []).append(v.cpu())
-    parts = [out]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, out)
-    return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
-
-
-def run_eval(model, text, hp, ev, res, cache_dir, device, batch=32):
-    """The fixed evaluation of `model` at res x res (ev: prepare_eval's) -> metrics, on every rank. Image i comes from
-    prompt i and the noise of eval_seed + i, with the run's sampling steps, CFG and guidance interval."""
-    fns, ref, prompts = ev
-    m, n = len(prompts), min(hp.eval_n, len(ref))  # generated and reference images
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def mine(N):  # this rank's contiguous part of range(N), in batches
-        lo, hi = rank * -(-N // world), min(N, (rank + 1) * -(-N // world))
-        return [(a, min(a + batch, hi)) for a in range(lo, hi, batch)]
-
-    def generated():
-        for a, b in mine(m):
-            x = generate(model, text, prompts[a:b], (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
-                         hp.eval_seed + a, batch, device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
-            yield ((x + 1) * 127.5).round() / 255, prompts[a:b]  # quantised like a saved PNG
-
-    gen = eval_features(fns, generated(), device)
-    ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
-    paths = {k: Path(cache_dir, re.sub(r"[^\w.-]", "_", f"{k}-{v}-res{res}-n{n}") + ".pt") for k, v in ids.items() if v}
-    todo = [[k for k, p in paths.items() if not p.exists()]]  # rank 0 decides for all
-    if dist.is_initialized():
-        dist.broadcast_object_list(todo, 0)
-    if todo[0]:  # reference features of the first n held-out images, resized like training images
-        ref.set_stage(res, hp.patch, 1.0)  # square centre crops, like the square generated images
-        f = eval_features({k: fns[k] for k in todo[0]}, ((torch.stack([ref[j][0] for j in range(a, b)]) / 255, None)
-                                                         for a, b in mine(n)), device)
-        if rank == 0:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            for k in todo[0]:  # CMMD needs the embeddings themselves, FD only their Gaussian statistics
-                torch.save(f[k] if k == "clip" else gaussian_stats(f[k]), paths[k].with_suffix(".tmp"))
-                os.replace(paths[k].with_suffix(".tmp"), paths[k])
-        if dist.is_initialized():
-            dist.barrier()
-    ref_stats = {k: torch.load(p, weights_only=True) for k, p in paths.items()}
-    out = dict(eval_n=m, eval_res=res)
-    for k, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
-        if k in ref_stats:
-            out[metric] = frechet_distance(*gaussian_stats(gen[k]), *ref_stats[k])
-    if "clip" in ref_stats:
-        out["cmmd"] = mmd(gen["clip"].to(device), ref_stats["clip"].to(device))  # 3 (n x n) kernels: on the device
-        out["clip_score"] = gen["clip_score"].mean().item()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -1385,7 +1242,9 @@ class Trainer:
         self.step, self.stage_idx, self.data_pos = 0, 0, 0
         self.bad_run, self.worst_run, self.skipped = torch.zeros(3, dtype=torch.long, device=dev)  # non-finite steps
         self.sample_prompts = None if hp.bench else self.fixed_prompts()
-        self.eval_inputs = prepare_eval(hp, dev) if hp.eval_every and not hp.bench else None  # bad paths fail now
+        if hp.eval_every and not hp.bench:  # the fixed evaluation lives in sample.py; bad paths fail now
+            from sample import prepare_eval
+            self.eval_inputs = prepare_eval(hp, dev)
 
     def shard(self):
         """FSDP2: each block, then the rest of the DiT, and the REPA projector, sharded over `shard_size` ranks and
@@ -1767,6 +1626,7 @@ class Trainer:
 
     def evaluate(self, res):
         """The fixed evaluation (README "Evaluation") of the EMA weights; the caller keeps it off the training clock."""
+        from sample import run_eval
         t0 = time.perf_counter()
         self.ema.eval()
         m = run_eval(self.ema, self.text, self.hp, self.eval_inputs, res, self.run_dir / "eval_ref", self.device)
