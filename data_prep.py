@@ -201,6 +201,50 @@ def make_shapes(out_dir, n=50000, size=64, seed=0, workers=None, shard_rows=SHAR
     return out
 
 # ----------------------------------------------------------------------------------------------
+# The demo's encoders: tiny random models of the real classes (no download), loaded by the trainer through
+# the code path of the real checkpoints
+
+DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in the top left")
+def build_demo_encoders(folder, hp, vocab_text, vits=None):
+    """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
+    through exactly the code path of the real checkpoints. Returns the three folder paths."""
+    import torch
+    from train_gpt_style import TINY_VIT
+    vits, folder = vits or (TINY_VIT, TINY_VIT), Path(folder)
+    paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
+    if all((p / "config.json").exists() for p in paths):
+        return [str(p) for p in paths]
+    with torch.random.fork_rng(devices=[]):  # leaves the run's random stream as it was
+        torch.manual_seed(0)
+        _write_random_encoders(paths, hp, vocab_text, vits)
+    return [str(p) for p in paths]
+
+
+def _write_random_encoders(paths, hp, vocab_text, vits):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(vocab_text, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                  bos_token="<bos>")
+    # A random encoder attends almost uniformly; local (sliding-window) attention makes each word's output the
+    # average of its own phrase, so a colour stays bound to its shape and position in two-object captions.
+    mod = dict(vocab_size=tok.vocab_size, hidden_size=hp.text_dim, intermediate_size=2 * hp.text_dim,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hp.text_dim // 2,
+               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=DEMO_TEXT_WINDOW,
+               layer_types=["sliding_attention"] * 2)
+    T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
+    tok.save_pretrained(paths[0])
+    regs = dict(num_register_tokens=4)  # the real checkpoints have 4 registers
+    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
+                             ).save_pretrained(paths[2])
+
+
+# ----------------------------------------------------------------------------------------------
 # Scorer: find each named object by colour, then judge position, shape and size from its pixels
 
 COLOR_TOL = 60  # max RGB distance of a pixel from the white->colour line to count as that colour

@@ -606,7 +606,8 @@ def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, b
 
 # ----------------------------------------------------------------------------------------------------------------
 # Frozen encoders: text (T5Gemma), REPA target (DINOv3), P-DINO (DINOv2 with registers), LPIPS-VGG.
-# Each loads by hub id or local folder through the same code path; the CPU demo builds tiny random ones.
+# Each loads by hub id or local folder through the same code path; the CPU demo builds tiny random ones
+# (data_prep.build_demo_encoders), the bench random ones of the real architectures.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -666,47 +667,9 @@ def vit_patch_tokens(vit, img01, size):
     return h[:, 1 + getattr(vit.config, "num_register_tokens", 0):].float()
 
 
-DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in the top left")
 TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 REAL_VITS = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),  # v3 L/16
              dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))  # v2 B/14
-
-
-def build_demo_encoders(folder, hp, vocab_text, vits=(TINY_VIT, TINY_VIT)):
-    """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
-    through exactly the code path of the real checkpoints. Returns the three folder paths."""
-    folder = Path(folder)
-    paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
-    if all((p / "config.json").exists() for p in paths):
-        return [str(p) for p in paths]
-    with torch.random.fork_rng(devices=[]):  # leaves the run's random stream as it was
-        torch.manual_seed(0)
-        _write_random_encoders(paths, hp, vocab_text, vits)
-    return [str(p) for p in paths]
-
-
-def _write_random_encoders(paths, hp, vocab_text, vits):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
-                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(vocab_text, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-                                  bos_token="<bos>")
-    # A random encoder attends almost uniformly; local (sliding-window) attention makes each word's output the
-    # average of its own phrase, so a colour stays bound to its shape and position in two-object captions.
-    mod = dict(vocab_size=tok.vocab_size, hidden_size=hp.text_dim, intermediate_size=2 * hp.text_dim,
-               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hp.text_dim // 2,
-               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=DEMO_TEXT_WINDOW,
-               layer_types=["sliding_attention"] * 2)
-    T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
-    tok.save_pretrained(paths[0])
-    regs = dict(num_register_tokens=4)  # the real checkpoints have 4 registers
-    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
-    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
-                             ).save_pretrained(paths[2])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1202,15 +1165,16 @@ class Trainer:
         warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
         enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
-        if hp.bench:  # random encoders of the configured architectures: same cost, no download
+        from data_prep import build_demo_encoders as demo_encoders  # tiny or real-size random models, no download
+        if hp.bench:  # random encoders of the configured architectures: same cost
             vits = (TINY_VIT, TINY_VIT) if hp.preset == "cpu" else REAL_VITS
-            paths = self.on_master(build_demo_encoders, self.run_dir / "bench_encoders", hp, ["a b c"], vits)
+            paths = self.on_master(demo_encoders, self.run_dir / "bench_encoders", hp, ["a b c"], vits)
         else:
             self.prepare_data()
         if hp.preset == "cpu" and not hp.bench:
             vocab = Path(hp.data, "prompts_seen.txt").read_text().splitlines() + \
                 Path(hp.data, "prompts_heldout.txt").read_text().splitlines() + ["and"]
-            demo = self.on_master(build_demo_encoders, self.run_dir / "demo_encoders", hp, vocab)
+            demo = self.on_master(demo_encoders, self.run_dir / "demo_encoders", hp, vocab)
             paths = [p or d for p, d in zip(paths, demo)]
         self.text = load_encoder("text_encoder", TextEncoder, paths[0], hp.text_len, dev, enc_dtype)
         if self.text.dim != hp.text_dim:

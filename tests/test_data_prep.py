@@ -322,7 +322,7 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     shutil.copytree(bucketed, data)
     hp = T.Hyperparameters(text_len=16, text_dim=32)
     captions = [r["caption"] for r in read_table(data / "train")]
-    enc_dir = T.build_demo_encoders(tmp_path / "enc", hp, captions)[0]
+    enc_dir = dp.build_demo_encoders(tmp_path / "enc", hp, captions)[0]
     stats = [dp.encode_text(data, enc_dir, 16, batch=7, rank=r, world=2) for r in (0, 1)]
     files = sorted((data / "train").glob("*.parquet"))
     assert [s["files"] for s in stats] == [len(files[0::2]), len(files[1::2])]
@@ -435,7 +435,7 @@ def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path):
     assert {c for cs in damage.values() for c in cs} >= {"undecodable", "truncated", "empty_caption"}
     vocab = (clean / "prompts_seen.txt").read_text().splitlines() + ["and"]
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
-    enc = T.build_demo_encoders(tmp_path / "enc", hp0, vocab)[0]
+    enc = dp.build_demo_encoders(tmp_path / "enc", hp0, vocab)[0]
     run = tmp_path / "run"
     steps = [(32, 8, 4, 5), (32, 4, 2, 3)]  # (res, batch, micro, steps): two stages
     args = ["preset=record", f"data={data}", f"run_dir={run}", f"text_encoder={enc}", "text_dim=32", "text_len=16",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_gpt_style as T
+from data_prep import build_demo_encoders
 import conftest
 from conftest import ROOT
 
@@ -86,7 +87,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     hp = T.parse_args(["preset=cpu", f"data={data}"], False)
-    enc_dir = T.build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
+    enc_dir = build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
     text = T.TextEncoder(enc_dir, hp.text_len, torch.device("cpu"), torch.float32)
     for shard in sorted((data / "train").glob("*.parquet")):
         captions = datasets.Dataset.from_parquet(str(shard))["caption"]

@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 
 import sample as S
 import train_gpt_style as T
+from data_prep import build_demo_encoders
 from conftest import ROOT
 
 
@@ -20,7 +21,7 @@ def run(tmp_path_factory):
     files) and the demo's random text encoder."""
     d = tmp_path_factory.mktemp("run")
     hp = T.parse_args(["preset=cpu", "hidden=64", "depth=3", "heads=2", "text_dim=32", "text_len=12"], False)
-    T.build_demo_encoders(d / "demo_encoders", hp, ["a small red circle in the top left", "and"])
+    build_demo_encoders(d / "demo_encoders", hp, ["a small red circle in the top left", "and"])
     torch.manual_seed(0)
     model = T.PRXDiT(hp)
     with torch.no_grad():
