@@ -901,19 +901,34 @@ class ShardDataset(torch.utils.data.Dataset):
             if not {"image", "caption"} <= set(names):
                 raise ValueError(f"{f} has columns {names}, not image and caption; convert it with data_prep.py")
         datasets.disable_progress_bars()
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        ds = self.load_parquet(files)
         ds = ds.cast_column("image", datasets.Image(decode=False))
         self.sizes = [ds.data.column(c).to_numpy() if c in ds.column_names else np.ones(len(ds))
                       for c in ("width", "height")]
         embs = [root / "text_emb" / f.relative_to(root) for f in files]
         self.has_emb = all(e.exists() for e in embs)
         if self.has_emb:
-            emb = datasets.load_dataset("parquet", data_files=[str(e) for e in embs], split="train")
+            emb = self.load_parquet(embs)
             if len(emb) != len(ds):
                 raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
                                  "rewrite text_emb/ so that it mirrors the shards row for row")
             ds = datasets.concatenate_datasets([ds, emb.select_columns(["text_emb", "n_tokens"])], axis=1)
         self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
+
+    @staticmethod
+    def load_parquet(files):  # a garbled data page behind a valid footer is found here: named, one line
+        import datasets
+        import pyarrow.parquet as pq
+        try:
+            return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            for f in files:  # only on this error: read each file in full to name the bad one
+                try:
+                    pq.read_table(f)
+                except Exception as bad:
+                    raise ValueError(f"{f} is corrupt ({type(bad).__name__}: {str(bad).splitlines()[0][:100]}); "
+                                     "re-create it with data_prep.py or delete it") from None
+            raise ValueError(f"cannot load the shards ({e.__cause__ or e})") from None
 
     def __len__(self):
         return len(self.ds)
@@ -1127,17 +1142,12 @@ class Trainer:
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
             self.cpu_group = dist.new_group(backend="gloo")  # for the stop flags: no device sync
-        else:
-            self.rank, self.world = 0, 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        self.master = self.rank == 0
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.master, local_rank = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         for i, st in enumerate(hp.stages, 1):
             if st.batch % (self.world * st.micro_batch):
                 fail(f"stage{i}.batch={st.batch} is not divisible by world size {self.world} x "
@@ -1394,9 +1404,8 @@ class Trainer:
         data position, per-rank RNG, clock, config). Written to ckpt/.<tag>.tmp and renamed: complete or absent."""
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        rngs = [rng]
+        rngs = [rng] * self.world
         if self.distributed:
-            rngs = [None] * self.world
             dist.all_gather_object(rngs, rng)
         ck = self.run_dir / "ckpt"
         tmp, err = ck / f".{tag}.tmp", None

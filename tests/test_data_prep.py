@@ -420,6 +420,11 @@ def test_fuzz_truncated_and_foreign_shards_are_named(tmp_path):
                         f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {second} is not a readable parquet file")
+    garbled = bytearray(raw)  # a valid footer, but garbage inside the column data
+    garbled[len(raw) // 3:len(raw) // 3 + 600] = np.random.default_rng(0).integers(0, 256, 600, np.uint8).tobytes()
+    second.write_bytes(garbled)
+    with pytest.raises(ValueError, match=f"{second} is corrupt"):
+        T.ShardDataset(data)
     import datasets
     datasets.Dataset.from_dict({"img": [b"x"], "text": ["a"]}).to_parquet(str(second))
     with pytest.raises(ValueError, match=r"has columns \['img', 'text'\], not image and caption"):
