@@ -1020,8 +1020,13 @@ def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, c
     return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
 
 
-def own_session(worker_id):  # a loading worker leaves the trainer's process group: Ctrl-C or a SIGTERM sent to the
-    os.setsid()  # group reaches the trainer only, which stops cleanly (a dead worker would crash it)
+def own_session(worker_id):
+    """A loading worker leaves the trainer's process group and ignores SIGTERM and SIGINT: whether a signal goes to
+    the group (Ctrl-C) or to every process (a scheduler), the trainer alone acts on it and stops cleanly (a dead
+    worker would crash it); the workers end with the trainer."""
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,8 +146,8 @@ def test_resume_after_kills_and_sigterm_gives_the_same_losses(shapes, tmp_path):
     """A run killed with SIGKILL at three seeded random steps (one after the stage switch at step 4), then stopped
     with SIGTERM, then finished: every step it logs, first time or again after a resume, equals the uninterrupted
     run's to 1e-6, and so do the final EMA weights and data position. The interrupted run loads data with two
-    workers and each signal goes to its process group, as Ctrl-C or `kill -- -PGID` sends it; the reference loads
-    data in the main process."""
+    workers and each signal goes to its process group, as Ctrl-C or `kill -- -PGID` sends it (SIGTERM to the workers
+    too); the reference loads data in the main process."""
     import random
     import signal
     import time
@@ -173,7 +174,11 @@ def test_resume_after_kills_and_sigterm_gives_the_same_losses(shapes, tmp_path):
             while time.time() < deadline and p.poll() is None and not (
                     (run / "metrics.jsonl").exists() and any(s >= step for s, _ in _logged(run)[seen:])):
                 time.sleep(0.02)
+            # SIGTERM also goes to each loading worker, as a scheduler (SLURM) signals every process of a job
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if sig == signal.SIGTERM else []
             os.killpg(p.pid, sig)
+            for k in kids:
+                os.kill(int(k), sig)
         p.wait(timeout=300)
         out, err = [f.seek(0) or f.read() for f in logs]
         [f.close() for f in logs]
