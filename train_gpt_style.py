@@ -1565,7 +1565,11 @@ class Trainer:
                     self.evaluate(stage.res)
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
-            self.log(f"data: bad rows replaced or converted so far (rank 0): {self.dataset.skipped or 'none'}")
+            bad = [self.dataset.skipped] * self.world  # counted per rank: summed over all
+            if self.distributed:
+                dist.all_gather_object(bad, self.dataset.skipped)
+            bad = {c: sum(b.get(c, 0) for b in bad) for c in sorted(set().union(*bad))}
+            self.log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
         for sig, h in handlers.items():
             signal.signal(sig, h)
         if stop:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, corrupt_copy
 
 # One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
 # (TREAD, REPA, LPIPS, P-DINO, caption dropout, Muon, EMA); fp32 so that the only differences are summation orders.
@@ -40,7 +40,8 @@ def losses(run_dir):  # step -> (loss, grad norm); a step logged twice keeps the
 def runs(tmp_path_factory):
     from data_prep import make_shapes
     tmp = tmp_path_factory.mktemp("dist")
-    data = make_shapes(tmp / "shapes", n=256, shard_rows=128)
+    data = tmp / "data"  # with damaged rows: replaced by the same rows, and counted the same, on any world size
+    corrupt_copy(make_shapes(tmp / "shapes", n=256, shard_rows=128), data, seed=0)
     logs = {1: train(tmp / "w1", data), 2: train(tmp / "w2", data, 2),
             4: train(tmp / "w4", data, 4, ["shard_size=2"])}
     return tmp, data, logs
@@ -60,6 +61,9 @@ def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
         for step in ref:
             for x, y in zip(ref[step], got[step]):
                 assert y == pytest.approx(x, rel=1e-4), (world, step, ref[step], got[step])
+    bad_rows = {w: [line for line in logs[w].splitlines() if line.startswith("data: bad rows")] for w in logs}
+    assert bad_rows[1] != ["data: bad rows replaced or converted so far (all ranks): none"]
+    assert bad_rows[1] == bad_rows[2] == bad_rows[4] and len(bad_rows[1]) == 1
     # each rank wrote its own shard of the weights and optimizer states
     assert len(list((tmp / "w4" / "ckpt" / "step0000005").glob("*.distcp"))) == 4
 
