@@ -1282,12 +1282,14 @@ class Trainer:
         accum = stage.batch // (self.world * stage.micro_batch)
         sums = torch.zeros(8, device=dev)  # loss, LOSS_PARTS, and flow summed per t-bin (3)
         counts = torch.zeros(3, device=dev)
-        per_rank, n_tok = stage.batch // self.world, (stage.res // hp.patch) ** 2
-        drops, ts, keeps = batch_draws(hp, stage.batch, n_tok, self.data_pos, self.gen)
+        per_rank = stage.batch // self.world
         for a in range(accum):
             for m in self.sharded:  # reduce-scatter gradients after the last micro-batch only
                 m.set_requires_gradient_sync(a == accum - 1)
             imgs, captions, emb = next(self.loader)
+            if a == 0:  # the global batch is one aspect bucket: its token count shapes the TREAD draws
+                n_tok = (imgs.shape[2] // hp.patch) * (imgs.shape[3] // hp.patch)
+                drops, ts, keeps = batch_draws(hp, stage.batch, n_tok, self.data_pos, self.gen)
             x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             B = x0.shape[0]
             if emb is not None:  # precomputed (ShardDataset)

@@ -269,6 +269,28 @@ def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
     return conftest.global_batches(samplers, world, micro, batch, steps)
 
 
+@pytest.mark.slow
+def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path):
+    """Non-square buckets hold other token counts (72x56 at patch 8: 63, not 64): TREAD's routing and REPA's target
+    grid follow each global batch's bucket."""
+    hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
+    enc = dp.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
+    steps, batch = 8, 6
+    T.main(["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", f"text_encoder={enc[0]}",
+            f"repa_encoder={enc[1]}", "text_dim=32", "text_len=16", "hidden=32", "depth=3", "heads=2", "patch=8",
+            "bottleneck=16", "tread_frac=0.5", "tread_start=0", "tread_end=1", "repa_block=1", "lpips_weight=0",
+            "pdino_weight=0", "compile=0", "amp=0", "num_workers=0", "sample_steps=1", "log_every=1", "ckpt_every=0",
+            "warmup=1", "eval_every=0", "stages=1", f"stage1.res={RES}", f"stage1.batch={batch}",
+            f"stage1.micro_batch={batch}", f"stage1.steps={steps}", "stage1.repa=1", "sample_every=0"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) and -1 <= r["repa"] <= 1 and r["repa"] != 0 for r in rows if "loss" in r)
+    ds = T.ShardDataset(bucketed)  # the global batches of the run (seed 0)
+    it = iter(T.StreamSampler(len(ds), 0, 0, batch, batch, 0, 1, ds.set_stage(RES, PATCH, 2.0)))
+    used = {ds.buckets[ds.bucket_of[next(it)[0]]] for _ in range(steps)}
+    assert {(w // PATCH) * (h // PATCH) for w, h in used} - {(RES // PATCH) ** 2}  # other token counts met
+
+
 def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     ds = T.ShardDataset(bucketed)
     ref = global_batches(ds, 1, 6)
