@@ -103,6 +103,7 @@ class Hyperparameters:
     amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
     shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
     reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
+    recompute: str = ""  # blocks recomputed in backward (activation checkpointing): "0-3,7", "all"; "": none
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
@@ -257,6 +258,18 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+    block_set(hp.recompute, hp.depth)
+
+
+def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block; ValueError on a bad spec
+    spec = f"0-{depth - 1}" if spec == "all" else spec
+    try:
+        ids = {i for r in spec.split(",") if r for i in range(int(r.split("-")[0]), int(r.split("-")[-1]) + 1)}
+    except ValueError:
+        raise ValueError(f"recompute={spec!r} is not a list of blocks like 0-3,7 or all") from None
+    if not all(0 <= i < depth for i in ids):
+        raise ValueError(f"recompute={spec!r} names blocks outside 0..{depth - 1}; use indices of the {depth} blocks")
+    return ids
 
 
 def check_paths(hp):
@@ -394,6 +407,7 @@ class PRXDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(hp.hidden, hp.heads, hp.mlp_ratio) for _ in range(hp.depth)])
         self.final_layer = FinalLayer(hp.hidden, patch_dim)
         self.tread = (hp.tread_start, hp.tread_end)
+        self.recompute = block_set(hp.recompute, hp.depth)  # these blocks keep only their inputs for backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -428,7 +442,12 @@ class PRXDiT(nn.Module):
                 full, img = img, tread_gather(img, keep)
                 cos, sin = rope(tread_gather(ang.expand(B, -1, -1), keep))  # with their original positions
                 mask = torch.cat([txt_mask, ones[:, :keep.shape[1]]], dim=1)[:, None, None]
-            img = block(img, txt, vec, mask, cos, sin)
+            if i in self.recompute and torch.is_grad_enabled():  # non-reentrant: works under compile and FSDP2
+                ctx = {} if torch.compiler.is_compiling() else dict(context_fn=same_attention_kernels)
+                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, cos, sin, use_reentrant=False,
+                                                        **ctx)
+            else:
+                img = block(img, txt, vec, mask, cos, sin)
             if i == repa_block:
                 repa_out = img
             if keep is not None and i == self.tread[1]:  # restore: routed tokens come back unchanged
@@ -437,6 +456,11 @@ class PRXDiT(nn.Module):
                 mask = torch.cat([txt_mask, ones], dim=1)[:, None, None]
         out = unpatchify(self.final_layer(img, vec), self.patch, H, W)
         return out, repa_out
+
+
+def same_attention_kernels():  # eager recompute runs in backward, outside the forward's sdpa_kernel context
+    from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+    return sdpa_kernel(_cur_sdpa_kernel_backends()), sdpa_kernel(_cur_sdpa_kernel_backends())
 
 
 def dit_train_flops(hp, res, repa_dim=0):
