@@ -107,6 +107,7 @@ class Hyperparameters:
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
+    mem_budget: float = 79.6  # GiB per device the bench fits the micro-batch into (H100 80 GB: 81,559 MiB)
     # logging, sampling, checkpoints (none of them counted in the training clock)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
@@ -486,6 +487,55 @@ def dit_train_flops(hp, res, repa_dim=0):
         lin += 2 * n * (D * repa_dim + 2 * repa_dim * repa_dim)
     no_input_grad = 2 * N * P * Bn + 2 * L * hp.text_dim * D + 2 * 256 * D
     return 3 * lin - no_input_grad + 3.5 * attn
+
+
+T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
+VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (channels, convs) per level, 2x pooled
+
+
+def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_2B_ENCODER):
+    """GiB per device of one training step by part, eager autograd on CUDA (a compiled graph may save less):
+    fp32 weights, gradients and Muon / Adam states sharded over `world`, the replicated fp32 EMA; the bf16 weights
+    held through backward (FSDP gathers, reshard=0: all blocks; one process: autocast's copies); the frozen bf16
+    encoders; and what autograd saves per image (recomputed blocks only their input; the fused attention kernel's
+    q, k, v, out, logsumexp, no N^2 matrix; the perceptual encoders' activations on the predicted image)."""
+    from torchvision.models import vgg16
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    B, a, vits = micro or stage.micro_batch, 2 if hp.amp else 4, vits or REAL_VITS  # a: activation bytes
+    repa, use_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages), stage.repa and hp.repa_weight > 0
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        dit, proj = PRXDiT(hp), repa_projector(hp.hidden, vits[0]["hidden_size"]) if repa else nn.Module()
+        encs = [text_params, count(DINOv3ViTModel(DINOv3ViTConfig(**vits[0]))) if repa else 0,
+                count(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vits[1]))) if hp.pdino_weight else 0,
+                count(vgg16().features[:30]) if hp.lpips_weight else 0]
+    n, muon = count(dit) + count(proj), sum(p.numel() for k, p in dit.named_parameters() if k[:7] == "blocks." and p.ndim == 2)
+    held = (2 / hp.depth if hp.reshard and world > 1 else 1) * n * (2 if hp.amp else 4 if world > 1 else 0)
+    D, L, H, P, F_ = hp.hidden, hp.text_len, hp.heads, 3 * hp.patch ** 2, int(hp.hidden * hp.mlp_ratio)
+    N = (stage.res // hp.patch) ** 2
+    K = N - round(N * hp.tread_frac)
+    routed = lambda i: hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end
+    # per token of a block: LayerNorm inputs and outputs in fp32 (autocast), the bf16 casts of h for the linears,
+    # RMSNorm in/out of q, k (fp32), q, k, v, out, gated branch outputs, the MLP's four F-wide tensors, statistics
+    tok = (8 + a) + (8 + a * (2 if hp.amp else 1)) + (16 if hp.amp else 20) + 6 * a
+    blk = lambda n: n * (tok * D + 4 * a * F_ + 16 + 12 * H) + L * ((4 * a + 4) * D + 4 * H)  # + text keys/values
+    recompute = block_set(hp.recompute, hp.depth)
+    act = sum(blk(K if routed(i) else N) if i not in recompute else a * D * (K if routed(i) else N) for i in range(hp.depth))
+    act += N * (a * (P + hp.bottleneck) + (8 + a) * D + 4 * P) + a * L * (hp.text_dim + D)  # in/out layers, loss
+    if use_repa:  # projector: its input, SiLUs and linears (4 E-wide); the cosine's two fp32 inputs
+        E = vits[0]["hidden_size"]
+        act += (K if routed(hp.repa_block) else N) * (a * D + 4 * a * E + 8 * E)
+    nb, r = max(1, round(B * hp.perc_frac)), stage.res // 2  # perceptual losses on nb images; LPIPS at half size
+    if hp.lpips_weight:  # conv inputs / ReLU outputs, max-pool outputs and indices, per level normalise, difference
+        act += nb / B * (a * 3 * r * r + sum((r >> l) ** 2 * (a * c * k + (8 + a) * VGG16[l - 1][0] * (l > 0)
+                                                          + (8 + 2 * hp.amp) * c) for l, (c, k) in enumerate(VGG16)))
+    if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): fp32 LayerNorm inputs, q k v out, GELU input; cosine
+        T_, (E, F2, n2) = (hp.pdino_res // 14) ** 2 + 5, [vits[1][k] for k in ("hidden_size", "intermediate_size",
+                                                                                "num_hidden_layers")]  # + CLS, 4 registers
+        act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
+    gib = lambda x: x / 2 ** 30
+    return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
+                encoders=gib(2 * sum(encs)), activations=gib(B * act))
 
 
 # ----------------------------------------------------------------------------------------------------------------
