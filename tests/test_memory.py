@@ -265,3 +265,19 @@ def test_encoder_parameter_counts_are_the_real_architectures():
     vgg = sum(p.numel() for p in T.load_lpips("cpu", pretrained=False).net.parameters())  # LPIPS's VGG-16 trunk
     dinos = [1e6 * n for n in (303.1, 86.6)]  # DINOv3 ViT-L/16 (~0.3 B) and DINOv2-B/14 (~86 M): model cards
     assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (T.T5GEMMA_2B_ENCODER + vgg + sum(dinos)), rel=0.01)
+
+
+def test_record_fits_and_the_largest_micro_batch_is_the_last_that_fits():
+    import re
+    hp, lines = T.Hyperparameters(), []
+    T.memory_report(hp, 8, lines.append)
+    assert len(lines) == len(hp.stages)
+    for st, line in zip(hp.stages, lines):
+        total = lambda b: sum(T.train_memory(hp, st, 8, micro=b).values())
+        assert float(re.search(r"peak:([\d.]+)GiB", line).group(1)) == pytest.approx(total(st.micro_batch), abs=0.01)
+        fit = int(re.search(r"max_micro_batch@79.6GiB:(\d+)", line).group(1))
+        assert total(st.micro_batch) < 0.9 * hp.mem_budget and st.micro_batch <= fit  # the record fits 80 GB
+        assert total(fit) <= 0.9 * hp.mem_budget < total(fit + 1)
+    # recomputing every block shrinks the activations to the blocks' inputs plus one block
+    full, rc = (T.train_memory(T.Hyperparameters(recompute=r), hp.stages[1], 8)["activations"] for r in ("", "all"))
+    assert rc < full / 2
