@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import _cur_sdpa_kernel_backends as sdpa_kernels_on, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants: the interface. Edit here, or override any of them on the command line as name=value.
@@ -102,9 +103,11 @@ class Hyperparameters:
     amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
     shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
     reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
+    recompute: str = ""  # blocks recomputed in backward (activation checkpointing): "0-3,7", "all"; "": none
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
+    mem_budget: float = 79.6  # GiB per device the bench fits the micro-batch into (H100 80 GB: 81,559 MiB)
     # logging, sampling, checkpoints (none of them counted in the training clock)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
@@ -256,6 +259,18 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+    block_set(hp.recompute, hp.depth)
+
+
+def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block; ValueError on a bad spec
+    try:
+        ids = {i for r in spec.replace("all", f"0-{depth - 1}").split(",") if r
+               for i in range(int(r.split("-")[0]), int(r.split("-")[-1]) + 1)}
+    except ValueError:
+        raise ValueError(f"recompute={spec!r} is not a list of blocks like 0-3,7 or all") from None
+    if not all(0 <= i < depth for i in ids):
+        raise ValueError(f"recompute={spec!r} names blocks outside 0..{depth - 1}; use indices of the {depth} blocks")
+    return ids
 
 
 def check_paths(hp):
@@ -393,6 +408,7 @@ class PRXDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(hp.hidden, hp.heads, hp.mlp_ratio) for _ in range(hp.depth)])
         self.final_layer = FinalLayer(hp.hidden, patch_dim)
         self.tread = (hp.tread_start, hp.tread_end)
+        self.recompute = block_set(hp.recompute, hp.depth)  # these blocks keep only their inputs for backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -427,7 +443,12 @@ class PRXDiT(nn.Module):
                 full, img = img, tread_gather(img, keep)
                 cos, sin = rope(tread_gather(ang.expand(B, -1, -1), keep))  # with their original positions
                 mask = torch.cat([txt_mask, ones[:, :keep.shape[1]]], dim=1)[:, None, None]
-            img = block(img, txt, vec, mask, cos, sin)
+            if i in self.recompute and torch.is_grad_enabled():  # non-reentrant: works under compile and FSDP2
+                kernels = lambda: tuple(sdpa_kernel(sdpa_kernels_on()) for _ in "ab")  # for forward and recompute
+                kw = {} if torch.compiler.is_compiling() else dict(context_fn=kernels)  # eager backward: outside ours
+                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, cos, sin, use_reentrant=False, **kw)
+            else:
+                img = block(img, txt, vec, mask, cos, sin)
             if i == repa_block:
                 repa_out = img
             if keep is not None and i == self.tread[1]:  # restore: routed tokens come back unchanged
@@ -461,6 +482,62 @@ def dit_train_flops(hp, res, repa_dim=0):
         lin += 2 * n * (D * repa_dim + 2 * repa_dim * repa_dim)
     no_input_grad = 2 * N * P * Bn + 2 * L * hp.text_dim * D + 2 * 256 * D
     return 3 * lin - no_input_grad + 3.5 * attn
+
+
+T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
+VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (channels, convs) per level, 2x pooled
+
+
+def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_2B_ENCODER):
+    """GiB per device of one training step by part, for eager autograd on CUDA (a compiled graph may save less):
+    fp32 weights, gradients, Muon / Adam states sharded over `world` + the replicated fp32 EMA; bf16 weights held
+    through backward (FSDP, reshard=0: all; one process: autocast's copies); frozen bf16 encoders; what autograd
+    saves (fused attention: q, k, v, out, logsumexp; recomputed blocks: their input; perceptual encoders on x0)."""
+    from torchvision.models import vgg16
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    B, a, vits = micro or stage.micro_batch, 2 if hp.amp else 4, vits or REAL_VITS  # a: activation bytes
+    repa, use_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages), stage.repa and hp.repa_weight > 0
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        dit, proj = PRXDiT(hp), repa_projector(hp.hidden, vits[0]["hidden_size"]) if repa else nn.Module()
+        encs = [text_params, count(DINOv3ViTModel(DINOv3ViTConfig(**vits[0]))) if repa else 0,
+                count(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vits[1]))) if hp.pdino_weight else 0,
+                count(vgg16().features[:30]) if hp.lpips_weight else 0]
+    n, muon = count(dit) + count(proj), sum(p.numel() for k, p in dit.named_parameters() if k[:7] == "blocks." and
+                                            p.ndim == 2)  # Muon: one momentum; Adam: two moments
+    held = (2 / hp.depth if hp.reshard and world > 1 else 1) * n * (2 if hp.amp else 4 if world > 1 else 0)
+    D, L, H, P, F_ = hp.hidden, hp.text_len, hp.heads, 3 * hp.patch ** 2, int(hp.hidden * hp.mlp_ratio)
+    N = (stage.res // hp.patch) ** 2
+    n_tok = lambda i: N - round(N * hp.tread_frac) if hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end else N
+    # per token of a block: LayerNorm inputs and outputs in fp32 (autocast), the bf16 casts of h for the linears,
+    # RMSNorm in/out of q, k (fp32), q, k, v, out, gated branch outputs, the MLP's four F-wide tensors, statistics
+    tok = (8 + a) + (8 + a * (2 if hp.amp else 1)) + (16 if hp.amp else 20) + 6 * a
+    blk = lambda n: n * (tok * D + 4 * a * F_ + 16 + 12 * H) + L * ((4 * a + 4) * D + 4 * H)  # + text keys/values
+    recompute = block_set(hp.recompute, hp.depth)
+    act = sum(blk(n_tok(i)) if i not in recompute else a * D * n_tok(i) for i in range(hp.depth))
+    act += max([blk(n_tok(i)) for i in recompute] or [0])  # one recomputed block, rematerialised in backward
+    act += N * (a * (P + hp.bottleneck) + (8 + a) * D + 4 * P) + a * L * (hp.text_dim + D)  # in/out layers, loss
+    if use_repa:  # projector: its input, SiLUs and linears (4 E-wide); the cosine's two fp32 inputs
+        act += n_tok(hp.repa_block) * (a * D + (4 * a + 8) * vits[0]["hidden_size"])
+    nb, r = max(1, round(B * hp.perc_frac)), stage.res // 2  # perceptual losses on nb images; LPIPS at half size
+    if hp.lpips_weight:  # conv inputs / ReLU outputs, max-pool outputs and indices, per level normalise, difference
+        act += nb / B * (a * 3 * r * r + sum((r >> l) ** 2 * (a * c * k + (8 + a) * VGG16[l - 1][0] * (l > 0)
+                                                          + (8 + 2 * hp.amp) * c) for l, (c, k) in enumerate(VGG16)))
+    if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): fp32 LayerNorm inputs, q k v out, GELU input; cosine
+        T_, (E, F2, n2) = (hp.pdino_res // 14) ** 2 + 5, list(vits[1].values())[:3]  # tokens: + CLS, 4 registers
+        act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
+    gib = lambda x: x / 2 ** 30
+    return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
+                encoders=gib(2 * sum(encs)), activations=gib(B * act))
+
+
+def memory_report(hp, world=8, log=print, **kw):  # README "Memory" prints the record's through this without a GPU
+    for i, st in enumerate(hp.stages, 1):  # 10 % of mem_budget kept for allocator fragmentation and CUDA's own use
+        m = train_memory(hp, st, world, **kw)
+        fit = int((0.9 * hp.mem_budget - sum(m.values()) + m["activations"]) / (m["activations"] / st.micro_batch))
+        log(f"memory estimate stage:{i} res:{st.res} micro_batch:{st.micro_batch} devices:{world} peak:"
+            f"{sum(m.values()):.2f}GiB " + " ".join(f"{k}:{v:.2f}GiB" for k, v in m.items()) +
+            f" max_micro_batch@{hp.mem_budget:g}GiB:{fit} recompute:{hp.recompute or 'none'}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1359,6 +1436,8 @@ class Trainer:
         the configured shapes. Prints throughput, utilisation, peak memory and the projected schedule time."""
         hp, dev = self.hp, self.device
         self.setup()
+        vits = (TINY_VIT, TINY_VIT) if hp.preset == "cpu" else REAL_VITS  # the encoders of the run (text: T5Gemma-2B)
+        memory_report(hp, self.world, self.log, vits=vits, **dict(text_params=0) if hp.preset == "cpu" else {})
         self.log(f"bench: {hp.bench} timed micro-steps per stage on synthetic data, random encoders of the "
                  f"configured architectures, text embeddings precomputed (random)")
         cuda = dev.type == "cuda"
@@ -1390,7 +1469,10 @@ class Trainer:
             ips = st.micro_batch / dt  # images per second per device
             tflops = dit_train_flops(hp, st.res, self.repa_dim(st)) * ips / 1e12
             mfu = f"{100 * tflops / hp.peak_tflops:.1f}%" if cuda else "n/a (cpu)"
-            mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB" if cuda else "n/a (cpu)"
+            small_text = sum(map(torch.numel, self.text.model.parameters()))  # the bench's text encoder
+            est = train_memory(hp, st, self.world, vits=vits, text_params=small_text)
+            mem = (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB" if cuda else "n/a (cpu)") + \
+                f" mem_estimate:{sum(est.values()):.2f}GiB"
             hours = st.steps * st.batch / ips / 3600  # on one device
             total_h += hours
             self.log(f"bench stage:{self.stage_idx + 1} res:{st.res} micro_batch:{st.micro_batch} "

@@ -123,8 +123,11 @@ def test_bench_prints_every_figure(tmp_path):
     lines = [line for line in r.stdout.splitlines() if line.startswith("bench stage:")]
     assert len(lines) == 2
     for line in lines:
-        for key in ("step:", "img/s/device:", "dit_tflops/device:", "mfu:", "peak_mem:", "stage_hours@8:"):
+        for key in ("step:", "img/s/device:", "dit_tflops/device:", "mfu:", "peak_mem:", "mem_estimate:",
+                    "stage_hours@8:"):
             assert key in line
+    mem = [line for line in r.stdout.splitlines() if line.startswith("memory estimate stage:")]
+    assert len(mem) == 2 and all("max_micro_batch@" in line and "activations:" in line for line in mem)
     assert "bench projected schedule:" in r.stdout
     # the projection is the schedule's images over the measured rate
     hp = T.parse_args(["preset=cpu"], False)

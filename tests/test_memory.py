@@ -1,0 +1,283 @@
+"""Activation checkpointing (recompute) and the analytic memory estimate (train_memory), checked against the bytes
+autograd really saves (torch.autograd.graph.saved_tensors_hooks) and the parameters and optimizer states built."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import train_gpt_style as T
+from test_trainer import randomized
+
+
+class Saved:
+    """Bytes of the tensors autograd saves for backward, deduplicated by storage, parameters excluded.
+    `blocks`: also the bytes saved inside each of these modules' forward (attributed to the innermost one)."""
+
+    def __init__(self, params, blocks=()):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.seen, self.where, self.per_block = {}, [None], {}
+        for i, b in enumerate(blocks):
+            b.register_forward_pre_hook(lambda m, a, i=i: self.where.append(i))
+            b.register_forward_hook(lambda m, a, o, i=i: self.where.remove(i))  # returns None: output kept
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip and s.data_ptr() not in self.seen:
+            self.seen[s.data_ptr()] = s.nbytes()
+            self.per_block[self.where[-1]] = self.per_block.get(self.where[-1], 0) + s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *a):
+        self.ctx.__exit__(*a)
+
+    @property
+    def total(self):
+        return sum(self.seen.values())
+
+
+def dit_inputs(hp, B, res, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(B, 3, res, res, generator=g), torch.rand(B, generator=g)
+    txt = torch.randn(B, hp.text_len, hp.text_dim, generator=g)
+    mask = torch.ones(B, hp.text_len, dtype=torch.bool)
+    mask[0, hp.text_len // 2:] = False  # padding in the first caption
+    keep = T.tread_keep(B, (res // hp.patch) ** 2, hp.tread_frac, "cpu", g) if hp.tread_frac else None
+    return x, t, txt, mask, keep
+
+
+def small_hp(**kw):
+    base = dict(hidden=128, depth=4, heads=2, patch=8, bottleneck=32, text_dim=48, text_len=16, tread_frac=0.5,
+                tread_start=1, tread_end=2, repa_block=2)
+    return T.Hyperparameters(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- recompute (activation checkpointing)
+
+
+def test_recompute_spec_parsing_and_one_line_errors():
+    assert T.block_set("0-3,7", 16) == {0, 1, 2, 3, 7} and T.block_set("all", 4) == {0, 1, 2, 3}
+    assert T.block_set("", 4) == set() and T.block_set("2", 4) == {2}
+    for bad, msg in (("0-16", "outside 0..15"), ("x", "not a list of blocks"), ("-1", "not a list of blocks")):
+        with pytest.raises(ValueError, match=msg):
+            T.parse_args(["preset=record", f"recompute={bad}"], False)
+
+
+@pytest.mark.parametrize("tread", [0.0, 0.5])
+def test_recompute_gives_the_same_loss_and_gradients(tread):
+    def run(recompute):
+        hp = small_hp(tread_frac=tread, recompute=recompute)
+        model, proj = randomized(T.PRXDiT(hp)), randomized(T.repa_projector(hp.hidden, 32), seed=1)
+        x, t, txt, mask, keep = dit_inputs(hp, 3, 32)
+        with sdpa_kernel(SDPBackend.MATH):
+            out, h = model(x, t, txt, mask, keep, hp.repa_block)  # REPA hooks a routed, recomputed block
+            loss = out.square().mean() + proj(h).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    loss, grads = run("")
+    for spec in ("1-2", "all"):
+        loss_r, grads_r = run(spec)
+        assert torch.allclose(loss, loss_r, rtol=1e-6)
+        assert grads.keys() == grads_r.keys() and all(grads[n] is not None for n in grads)
+        for n in grads:
+            assert torch.allclose(grads[n], grads_r[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_recompute_saves_only_the_blocks_inputs():
+    def saved(recompute):
+        hp = small_hp(recompute=recompute)
+        model = T.PRXDiT(hp)
+        x, t, txt, mask, keep = dit_inputs(hp, 2, 64)
+        s = Saved(model.parameters(), model.blocks)
+        with s, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            model(x, t, txt, mask, keep, hp.repa_block)
+        return s
+    plain = saved("")
+    for spec, ids in (("0", [0]), ("1-2", [1, 2]), ("all", [0, 1, 2, 3])):
+        share = sum(plain.per_block[i] for i in ids)
+        drop = plain.total - saved(spec).total
+        assert 0.85 * share < drop <= share, (spec, drop, share)  # the blocks' inputs stay
+
+
+def test_recompute_compiles_to_one_graph():
+    import torch._dynamo
+    hp = small_hp(recompute="1-2", hidden=64)
+    x, t, txt, mask, keep = dit_inputs(hp, 2, 32)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(T.PRXDiT(hp))(x, t, txt, mask, keep, hp.repa_block)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
+# ---------------------------------------------------------------- the analytic estimate against what autograd saves
+# train_memory counts CUDA's eager autograd with a fused attention kernel. On this CPU we run SDPA's CPU flash kernel,
+# which saves what the GPU kernels save (q, k, v, out, logsumexp; no N^2 matrix, unlike the math kernel), and
+# correct two documented differences explicitly:
+# - CPU autocast runs layer_norm in bf16 (CUDA: fp32), so a block saves the LayerNorm input, output and h once in bf16
+#   instead of fp32 input + fp32 output + bf16 casts of h (one for the qkv linear, two for gate/up), statistics in bf16;
+# - the CPU flash kernel returns out as (B, H, N, Dh) contiguous, so out.transpose(1, 2).reshape copies (on CUDA a view).
+# - CPU autocast runs pow in bf16 (CUDA: fp32), which changes LPIPS's per-level normalisation (below).
+
+
+def gib(x):
+    return x / 2 ** 30
+
+
+def cpu_vs_cuda_dit(hp, N, K):  # bytes per image the CPU saves minus what CUDA saves, per the notes above
+    D, a = hp.hidden, 2 if hp.amp else 4
+    n_tok = [K if hp.tread_frac and hp.tread_start <= i <= hp.tread_end else N for i in range(hp.depth)]
+    if not hp.amp:
+        return sum(n_tok) * a * D  # the output copy only
+    return sum(n_tok) * (a * D - 10 * D - 8) - 4 * D * N  # blocks' LayerNorms, copy; the final layer's LayerNorm
+
+
+def measured_step(hp, B, res, enc_dim=32):
+    """Saved bytes of a DiT forward and the trainer's losses (flow, REPA when on) under the trainer's autocast,
+    parameters and autocast's cached bf16 weight copies counted apart. -> (activations, weight copies)."""
+    model, proj = randomized(T.PRXDiT(hp)), T.repa_projector(hp.hidden, enc_dim)
+    params = list(model.parameters()) + list(proj.parameters())
+    x, t, txt, mask, keep = dit_inputs(hp, B, res)
+    x0 = torch.randn_like(x)
+    s = Saved(params)
+    casts = {}
+
+    def pack(tensor):  # a bf16 copy of a parameter made by autocast: the "gathered weights" part, not activations
+        for p in params:
+            if p.numel() == tensor.numel() and tensor.dtype != p.dtype and tensor.dim() == p.dim() and any(
+                    c.shape == p.shape and torch.equal(c, p.to(c.dtype)) for c in (tensor, tensor.mT)):
+                casts[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+                return tensor
+        return s.pack(tensor)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(SDPBackend.FLASH_ATTENTION), \
+            torch.autocast("cpu", torch.bfloat16, enabled=hp.amp):
+        use_repa = hp.repa_weight > 0
+        pred, h = model(x, t, txt, mask, keep, hp.repa_block if use_repa else -1)
+        loss = T.flow_loss(pred, x0, x, t, hp.t_min_div).mean()
+        if use_repa:
+            loss = loss + T.repa_loss(proj, h, torch.randn(B, (res // hp.patch) ** 2, enc_dim), keep).mean()
+    return s.total, sum(casts.values()), sum(p.numel() for p in params) if hp.repa_weight else model_params(model)
+
+
+def model_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+SHAPES = [dict(hidden=128, heads=2, patch=8, text_len=16, tread_frac=0.5, res=64, B=2, repa_weight=0.5),
+          dict(hidden=192, heads=3, patch=4, text_len=8, tread_frac=0.0, res=48, B=3, repa_weight=0.0)]
+
+
+@pytest.mark.parametrize("amp", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=["tread_repa", "plain"])
+def test_dit_activations_match_saved_tensors(shape, amp):
+    shape = dict(shape)
+    res, B = shape.pop("res"), shape.pop("B")
+    hp = small_hp(amp=amp, lpips_weight=0, pdino_weight=0, depth=4, **shape)
+    vits = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),) * 2
+    st = T.Stage(res, B, B, 1, repa=hp.repa_weight > 0)
+    est = T.train_memory(hp, st, vits=vits, text_params=0)
+    N = (res // hp.patch) ** 2
+    acts, casts, n = measured_step(hp, B, res)
+    expected = est["activations"] + gib(B * cpu_vs_cuda_dit(hp, N, N - round(N * hp.tread_frac)))
+    assert abs(gib(acts) - expected) / gib(acts) < 0.10, (gib(acts), expected)
+    if amp:  # one process: autocast's bf16 weight copies are the "gathered" part: all weights (2 bytes each) but the
+        # biases, RMSNorm weights and first layers of inputs that need no gradient (0.5 % of the record model)
+        assert est["gathered"] == gib(2 * n)
+        model = T.PRXDiT(hp)
+        first = ("img_in.0.", "time_in.in_layer.", "txt_in.")
+        kept = [p for k, p in model.named_parameters() if p.ndim == 2 and not k.startswith(first)]
+        kept += [p for p in T.repa_projector(hp.hidden, 32).parameters() if p.ndim == 2] if hp.repa_weight else []
+        assert casts == 2 * sum(p.numel() for p in kept)
+
+
+def perceptual_part(hp, st, vits):  # the estimate's bytes for the perceptual losses alone
+    off = T.train_memory(T.Hyperparameters(**{**hp.__dict__, "lpips_weight": 0, "pdino_weight": 0}), st, vits=vits,
+                         text_params=0)
+    return (T.train_memory(hp, st, vits=vits, text_params=0)["activations"] - off["activations"]) * 2 ** 30
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_lpips_activations_match_saved_tensors(amp):
+    res, B = 96, 2
+    hp = small_hp(amp=amp, lpips_weight=0.1, pdino_weight=0, repa_weight=0, patch=8)
+    lp = T.load_lpips("cpu", pretrained=False).to(torch.bfloat16 if amp else torch.float32)  # bf16 on GPU
+    pred, x0 = torch.rand(B, 3, res, res, requires_grad=True), torch.rand(B, 3, res, res)
+    s = Saved(lp.parameters())
+    with s, torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        T.lpips_loss(lp, pred * 2 - 1, x0 * 2 - 1)
+    est = perceptual_part(hp, T.Stage(res, B, B, 1, False), T.REAL_VITS)
+    # CUDA autocast runs `in_feat ** 2` of LPIPS's normalisation and the squared difference in fp32: a fp32 copy of
+    # each feature map (4 bytes) and a fp32 difference instead of bf16 (2 more): 6 bytes per feature element
+    r = res // 2
+    cuda_only = 6 * B * sum((r >> lvl) ** 2 * c for lvl, (c, _) in enumerate(T.VGG16)) if amp else 0
+    assert abs(est - cuda_only - s.total) / s.total < 0.10, (est - cuda_only, s.total)
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_pdino_activations_match_saved_tensors(amp, tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    vit = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+    res, B, side = 64, 3, 56
+    hp = small_hp(amp=amp, lpips_weight=0, pdino_weight=0.01, repa_weight=0, pdino_res=side, perc_frac=2 / 3)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=side, num_register_tokens=4,
+                                                              **vit)).eval().requires_grad_(False)
+    dino = dino.to(torch.bfloat16 if amp else torch.float32)
+    pred, x0 = torch.rand(B, 3, res, res, requires_grad=True), torch.rand(B, 3, res, res)
+    nb = round(B * hp.perc_frac)
+    s = Saved(dino.parameters())
+    with s, torch.autocast("cpu", torch.bfloat16, enabled=amp), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        T.pdino_loss(dino, pred[:nb] * 2 - 1, x0[:nb] * 2 - 1, side)
+    est = perceptual_part(hp, T.Stage(res, B, B, 1, False), (vit, vit))
+    # CUDA autocast runs layer_norm in fp32: its saved input is a fp32 copy; on CPU the bf16 input (2 bytes less)
+    tokens = (side // 14) ** 2 + 5
+    cuda_only = 2 * nb * tokens * vit["hidden_size"] * (2 * vit["num_hidden_layers"] + 1) if amp else 0
+    assert abs(est - cuda_only - s.total) / s.total < 0.10, (est - cuda_only, s.total)
+
+
+def test_weights_and_optimizer_states_match_the_built_modules_after_one_step():
+    hp = small_hp(repa_weight=0.5)
+    st = T.Stage(32, 2, 2, 1, True)
+    vits = (dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),) * 2
+    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 48)
+    opts = T.build_optimizers(model, proj, hp)
+    params = [p for o in opts for g in o.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for o in opts:
+        o.step()
+    weights = sum(4 * p.numel() for p in params)
+    states = sum(v.nbytes for o in opts for s in o.state.values() for k, v in s.items() if k != "step")
+    ema = sum(4 * p.numel() for p in model.parameters())  # the replicated EMA copy of the DiT
+    for world in (1, 8):  # parameters, gradients and states sharded; the EMA replicated
+        est = T.train_memory(hp, st, world, vits=vits, text_params=0)
+        assert est["weights_opt"] * 2 ** 30 == pytest.approx((2 * weights + states) / world + ema, rel=1e-12)
+
+
+def test_encoder_parameter_counts_are_the_real_architectures():
+    from transformers import T5GemmaConfig, T5GemmaModel
+    gemma2_2b = dict(vocab_size=256_000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256)  # google/t5gemma-2b-2b-ul2 encoder
+    with torch.device("meta"):
+        enc = T5GemmaModel(T5GemmaConfig(encoder=gemma2_2b, decoder=gemma2_2b)).get_encoder()
+    assert sum(p.numel() for p in enc.parameters()) == T.T5GEMMA_2B_ENCODER
+    hp = T.Hyperparameters()
+    parts = T.train_memory(hp, hp.stages[0], 8)
+    vgg = sum(p.numel() for p in T.load_lpips("cpu", pretrained=False).net.parameters())  # LPIPS's VGG-16 trunk
+    dinos = [1e6 * n for n in (303.1, 86.6)]  # DINOv3 ViT-L/16 (~0.3 B) and DINOv2-B/14 (~86 M): model cards
+    assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (T.T5GEMMA_2B_ENCODER + vgg + sum(dinos)), rel=0.01)
+
+
+def test_record_fits_and_the_largest_micro_batch_is_the_last_that_fits():
+    import re
+    hp, lines = T.Hyperparameters(), []
+    T.memory_report(hp, 8, lines.append)
+    assert len(lines) == len(hp.stages)
+    for st, line in zip(hp.stages, lines):
+        total = lambda b: sum(T.train_memory(hp, st, 8, micro=b).values())
+        assert float(re.search(r"peak:([\d.]+)GiB", line).group(1)) == pytest.approx(total(st.micro_batch), abs=0.01)
+        fit = int(re.search(r"max_micro_batch@79.6GiB:(\d+)", line).group(1))
+        assert total(st.micro_batch) < 0.9 * hp.mem_budget and st.micro_batch <= fit  # the record fits 80 GB
+        assert total(fit) <= 0.9 * hp.mem_budget < total(fit + 1)
+    # recomputing every block shrinks the activations to the blocks' inputs plus one block
+    full, rc = (T.train_memory(T.Hyperparameters(recompute=r), hp.stages[1], 8)["activations"] for r in ("", "all"))
+    assert rc < full / 2
