@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
-from torch.nn.attention import _cur_sdpa_kernel_backends as sdpa_kernels_on, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants: the interface. Edit here, or override any of them on the command line as name=value.
@@ -444,9 +443,8 @@ class PRXDiT(nn.Module):
                 cos, sin = rope(tread_gather(ang.expand(B, -1, -1), keep))  # with their original positions
                 mask = torch.cat([txt_mask, ones[:, :keep.shape[1]]], dim=1)[:, None, None]
             if i in self.recompute and torch.is_grad_enabled():  # non-reentrant: works under compile and FSDP2
-                kernels = lambda: tuple(sdpa_kernel(sdpa_kernels_on()) for _ in "ab")  # for forward and recompute
-                kw = {} if torch.compiler.is_compiling() else dict(context_fn=kernels)  # eager backward: outside ours
-                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, cos, sin, use_reentrant=False, **kw)
+                # (backward must run under the forward's attention kernels, see train_step)
+                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, cos, sin, use_reentrant=False)
             else:
                 img = block(img, txt, vec, mask, cos, sin)
             if i == repa_block:
@@ -1396,7 +1394,8 @@ class Trainer:
                     parts["pdino"] = pdino_loss(self.dino2, x0_pred[:nb], x0[:nb], hp.pdino_res).mean()
                 weights = dict(flow=1.0, repa=hp.repa_weight, lpips=hp.lpips_weight, pdino=hp.pdino_weight)
                 loss = sum(weights[k] * v for k, v in parts.items())
-            (loss / accum).backward()
+            with attention_backend(dev):  # recomputed blocks run their forward again: with the same kernels
+                (loss / accum).backward()
             zero = torch.zeros((), device=dev)
             sums[:5] += torch.stack([loss] + [parts.get(k, zero) for k in LOSS_PARTS]).detach().float() / accum
             bins = torch.bucketize(t, self.t_bins, right=True)  # (B,) in 0..2

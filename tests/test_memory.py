@@ -71,10 +71,10 @@ def test_recompute_gives_the_same_loss_and_gradients(tread):
         hp = small_hp(tread_frac=tread, recompute=recompute)
         model, proj = randomized(T.PRXDiT(hp)), randomized(T.repa_projector(hp.hidden, 32), seed=1)
         x, t, txt, mask, keep = dit_inputs(hp, 3, 32)
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH):  # backward too, as train_step runs it: recomputation uses these kernels
             out, h = model(x, t, txt, mask, keep, hp.repa_block)  # REPA hooks a routed, recomputed block
             loss = out.square().mean() + proj(h).square().mean()
-        loss.backward()
+            loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
     loss, grads = run("")
     for spec in ("1-2", "all"):
