@@ -1126,7 +1126,7 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
 
 class Logger:
     def __init__(self, run_dir, master):
-        self.master, self.run_dir = master, Path(run_dir)
+        self.master, self.run_dir, self.lost = master, Path(run_dir), 0  # lost: lines a full disk took
         if master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log = open(self.run_dir / "log.txt", "a")
@@ -1136,13 +1136,21 @@ class Logger:
         if self.master:
             if console:
                 print(msg, flush=True)
-            self.log.write(msg + "\n")
-            self.log.flush()
+            self.write(self.log, msg)
 
     def metrics(self, d):
         if self.master:
-            self.jsonl.write(json.dumps(d) + "\n")
-            self.jsonl.flush()
+            self.write(self.jsonl, json.dumps(d))
+
+    def write(self, f, line):  # a full disk costs log lines, never the run; said once, on stderr
+        try:
+            f.write(line + "\n")
+            f.flush()
+        except OSError as e:
+            if not self.lost:
+                print(f"warning: cannot write {f.name} ({e.strerror or e}); training goes on, log lines are lost "
+                      "until there is space again", file=sys.stderr, flush=True)
+            self.lost += 1
 
 
 def describe_run(log, hp, device, world):
@@ -1683,11 +1691,16 @@ class Trainer:
         return (self.stop_signal or "signal") if flags[0] else "time_limit" if flags[1] else None
 
     def save_samples(self, res, tag):
-        imgs = self.sample(self.sample_prompts, res)
+        self.save_grid(self.sample(self.sample_prompts, res), self.run_dir / "samples" / f"{tag}.png", nrow=4)
+
+    def save_grid(self, imgs, path, nrow):  # a full disk costs the picture, never the run
         if self.master:
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            save_grid(imgs, self.run_dir / "samples" / f"{tag}.png", nrow=4)
-            self.log(f"samples: {self.run_dir}/samples/{tag}.png")
+            try:
+                path.parent.mkdir(exist_ok=True)
+                save_grid(imgs, path, nrow)
+                self.log(f"samples: {path}")
+            except OSError as e:
+                self.log(f"samples: {path} not written ({e.strerror or e}); training goes on")
 
     def evaluate(self, res):
         """The fixed evaluation (README "Evaluation") of the EMA weights; the caller keeps it off the training clock."""
@@ -1709,8 +1722,7 @@ class Trainer:
             imgs = self.sample(prompts, res, seed=1234, batch=50)
             sc = score_shapes(list(to_uint8(imgs)), prompts)
             result[name] = sc["full"]
-            if self.master:
-                save_grid(imgs[:32], self.run_dir / "samples" / f"eval_{name}.png", nrow=8)
+            self.save_grid(imgs[:32], self.run_dir / "samples" / f"eval_{name}.png", nrow=8)
         self.log("shapes score (fully right): " + " ".join(f"{k}:{v:.3f}" for k, v in result.items()))
         self.log.metrics(dict(step=self.step, shapes=result))
         self.shapes_score = result

@@ -92,6 +92,36 @@ def test_full_disk_mid_run_continues_and_at_the_end_stops_naming_the_last_good_c
     assert torch.load(good / "extra.pt", weights_only=False)["step"] == 1
 
 
+def test_full_disk_costs_log_lines_and_pictures_never_the_run(shapes, tmp_path, monkeypatch, capsys):
+    full = lambda: (tmp_path / "ckpt" / "step0000001").exists()  # the disk fills after the first checkpoint
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class File:  # log.txt and metrics.jsonl, on that disk
+        def __init__(self, path, mode):
+            self.f, self.name = open(path, mode), str(path)
+
+        def write(self, text):
+            if full():
+                raise enospc
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+    grid = T.save_grid
+    monkeypatch.setattr(T, "open", File, raising=False)
+    monkeypatch.setattr(T, "save_grid", lambda *a: (_ for _ in ()).throw(enospc) if full() else grid(*a))
+    capsys.readouterr()
+    run(shapes, tmp_path, "stage1.steps=3", "ckpt_every=1")  # checkpoints still have space here
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning: cannot write")]
+    assert len(warnings) == 1 and f"{tmp_path}/log.txt (No space left on device)" in warnings[0]
+    assert "done: 3 steps" in out.out and "shapes score" in out.out  # the console has every line
+    assert f"samples: {tmp_path}/samples/step0000003.png not written (No space left on device)" in out.out
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1]  # written before the disk filled
+    assert "step:1/3" in (tmp_path / "log.txt").read_text()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"step{s:07d}" for s in (1, 2, 3)]
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 
