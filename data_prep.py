@@ -803,6 +803,10 @@ def main(argv=None):
                          args.gpus)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    except OSError as e:  # a path that cannot be read or written, a full disk: finished shards stay (atomic)
+        where = f" ({e.filename})" if e.filename else ""
+        parser.exit(2, f"error: {e.strerror or e}{where}; check the paths and free space, then run the same "
+                       "command again (it continues)\n")
 
 
 if __name__ == "__main__":

@@ -299,6 +299,10 @@ def main(argv=None):
             raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
         if not (a.out or a.eval):
             raise ValueError("give --out DIR")
+        try:  # before any sampling: an output folder that cannot be made fails now
+            a.out and Path(a.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {a.out} cannot be created ({e.strerror}); choose another folder") from None
         for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -324,11 +328,14 @@ def main(argv=None):
                         hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
                         tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
-    for i, img in enumerate(T.to_uint8(images)):
-        Image.fromarray(img).save(out / f"{i:05d}.png")
-    T.save_grid(images[:64], out / "grid.png", nrow=8)
+    try:
+        for i, img in enumerate(T.to_uint8(images)):
+            Image.fromarray(img).save(out / f"{i:05d}.png")
+        T.save_grid(images[:64], out / "grid.png", nrow=8)
+    except OSError as e:  # e.g. a full disk
+        T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
+               "far are kept)")
     print(f"{len(prompts)} images in {out}")
     if a.score:
         from data_prep import score_shapes

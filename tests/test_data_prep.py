@@ -238,6 +238,11 @@ def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "data_prep.py"), "hf", "--dataset", str(src), "--out",
                         str(tmp_path / "out"), "--caption-cols", "nope"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no column nope" in r.stderr, r.stderr
+    blocked = tmp_path / "a_file"  # an output folder that cannot be made: one line, no traceback
+    blocked.write_text("x")
+    r = subprocess.run([sys.executable, str(ROOT / "data_prep.py"), "hf", "--dataset", str(src), "--out",
+                        str(blocked / "out"), "--heldout", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"({blocked / 'out'})" in r.stderr, r.stderr
 
 
 def test_hf_unknown_schema_and_truncated_source_are_named(tmp_path):

@@ -109,13 +109,14 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompts", "EMPTY", "--out", "o"], "is empty"),
     (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
 ])
 def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
     d, _, _ = run
     (tmp_path / "EMPTY").write_text("\n\n")
     if "--ckpt" not in args:
         args = ["--ckpt", str(d)] + args
-    args = [str(tmp_path / "EMPTY") if a == "EMPTY" else a for a in args]
+    args = [str(tmp_path) + "/" + a if a.startswith("EMPTY") else a for a in args]
     r = subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
