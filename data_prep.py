@@ -18,7 +18,7 @@ Shard format (shared with the real data): DIR/train/shard-00000.parquet, ... wit
 image (datasets Image feature: {bytes, path}; PNG for shapes, JPEG q95 for hf), caption (string),
 width, height (int32); hf shards add bucket ("WxH") and source_row (input row index). DIR/meta.json
 holds the settings. Shards appear atomically (temp file + os.replace) and are never half-written.
-Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same path>.parquet.
+Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same path>.arrow.
 """
 import argparse
 import collections
@@ -611,12 +611,26 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
 # ----------------------------------------------------------------------------------------------
 # Text embeddings, precomputed (`encode-text`): one process per GPU, disjoint shard files
 
+def write_text_emb(path, batches):
+    """Batches of packed embeddings [(bf16 bytes, n_tokens)] -> one Arrow IPC stream file, the format that
+    datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically.
+    -> its size in bytes."""
+    import pyarrow as pa
+    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+        for packed in batches:
+            w.write_batch(pa.record_batch([[p[0] for p in packed], [p[1] for p in packed]], schema=schema))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
 def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
     """Run the trainer's TextEncoder over every caption of DIR's shards (train and held-out) and write
-    DIR/text_emb/<same path>.parquet (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically.
+    DIR/text_emb/<same path>.arrow (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically.
     Rank r of `world` (torchrun's RANK / WORLD_SIZE by default) takes files r, r + world, ...; files already
     done are skipped. Returns this rank's {files, captions, tokens, bytes}."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
@@ -629,7 +643,8 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     files = sorted(p for p in root.rglob("*.parquet") if not {"text_emb", "parts"} & set(p.relative_to(root).parts))
     if not files:
         raise ValueError(f"no parquet shards under {root}; run data_prep.py hf first")
-    todo = [f for f in files[rank::world] if not (root / "text_emb" / f.relative_to(root)).exists()]
+    emb_file = lambda f: root / "text_emb" / f.relative_to(root).with_suffix(".arrow")
+    todo = [f for f in files[rank::world] if not emb_file(f).exists()]
     stats = dict(files=len(todo), captions=0, tokens=0, bytes=0)
     if not todo:
         return stats
@@ -641,23 +656,18 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     except Exception as e:
         raise ValueError(f"cannot load the text encoder {text_encoder} ({_first_line(e)}); pass --text-encoder "
                          "with a hub id or a local folder") from None
-    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
     t0 = time.time()
     for i, f in enumerate(todo):
         captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
-        out = root / "text_emb" / f.relative_to(root)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with pq.ParquetWriter(tmp, schema) as w:
+
+        def packed_batches():
             for j in range(0, len(captions), batch):
                 h, mask = enc([c or "" for c in captions[j:j + batch]])
                 packed = pack_text_emb(h.to(torch.bfloat16).cpu(), mask.cpu())
-                w.write_table(pa.table({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]},
-                                       schema=schema), row_group_size=64)
                 stats["tokens"] += sum(p[1] for p in packed)
-        os.replace(tmp, out)
+                yield packed
+        stats["bytes"] += write_text_emb(emb_file(f), packed_batches())
         stats["captions"] += len(captions)
-        stats["bytes"] += out.stat().st_size
         print(f"\rencode-text rank {rank}/{world}: {i + 1}/{len(todo)} files, {stats['captions']} captions, "
               f"{stats['captions'] / (time.time() - t0):.1f} captions/s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

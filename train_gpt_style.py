@@ -955,8 +955,8 @@ def decode_image(raw, draft=None):
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (columns
-    text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step. set_stage(res) assigns each
+    """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
+    path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step. set_stage(res) assigns each
     row its aspect bucket (by the width/height columns; square without them)."""
 
     def __init__(self, folder):
@@ -980,10 +980,14 @@ class ShardDataset(torch.utils.data.Dataset):
         ds = ds.cast_column("image", datasets.Image(decode=False))
         self.sizes = [ds.data.column(c).to_numpy() if c in ds.column_names else np.ones(len(ds))
                       for c in ("width", "height")]
-        embs = [root / "text_emb" / f.relative_to(root) for f in files]
+        embs = [root / "text_emb" / f.relative_to(root).with_suffix(".arrow") for f in files]
         self.has_emb = all(e.exists() for e in embs)
-        if self.has_emb:
-            emb = self.load_parquet(embs)
+        if self.has_emb:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
+            try:
+                emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
+            except Exception as e:
+                raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({str(e).splitlines()[0][:100]}); "
+                                 "delete it and run data_prep.py encode-text again") from None
             if len(emb) != len(ds):
                 raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
                                  "rewrite text_emb/ so that it mirrors the shards row for row")

@@ -364,15 +364,11 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     ref, ref_mask = text(caps)
     assert causes == [] and torch.equal(mask, ref_mask)
     assert torch.equal(txt, ref.to(torch.bfloat16).float())  # stored in bf16, trimmed to the real tokens
-    n_tok = [r["n_tokens"] for f in sorted((data / "text_emb" / "train").glob("*.parquet"))
-             for r in read_table_file(f)]
-    assert sum(len(r["text_emb"]) for f in sorted((data / "text_emb" / "train").glob("*.parquet"))
-               for r in read_table_file(f)) == 2 * 32 * sum(n_tok)  # bytes = 2 x dim x tokens
-
-
-def read_table_file(f):
-    import pyarrow.parquet as pq
-    return pq.read_table(f).to_pylist()
+    import pyarrow as pa
+    rows = [r for f in sorted((data / "text_emb" / "train").glob("*.arrow"))
+            for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()]
+    assert len(rows) == len(ds) and sum(len(r["text_emb"]) for r in rows) == 2 * 32 * sum(
+        r["n_tokens"] for r in rows)  # bytes = 2 x dim x tokens
 
 # ---------------------------------------------------------------------------------------------
 # decode benchmark

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_gpt_style as T
+import data_prep as dp
 from data_prep import build_demo_encoders
 import conftest
 from conftest import ROOT
@@ -92,14 +93,12 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     text = T.TextEncoder(enc_dir, hp.text_len, torch.device("cpu"), torch.float32)
     for shard in sorted((data / "train").glob("*.parquet")):
         captions = datasets.Dataset.from_parquet(str(shard))["caption"]
-        packed = T.pack_text_emb(*text(captions))
-        out = data / "text_emb" / "train" / shard.name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        datasets.Dataset.from_dict({"text_emb": [p[0] for p in packed], "n_tokens": [p[1] for p in packed]}
-                                   ).to_parquet(str(out))
+        dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow", [T.pack_text_emb(*text(captions))])
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
+    mapped = {c["filename"] for c in ds.ds.cache_files}  # the sidecars are read where they lie, not copied
+    assert {str(f) for f in (data / "text_emb").rglob("*.arrow")} <= mapped
     items = [ds[i] for i in (0, 7, 300, 511)]
     imgs, captions, (txt, mask), causes = T.collate_batch(items, hp.text_len, hp.text_dim)
     ref, ref_mask = text(captions)
@@ -107,10 +106,13 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
     assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
     assert torch.equal(txt, ref.to(torch.bfloat16).float())
-    # a mismatched sidecar is refused with a clear message
-    first = sorted((data / "text_emb" / "train").glob("*.parquet"))[0]
-    datasets.Dataset.from_dict({"text_emb": [b""], "n_tokens": [0]}).to_parquet(str(first))
+    # a mismatched sidecar, or a damaged one, is refused with a clear message
+    first = sorted((data / "text_emb" / "train").glob("*.arrow"))[0]
+    dp.write_text_emb(first, [[(b"", 0)]])
     with pytest.raises(ValueError, match="mirrors the shards row for row"):
+        T.ShardDataset(data)
+    first.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="an embedding file is unreadable"):
         T.ShardDataset(data)
 
 
