@@ -1323,7 +1323,10 @@ class Trainer:
         hybrid = size < self.world
         mesh = init_device_mesh(self.device.type, (self.world // size, size) if hybrid else (size,),
                                 mesh_dim_names=("replicate", "shard") if hybrid else ("shard",))
-        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if self.hp.amp else MixedPrecisionPolicy()
+        # bf16 weights, fp32 gradient reduction; the forward's inputs stay as they are: cast to bf16, t (embedded at
+        # scale 1000) and RoPE's cos/sin would differ from what the unsharded EMA sees when it samples
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if self.hp.amp else \
+            MixedPrecisionPolicy()
         roots = [self.model] + ([self.projector] if list(self.projector.parameters()) else [])
         for m in [*self.model.blocks, *roots]:
             fully_shard(m, mesh=mesh, reshard_after_forward=self.hp.reshard, mp_policy=mp)

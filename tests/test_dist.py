@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import train_gpt_style as T
 from conftest import ROOT, corrupt_copy
 
 # One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
@@ -81,6 +82,36 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one(runs):
     for step in (4, 5):
         for x, y in zip(ref[step], got[step]):
             assert y == pytest.approx(x, rel=1e-4), (step, ref[step], got[step])
+
+
+def test_fsdp_bf16_weights_leave_the_timestep_and_rope_in_fp32(tmp_path):
+    """amp=1: FSDP gathers bf16 weights but must not round the forward's inputs. t (embedded at scale 1000) and
+    RoPE's cos/sin reach the sharded model in fp32, as they reach the unsharded EMA that samples."""
+    import copy
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        hp = T.parse_args(["preset=cpu"], False)
+        torch.manual_seed(0)
+        ref = T.PRXDiT(hp)
+        for p in ref.parameters():  # non-zero weights everywhere (adaLN-zero would hide the time embedding)
+            p.data.normal_(0, 0.05)
+        tr = T.Trainer.__new__(T.Trainer)  # a run's sharding step, on a bare trainer
+        tr.hp, tr.world, tr.device, tr.log = hp, 1, torch.device("cpu"), lambda *a: None
+        tr.model, tr.projector = copy.deepcopy(ref), torch.nn.Module()
+        tr.shard()
+        seen = {}
+        tr.model.time_in.register_forward_pre_hook(lambda m, a: seen.setdefault("t", a[0].dtype) and None)
+        tr.model.blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("cos", a[4].dtype) and None)
+        g = torch.Generator().manual_seed(0)
+        x, txt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, hp.text_len, hp.text_dim, generator=g)
+        t, mask = torch.tensor([0.9013, 0.6017]), torch.ones(2, hp.text_len, dtype=torch.bool)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, base = tr.model(x, t, txt, mask)[0].float(), ref(x, t, txt, mask)[0].float()
+        assert seen == {"t": torch.float32, "cos": torch.float32}
+        assert (out - base).abs().max() < 0.03  # bf16 weights only; t rounded to bf16 gave 0.06
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- sharded Muon
