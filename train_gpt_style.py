@@ -981,7 +981,11 @@ class ShardDataset(torch.utils.data.Dataset):
         self.sizes = [ds.data.column(c).to_numpy() if c in ds.column_names else np.ones(len(ds))
                       for c in ("width", "height")]
         embs = [root / "text_emb" / f.relative_to(root).with_suffix(".arrow") for f in files]
-        self.has_emb = all(e.exists() for e in embs)
+        missing = [e for e in embs if not e.exists()]
+        if (root / "text_emb").exists() and 0 < len(missing) < len(embs):  # never a silent fall-back to encoding
+            raise ValueError(f"{len(missing)} of {len(embs)} text embedding files are missing (e.g. {missing[0]}); "
+                             "run data_prep.py encode-text again (it adds them) or delete text_emb/")
+        self.has_emb = not missing
         if self.has_emb:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
             try:
                 emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
@@ -1356,7 +1360,15 @@ class Trainer:
             self.dataset = ShardDataset(hp.data)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-        self.log(f"data: {len(self.dataset)} images from {hp.data}")
+        text = "encoded every step (no text_emb/)"
+        if self.dataset.has_emb:  # bf16 bytes of n tokens: the width follows
+            row = self.dataset.ds[0]
+            dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
+            if dim != hp.text_dim:
+                fail(f"{hp.data}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "
+                     "the run's text encoder (data_prep.py encode-text) or set text_dim")
+            text = "precomputed (text_emb/)"
+        self.log(f"data: {len(self.dataset)} images from {hp.data}; text embeddings {text}")
 
     def fixed_prompts(self):
         if self.hp.preset == "cpu":

@@ -82,7 +82,7 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: data folder")
 
 
-def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path):
+def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path, capsys):
     import shutil
 
     import datasets
@@ -106,8 +106,15 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
     assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
     assert torch.equal(txt, ref.to(torch.bfloat16).float())
-    # a mismatched sidecar, or a damaged one, is refused with a clear message
+    # embeddings of another width are refused before any model is built, naming both widths
+    with pytest.raises(SystemExit) as e:
+        T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run", "text_dim=32"])
+    assert e.value.code == 2 and "text_emb holds 64-d embeddings but text_dim=32" in capsys.readouterr().err
+    # a mismatched sidecar, a damaged one, or a missing one (never a silent fall-back to encoding every step)
     first = sorted((data / "text_emb" / "train").glob("*.arrow"))[0]
+    first.rename(first.with_suffix(".gone"))
+    with pytest.raises(ValueError, match=r"1 of 2 text embedding files are missing"):
+        T.ShardDataset(data)
     dp.write_text_emb(first, [[(b"", 0)]])
     with pytest.raises(ValueError, match="mirrors the shards row for row"):
         T.ShardDataset(data)
