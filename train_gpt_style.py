@@ -1675,6 +1675,7 @@ class Trainer:
                     self.evaluate(stage.res)
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
+                    self.tick = time.monotonic()  # and time_limit's step time leaves them out too
             bad = [self.dataset.skipped] * self.world  # counted per rank: summed over all
             if self.distributed:
                 dist.all_gather_object(bad, self.dataset.skipped)

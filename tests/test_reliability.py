@@ -201,6 +201,20 @@ def test_time_limit_stops_with_a_checkpoint_before_the_deadline(shapes, tmp_path
     assert "stopped after step 3/8 (time_limit)" in (tmp_path / "log.txt").read_text()
 
 
+def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch):
+    """Fake clock again: steps take 10 s, the sample grid after step 1 takes 15 s. The step time that time_limit
+    projects from is 10 s after it, not 25: with time_limit=65 (reserve 6.5 s) the run stops after step 3
+    (45 + 20 + 6.5 > 65), not after step 2 (35 + 2 * 25 + 6.5)."""
+    now = [0.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    train_step, save_samples = T.Trainer.train_step, T.Trainer.save_samples
+    monkeypatch.setattr(T.Trainer, "train_step", lambda tr, st: now.__setitem__(0, now[0] + 10) or train_step(tr, st))
+    monkeypatch.setattr(T.Trainer, "save_samples", lambda tr, *a: now.__setitem__(0, now[0] + 15 * (tr.step == 1))
+                        or save_samples(tr, *a))
+    tr = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "sample_every=1", "time_limit=65")
+    assert tr.step == 3 and now[0] == 45
+
+
 # ---------------------------------------------------------------- bad input: one line, before any model
 
 
