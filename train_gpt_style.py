@@ -483,13 +483,15 @@ def dit_train_flops(hp, res, repa_dim=0):
 
 
 T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
+EVAL_MODELS = 754_098_401  # fp32 parameters of the evaluation's CLIP ViT-L/14-336, DINOv2-L and Inception-v3
 VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (channels, convs) per level, 2x pooled
 
 
 def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_2B_ENCODER):
     """GiB per device of one training step by part, for eager autograd on CUDA (a compiled graph may save less):
     fp32 weights, gradients, Muon / Adam states sharded over `world` + the replicated fp32 EMA; bf16 weights held
-    through backward (FSDP, reshard=0: all; one process: autocast's copies); frozen bf16 encoders; what autograd
+    through backward (FSDP, reshard=0: all; one process: autocast's copies) and, when several micro-batches
+    accumulate under FSDP, the unsharded fp32 gradients; frozen bf16 encoders and fp32 evaluation models; what autograd
     saves (fused attention: q, k, v, out, logsumexp; recomputed blocks: their input; perceptual encoders on x0)."""
     from torchvision.models import vgg16
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
@@ -504,6 +506,7 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
     n, muon = count(dit) + count(proj), sum(p.numel() for k, p in dit.named_parameters() if k[:7] == "blocks." and
                                             p.ndim == 2)  # Muon: one momentum; Adam: two moments
     held = (2 / hp.depth if hp.reshard and world > 1 else 1) * n * (2 if hp.amp else 4 if world > 1 else 0)
+    held += 4 * n if world > 1 and stage.batch // (world * B) > 1 else 0  # FSDP accumulates unsharded fp32 grads
     D, L, H, P, F_ = hp.hidden, hp.text_len, hp.heads, 3 * hp.patch ** 2, int(hp.hidden * hp.mlp_ratio)
     N = (stage.res // hp.patch) ** 2
     n_tok = lambda i: N - round(N * hp.tread_frac) if hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end else N
@@ -526,7 +529,7 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
         act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
     gib = lambda x: x / 2 ** 30
     return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
-                encoders=gib(2 * sum(encs)), activations=gib(B * act))
+                encoders=gib(2 * sum(encs) + 4 * EVAL_MODELS * (hp.eval_every > 0)), activations=gib(B * act))
 
 
 def memory_report(hp, world=8, log=print, **kw):  # README "Memory" prints the record's through this without a GPU
@@ -956,8 +959,8 @@ def decode_image(raw, draft=None):
 
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
-    path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step. set_stage(res) assigns each
-    row its aspect bucket (by the width/height columns; square without them)."""
+    path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step.
+    set_stage(res) assigns each row its aspect bucket (by the width/height columns; square without them)."""
 
     def __init__(self, folder):
         import datasets
@@ -1496,7 +1499,8 @@ class Trainer:
             tflops = dit_train_flops(hp, st.res, self.repa_dim(st)) * ips / 1e12
             mfu = f"{100 * tflops / hp.peak_tflops:.1f}%" if cuda else "n/a (cpu)"
             small_text = sum(map(torch.numel, self.text.model.parameters()))  # the bench's text encoder
-            est = train_memory(hp, st, self.world, vits=vits, text_params=small_text)
+            est = train_memory(dataclasses.replace(hp, eval_every=0), st, self.world, vits=vits,  # no eval models
+                               text_params=small_text)
             mem = (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}GiB" if cuda else "n/a (cpu)") + \
                 f" mem_estimate:{sum(est.values()):.2f}GiB"
             hours = st.steps * st.batch / ips / 3600  # on one device

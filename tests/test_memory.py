@@ -1,5 +1,7 @@
 """Activation checkpointing (recompute) and the analytic memory estimate (train_memory), checked against the bytes
 autograd really saves (torch.autograd.graph.saved_tensors_hooks) and the parameters and optimizer states built."""
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -116,7 +118,8 @@ def test_recompute_compiles_to_one_graph():
 # correct two documented differences explicitly:
 # - CPU autocast runs layer_norm in bf16 (CUDA: fp32), so a block saves the LayerNorm input, output and h once in bf16
 #   instead of fp32 input + fp32 output + bf16 casts of h (one for the qkv linear, two for gate/up), statistics in bf16;
-# - the CPU flash kernel returns out as (B, H, N, Dh) contiguous, so out.transpose(1, 2).reshape copies (on CUDA a view).
+# - the CPU flash kernel returns out as (B, H, N, Dh) contiguous, so out.transpose(1, 2).reshape copies (on CUDA a
+#   view).
 # - CPU autocast runs pow in bf16 (CUDA: fp32), which changes LPIPS's per-level normalisation (below).
 
 
@@ -264,7 +267,35 @@ def test_encoder_parameter_counts_are_the_real_architectures():
     parts = T.train_memory(hp, hp.stages[0], 8)
     vgg = sum(p.numel() for p in T.load_lpips("cpu", pretrained=False).net.parameters())  # LPIPS's VGG-16 trunk
     dinos = [1e6 * n for n in (303.1, 86.6)]  # DINOv3 ViT-L/16 (~0.3 B) and DINOv2-B/14 (~86 M): model cards
-    assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (T.T5GEMMA_2B_ENCODER + vgg + sum(dinos)), rel=0.01)
+    evals = 2 * T.EVAL_MODELS  # fp32: 4 bytes
+    assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (T.T5GEMMA_2B_ENCODER + vgg + sum(dinos) + evals), rel=0.01)
+
+
+def test_evaluation_models_are_counted_with_their_real_sizes():
+    import timm
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+    vit_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+    with torch.device("meta"):  # openai/clip-vit-large-patch14-336, facebook/dinov2-large, timm inception_v3
+        clip = CLIPModel(CLIPConfig(projection_dim=768, text_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
+            max_position_embeddings=77, projection_dim=768), vision_config=dict(image_size=336, **vit_l)))
+        models = [clip, Dinov2Model(Dinov2Config(image_size=518, **vit_l)),
+                  timm.create_model("inception_v3", pretrained=False, num_classes=0)]
+    assert sum(p.numel() for m in models for p in m.parameters()) == T.EVAL_MODELS
+    hp = T.Hyperparameters()
+    on, off = (T.train_memory(dataclasses.replace(hp, eval_every=e), hp.stages[0], 8)["encoders"] for e in (1, 0))
+    assert (on - off) * 2 ** 30 == pytest.approx(4 * T.EVAL_MODELS)
+
+
+def test_fsdp_gradient_accumulation_holds_unsharded_fp32_gradients():
+    hp = T.Hyperparameters()
+    st = hp.stages[0]  # 1024 = 8 ranks x 32 x 4 micro-batches
+    acc, one = (T.train_memory(hp, st, 8, micro=m)["gathered"] for m in (32, 128))  # 128: no accumulation
+    with torch.device("meta"):
+        n = sum(p.numel() for p in T.PRXDiT(hp).parameters()) + sum(
+            p.numel() for p in T.repa_projector(hp.hidden, T.REAL_VITS[0]["hidden_size"]).parameters())
+    assert (acc - one) * 2 ** 30 == pytest.approx(4 * n)
+    assert T.train_memory(hp, st, 1, micro=32)["gathered"] * 2 ** 30 == pytest.approx(2 * n)  # one process: none
 
 
 def test_record_fits_and_the_largest_micro_batch_is_the_last_that_fits():
@@ -273,7 +304,10 @@ def test_record_fits_and_the_largest_micro_batch_is_the_last_that_fits():
     T.memory_report(hp, 8, lines.append)
     assert len(lines) == len(hp.stages)
     for st, line in zip(hp.stages, lines):
-        total = lambda b: sum(T.train_memory(hp, st, 8, micro=b).values())
+        # the fit keeps the configured micro-batch's gradient accumulation (conservative once a micro-batch would
+        # hold a rank's whole share of the batch and FSDP would need no unsharded gradients)
+        acc = T.train_memory(hp, st, 8)["gathered"] - T.train_memory(hp, st, 8, micro=st.batch // 8)["gathered"]
+        total = lambda b: sum(T.train_memory(hp, st, 8, micro=b).values()) + acc * (st.batch // (8 * b) <= 1)
         assert float(re.search(r"peak:([\d.]+)GiB", line).group(1)) == pytest.approx(total(st.micro_batch), abs=0.01)
         fit = int(re.search(r"max_micro_batch@79.6GiB:(\d+)", line).group(1))
         assert total(st.micro_batch) < 0.9 * hp.mem_budget and st.micro_batch <= fit  # the record fits 80 GB
