@@ -22,6 +22,7 @@ row mb64_mb32 compile=0 stage1.micro_batch=64 stage2.micro_batch=32
 row mb128 compile=0 stages=1 stage1.micro_batch=128
 row mb128_mb32_recompute compile=0 stage1.micro_batch=128 stage2.micro_batch=32 recompute=0-9
 row compiled_no_tread compile=1 tread_frac=0
+row compiled_cudnn compile=1 sdpa=cudnn,efficient,math  # cuDNN attention first (PyTorch ranks it after flash and efficient)
 # FSDP2 on NCCL with the compiled DiT (one process: the code path of the 8-GPU run, without the communication)
 LAUNCH="torchrun --standalone --nproc_per_node=1" row fsdp_compiled compile=1 stages=1
 echo "done: $out/summary.txt"

@@ -103,6 +103,7 @@ class Hyperparameters:
     shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
     reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
     recompute: str = ""  # blocks recomputed in backward (activation checkpointing): "0-3,7", "all"; "": none
+    sdpa: str = "flash,efficient,cudnn,math"  # GPU attention kernels in training, first usable wins (PyTorch's order)
     peak_tflops: float = 989.0  # device bf16 dense peak for utilisation (H100 SXM; H200 the same)
     bench: int = 0  # bench=N: time N micro-steps per stage on synthetic data, print throughput, exit
     bench_devices: int = 8  # the bench also projects the schedule's wall-clock onto this many devices
@@ -259,6 +260,8 @@ def check_config(hp):
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
     block_set(hp.recompute, hp.depth)
+    if not hp.sdpa or not set(hp.sdpa.split(",")) <= {"flash", "efficient", "cudnn", "math"}:
+        raise ValueError(f"sdpa={hp.sdpa!r}: list kernels from flash, efficient, cudnn, math, e.g. cudnn,efficient")
 
 
 def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block; ValueError on a bad spec
@@ -608,13 +611,15 @@ def flow_loss(x0_pred, x0, x_t, t, t_min_div):
     return err.pow(2).mean(dim=(1, 2, 3))
 
 
-def attention_backend(device):
-    """SDPA kernels: on CPU the plain math kernel beats the CPU flash kernel at the demo's sizes (2x, measured)."""
+def attention_backend(device, order="flash,efficient,cudnn,math"):
+    """SDPA kernels, tried in this order (the text padding mask rules flash out); on CPU the plain math kernel,
+    which beats the CPU flash kernel at the demo's sizes (2x, measured)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if device.type == "cpu":
         return sdpa_kernel(SDPBackend.MATH)
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+    kernels = dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                   cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH)
+    return sdpa_kernel([kernels[k] for k in order.split(",")], set_priority=True)
 
 
 LOSS_PARTS = ("flow", "repa", "lpips", "pdino")  # logged after the total loss, in this order
@@ -1410,7 +1415,7 @@ class Trainer:
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
             use_repa = stage.repa and hp.repa_weight > 0
             nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
-            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp), attention_backend(dev):
+            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=hp.amp), attention_backend(dev, hp.sdpa):
                 x0_pred, h = self.forward(x_t, t, txt, mask, keep, hp.repa_block if use_repa else -1)
                 flow = flow_loss(x0_pred, x0, x_t, t, hp.t_min_div)  # (B,)
                 parts = dict(flow=flow.mean())
@@ -1424,7 +1429,7 @@ class Trainer:
                     parts["pdino"] = pdino_loss(self.dino2, x0_pred[:nb], x0[:nb], hp.pdino_res).mean()
                 weights = dict(flow=1.0, repa=hp.repa_weight, lpips=hp.lpips_weight, pdino=hp.pdino_weight)
                 loss = sum(weights[k] * v for k, v in parts.items())
-            with attention_backend(dev):  # recomputed blocks run their forward again: with the same kernels
+            with attention_backend(dev, hp.sdpa):  # recomputed blocks run their forward again: same kernels
                 (loss / accum).backward()
             zero = torch.zeros((), device=dev)
             sums[:5] += torch.stack([loss] + [parts.get(k, zero) for k in LOSS_PARTS]).detach().float() / accum

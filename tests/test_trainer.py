@@ -428,3 +428,20 @@ def test_record_flops_match_the_recipe():
     assert T.dit_train_flops(T.Hyperparameters(tread_frac=0), 512) / 1e12 == pytest.approx(1.35, rel=0.03)
     assert T.dit_train_flops(hp, 512) / 1e12 == pytest.approx(0.95, rel=0.03)
     assert T.dit_train_flops(hp, 1024) / 1e12 == pytest.approx(3.5, rel=0.03)
+
+
+def test_sdpa_constant_sets_the_gpu_kernel_order():
+    """attention_backend(cuda, order): the kernels in that order, first usable wins (set_priority); CPU: math."""
+    from torch.nn.attention import SDPBackend
+    ids = lambda *ks: [int(getattr(SDPBackend, k)) for k in ks]
+    default = torch._C._get_sdp_priority_order()
+    for order, first in (("cudnn,efficient,math", ids("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")),
+                         (T.Hyperparameters().sdpa, ids("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+                                                        "MATH"))):
+        with T.attention_backend(torch.device("cuda"), order):
+            assert list(torch._C._get_sdp_priority_order())[:len(first)] == first
+            assert torch.backends.cuda.flash_sdp_enabled() == ("flash" in order)
+    assert list(torch._C._get_sdp_priority_order()) == list(default)  # restored on exit
+    for bad in ("cudnn,fast", ""):
+        with pytest.raises(ValueError, match="sdpa="):
+            T.parse_args([f"sdpa={bad}"], False)
