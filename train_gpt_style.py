@@ -342,8 +342,9 @@ class Attention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.img_qkv_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         tk, tv = self.txt_kv_proj(txt).view(B, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        dt = v.dtype  # norms and RoPE in fp32
-        q, k, tk = self.norm_q(q.float()), self.norm_k(k.float()), self.norm_added_k(tk.float()).to(dt)  # (B,H,N,Dh)
+        dt = v.dtype  # norms (fp32 weights too: FSDP gathers bf16 ones) and RoPE in fp32
+        fp32 = lambda norm, x: F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+        q, k, tk = fp32(self.norm_q, q), fp32(self.norm_k, k), fp32(self.norm_added_k, tk).to(dt)  # (B, H, N, Dh)
         q, k = apply_rope(q, cos, sin).to(dt), apply_rope(k, cos, sin).to(dt)
         k, v = torch.cat([tk, k], dim=2), torch.cat([tv, v], dim=2)  # keys/values: [text; image]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import train_gpt_style as T
 from conftest import ROOT, corrupt_copy
 
 # One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
@@ -89,6 +88,8 @@ def test_fsdp_bf16_weights_leave_the_timestep_and_rope_in_fp32(tmp_path):
     RoPE's cos/sin reach the sharded model in fp32, as they reach the unsharded EMA that samples."""
     import copy
     import torch.distributed as dist
+
+    import train_gpt_style as T
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         hp = T.parse_args(["preset=cpu"], False)
