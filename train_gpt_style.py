@@ -702,6 +702,7 @@ class TextEncoder:
     def __init__(self, path, max_len, device, dtype):
         from transformers import AutoModel, AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "right"  # Gemma's tokenizer pads on the left: real tokens first, positions from 0
         model = AutoModel.from_pretrained(path, dtype=dtype)
         self.model = (model.get_encoder() if hasattr(model, "get_encoder") else model).to(device).eval()
         self.model.requires_grad_(False)
@@ -1054,11 +1055,11 @@ class ShardDataset(torch.utils.data.Dataset):
 
 
 def pack_text_emb(h, mask):
-    """Encoder output (B, L, D), mask (B, L) -> per caption (bf16 bytes of its n real tokens, n)."""
+    """Encoder output (B, L, D), mask (B, L) -> per caption (bf16 bytes of its n real tokens, n), wherever the
+    padding is."""
     out = []
     for hi, mi in zip(h, mask):
-        n = int(mi.sum())
-        out.append((hi[:n].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes(), n))
+        out.append((hi[mi.bool()].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes(), int(mi.sum())))
     return out
 
 

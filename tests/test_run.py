@@ -123,6 +123,24 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
         T.ShardDataset(data)
 
 
+def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
+    """Gemma's tokenizer pads on the left; the encoder must see real tokens first (positions from 0), and packing
+    must keep the real tokens wherever the padding is (a left-padded batch once packed all-zero embeddings)."""
+    from transformers import AutoTokenizer
+    hp = T.parse_args(["preset=cpu"], False)
+    enc = build_demo_encoders(tmp_path / "enc", hp, ["a small red circle in the top left", "and"])[0]
+    tok = AutoTokenizer.from_pretrained(enc)
+    tok.padding_side = "left"  # as the real tokenizer is saved
+    tok.save_pretrained(enc)
+    h, mask = T.TextEncoder(enc, 12, torch.device("cpu"), torch.float32)(["a small red circle in the top left", "a"])
+    n = mask.sum(1)
+    assert n.tolist()[1] < 12 and all(mask[i, :n[i]].all() for i in range(2))  # right padding
+    left = torch.stack([h[i].roll(int(12 - n[i]), 0) for i in range(2)])  # the same rows, padded on the left
+    left_mask = torch.stack([mask[i].roll(int(12 - n[i]), 0) for i in range(2)])
+    assert not left_mask[1, 0] and T.pack_text_emb(left, left_mask) == T.pack_text_emb(h, mask)
+    assert all(sum(raw) != 0 for raw, _ in T.pack_text_emb(left, left_mask))
+
+
 @pytest.mark.slow
 def test_bench_prints_every_figure(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", "bench=2",
