@@ -995,17 +995,16 @@ class ShardDataset(torch.utils.data.Dataset):
         if (root / "text_emb").exists() and 0 < len(missing) < len(embs):  # never a silent fall-back to encoding
             raise ValueError(f"{len(missing)} of {len(embs)} text embedding files are missing (e.g. {missing[0]}); "
                              "run data_prep.py encode-text again (it adds them) or delete text_emb/")
-        self.has_emb = not missing
+        self.has_emb, self.emb = not missing, None
         if self.has_emb:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
             try:
-                emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
+                self.emb = emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
             except Exception as e:
                 raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({str(e).splitlines()[0][:100]}); "
                                  "delete it and run data_prep.py encode-text again") from None
             if len(emb) != len(ds):
                 raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
                                  "rewrite text_emb/ so that it mirrors the shards row for row")
-            ds = datasets.concatenate_datasets([ds, emb.select_columns(["text_emb", "n_tokens"])], axis=1)
         self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
 
     @staticmethod
@@ -1050,7 +1049,8 @@ class ShardDataset(torch.utils.data.Dataset):
         s = min(W / w, H / h)  # the centred box of the bucket's aspect ratio, resized to (w, h)
         box = ((W - w * s) / 2, (H - h * s) / 2, (W + w * s) / 2, (H + h * s) / 2)
         img = img.resize((w, h), Image.BICUBIC if s < 1 else Image.BOX, box=box)
-        emb = (row["text_emb"], row["n_tokens"]) if self.has_emb else None
+        e = self.emb[int(i)] if self.has_emb else None  # row i of the sidecars (kept apart: joining the columns
+        emb = (e["text_emb"], e["n_tokens"]) if e else None  # of thousands of files costs minutes at start)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"], emb, causes
 
 
@@ -1372,7 +1372,7 @@ class Trainer:
             fail(str(e))
         text = "encoded every step (no text_emb/)"
         if self.dataset.has_emb:  # bf16 bytes of n tokens: the width follows
-            row = self.dataset.ds[0]
+            row = self.dataset.emb[0]
             dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
             if dim != hp.text_dim:
                 fail(f"{hp.data}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "

@@ -97,7 +97,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
-    mapped = {c["filename"] for c in ds.ds.cache_files}  # the sidecars are read where they lie, not copied
+    mapped = {c["filename"] for c in ds.emb.cache_files}  # the sidecars are read where they lie, not copied
     assert {str(f) for f in (data / "text_emb").rglob("*.arrow")} <= mapped
     items = [ds[i] for i in (0, 7, 300, 511)]
     imgs, captions, (txt, mask), causes = T.collate_batch(items, hp.text_len, hp.text_dim)
