@@ -238,12 +238,20 @@ def parse_interval(text):
 
 def export_diffusers(model, hp, out_dir):
     """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
-    from diffusers import PRXTransformer2DModel
+    try:
+        from diffusers import PRXTransformer2DModel
+    except ImportError as e:
+        raise ValueError(f"cannot export to diffusers ({e}); pip install a diffusers with PRXTransformer2DModel "
+                         "(requirements.txt)") from None
     head = hp.hidden // hp.heads
     ref = PRXTransformer2DModel(in_channels=3, patch_size=hp.patch, context_in_dim=hp.text_dim,
                                 hidden_size=hp.hidden, mlp_ratio=hp.mlp_ratio, num_heads=hp.heads, depth=hp.depth,
                                 axes_dim=[head // 2, head // 2], bottleneck_size=hp.bottleneck)
-    ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
+    try:
+        ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
+    except RuntimeError as e:  # another diffusers version's layout
+        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match: {str(e).splitlines()[0][:150]}; "
+                         "install the version in requirements.txt") from None
     ref.save_pretrained(out_dir)
     return out_dir
 
