@@ -250,7 +250,7 @@ def export_diffusers(model, hp, out_dir):
     try:
         ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
     except RuntimeError as e:  # another diffusers version's layout
-        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match: {str(e).splitlines()[0][:150]}; "
+        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({' '.join(str(e).split())[:200]}); "
                          "install the version in requirements.txt") from None
     ref.save_pretrained(out_dir)
     return out_dir

@@ -167,6 +167,6 @@ def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):
     hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
     model = T.PRXDiT(hp)
     model.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))  # a layout diffusers does not have
-    with pytest.raises(ValueError, match="PRXTransformer2DModel does not match: .*extra"):
+    with pytest.raises(ValueError, match="PRXTransformer2DModel does not match .*extra"):
         S.export_diffusers(model, hp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
