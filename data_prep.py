@@ -452,8 +452,9 @@ def _first_line(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
-def open_source(dataset, split="train"):
-    """Hub id or local parquet folder/file -> (streaming IterableDataset, row count or None, column names)."""
+def open_source(dataset, split="train", config=None):
+    """Hub id (with its config name, if it has several) or local parquet folder/file -> (streaming IterableDataset,
+    row count or None, column names)."""
     import datasets
     import pyarrow.parquet as pq
     datasets.disable_progress_bars()
@@ -471,15 +472,15 @@ def open_source(dataset, split="train"):
                     raise ValueError(f"{f} is not a readable parquet file ({_first_line(e)})") from None
             ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
         else:
-            ds = datasets.load_dataset(dataset, split=split, streaming=True)
+            ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
             splits = ds.info.splits or {}
             n = splits[split].num_examples if split in splits and splits[split].num_examples else None
         columns = list(ds.features) if ds.features else list(next(iter(ds)))
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"cannot open {dataset} ({_first_line(e)}); pass a hub id or a local parquet "
-                         "folder/file") from None
+        raise ValueError(f"cannot open {dataset} ({_first_line(e)}); pass a hub id (and --config if it names "
+                         "several) or a local parquet folder/file") from None
     return ds, n, columns
 
 
@@ -513,7 +514,7 @@ def _raw_bytes(cell):  # an image cell: {bytes, path} (the Image feature) or raw
 
 def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=None, res=512, heldout=10000,
                shard_rows=HF_SHARD_ROWS, max_rows=None, workers=None, seed=0, split="train", patch=None,
-               aspect_max=None, crash_after=None):
+               aspect_max=None, crash_after=None, config=None):
     """Convert `dataset` (hub id, streamed, or local parquet) into DIR/train shards of aspect-bucketed JPEGs,
     DIR/heldout/heldout.parquet, DIR/meta.json and DIR/summary.json. Input rows [k * shard_rows, ...) become
     shard k; DIR/progress.json records the shards done and the stream position after them, so a restarted
@@ -529,7 +530,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
         raise ValueError(f"--res {res} must be a positive multiple of the patch {patch}")
     if heldout < 0 or shard_rows < 1 or (max_rows is not None and max_rows < 1):
         raise ValueError("--heldout must be >= 0, --shard-rows and --max-rows >= 1")
-    stream, n_rows, columns = open_source(dataset, split)
+    stream, n_rows, columns = open_source(dataset, split, config)
     image_col, caption_cols, weights = resolve_columns(dataset, columns, image_col, caption_cols, caption_weights)
     if max_rows:
         n_rows = min(n_rows, max_rows) if n_rows else max_rows
@@ -541,7 +542,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     meta = dict(dataset=str(dataset), split=split, image_col=image_col, caption_cols=caption_cols,
                 caption_weights=weights, res=res, patch=patch, aspect_max=aspect_max,
                 buckets=[list(b) for b in aspect_buckets(res, patch, aspect_max)], heldout=heldout,
-                heldout_every=every, shard_rows=shard_rows, max_rows=max_rows, seed=seed, jpeg_quality=JPEG_QUALITY)
+                heldout_every=every, shard_rows=shard_rows, max_rows=max_rows, seed=seed, jpeg_quality=JPEG_QUALITY,
+                **({"config": config} if config else {}))
     if (out / "meta.json").exists():
         if json.loads((out / "meta.json").read_text()) != meta:
             raise ValueError(f"{out} already holds a conversion with other settings ({out / 'meta.json'}); "
@@ -559,7 +561,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     stream = stream.select_columns([image_col, *caption_cols])
     if progress["state"] is not None:
         stream.load_state_dict(progress["state"])
-    workers = max(1, workers or os.cpu_count())
+    workers = max(1, workers or min(os.cpu_count(), 32))  # each holds a shard of raw images (~280 MB at 2,000 rows)
     done0, t0, pending = progress["shards"], time.time(), collections.deque()
     with Pool(workers) as pool:  # before the stream opens: the workers fork without its files and sockets
         rows_iter, k = iter(stream), done0
@@ -572,7 +574,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                 job = (out, k, rows, meta)
                 pending.append((k, pool.apply_async(_convert_chunk, (job,)), copy.deepcopy(stream.state_dict())))
                 k += 1
-            while pending and (len(pending) > 2 * workers or len(rows) < shard_rows):  # in order, bounded
+            # in order; at most workers + 1 shards of raw images in memory
+            while pending and (len(pending) > workers or len(rows) < shard_rows):
                 kk, result, state = pending.popleft()
                 counts.update(result.get())
                 _write_json(progress_path, dict(shards=kk + 1, state=state, counts=dict(counts)))
@@ -773,6 +776,7 @@ def main(argv=None):
     p.add_argument("--shard-rows", type=int, default=HF_SHARD_ROWS, help="input rows per shard")
     p.add_argument("--max-rows", type=int, default=None, help="convert only the first N input rows")
     p.add_argument("--split", default="train", help="hub split")
+    p.add_argument("--config", default=None, help="hub config name, for a data set with several")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="caption choice")
     p = sub.add_parser("encode-text", help="precompute text embeddings (run under torchrun for several GPUs)")
@@ -798,7 +802,7 @@ def main(argv=None):
         elif args.command == "hf":
             convert_hf(args.dataset, args.out, args.image_col, args.caption_cols and args.caption_cols.split(","),
                        args.caption_weights, args.res, args.heldout, args.shard_rows, args.max_rows, args.workers,
-                       args.seed, args.split)
+                       args.seed, args.split, config=args.config)
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
         elif args.command == "bench-decode":

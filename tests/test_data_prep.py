@@ -460,3 +460,16 @@ def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path):
         want = expected_skips(drawn, damage, 96)
         assert ast.literal_eval(line.split("(all ranks): ", 1)[1]) == want
     assert sum(want.values()) > 0  # the run met damaged rows and went on
+
+
+def test_hub_config_name_reaches_load_dataset(monkeypatch):
+    import datasets
+    seen = {}
+
+    def offline(*args, **kw):  # no hub here: record the call
+        seen.update(args=args, kw=kw)
+        raise ConnectionError("offline")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"cannot open org/name \(.*offline\); pass a hub id \(and --config"):
+        dp.open_source("org/name", "train", "Aesthetics-Part01")
+    assert seen["args"] == ("org/name", "Aesthetics-Part01") and seen["kw"] == dict(split="train", streaming=True)
