@@ -621,7 +621,7 @@ def write_text_emb(path, batches):
     import pyarrow as pa
     schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two writers of one file never share a temporary
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
         for packed in batches:
             w.write_batch(pa.record_batch([[p[0] for p in packed], [p[1] for p in packed]], schema=schema))
@@ -653,6 +653,8 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
         return stats
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one CUDA context per rank, on its own GPU
     quiet_transformers()
     try:
         enc = TextEncoder(text_encoder, text_len, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
