@@ -508,6 +508,20 @@ def resolve_columns(dataset, columns, image_col=None, caption_cols=None, weights
     return image_col, list(caption_cols), [float(w) for w in weights]
 
 
+def check_column_types(dataset, features, image_col, caption_cols):
+    """Before any row is read: an image column that holds no bytes (paths, URLs) or a caption column that is not
+    text would otherwise drop every row, found out only at the end."""
+    import datasets
+    img, text = features.get(image_col), ("string", "large_string")
+    if img is not None and not (isinstance(img, datasets.Image) or getattr(img, "dtype", None) in ("binary",
+                                "large_binary") or (isinstance(img, dict) and "bytes" in img)):
+        raise ValueError(f"{dataset}: column {image_col} holds {img}, not image bytes; pass --image-col with an "
+                         "image column")
+    bad = {c: features[c] for c in caption_cols if c in features and getattr(features[c], "dtype", None) not in text}
+    if bad:
+        raise ValueError(f"{dataset}: caption columns must hold text, but {bad}; pass --caption-cols with text columns")
+
+
 def _raw_bytes(cell):  # an image cell: {bytes, path} (the Image feature) or raw bytes -> bytes or None
     return cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, (bytes, bytearray)) else None
 
@@ -532,6 +546,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
         raise ValueError("--heldout must be >= 0, --shard-rows and --max-rows >= 1")
     stream, n_rows, columns = open_source(dataset, split, config)
     image_col, caption_cols, weights = resolve_columns(dataset, columns, image_col, caption_cols, caption_weights)
+    check_column_types(dataset, stream.features or {}, image_col, caption_cols)
     if max_rows:
         n_rows = min(n_rows, max_rows) if n_rows else max_rows
     if n_rows and 2 * heldout > n_rows:

@@ -473,3 +473,20 @@ def test_hub_config_name_reaches_load_dataset(monkeypatch):
     with pytest.raises(ValueError, match=r"cannot open org/name \(.*offline\); pass a hub id \(and --config"):
         dp.open_source("org/name", "train", "Aesthetics-Part01")
     assert seen["args"] == ("org/name", "Aesthetics-Part01") and seen["kw"] == dict(split="train", streaming=True)
+
+
+
+def test_hf_refuses_columns_of_the_wrong_type_before_reading_rows(tmp_path):
+    import datasets
+    good = {"bytes": encoded(96, 96), "path": None}
+    src = write_source(tmp_path / "a", dict(image=["/some/path.jpg"], caption=["a"]),
+                       dict(image="string", caption="string"), files=1)  # image paths, not bytes
+    with pytest.raises(ValueError, match="column image holds .*string.*, not image bytes"):
+        convert(src, tmp_path / "o1", heldout=0)
+    src = tmp_path / "b"  # a caption column that is a list of strings
+    src.mkdir()
+    datasets.Dataset.from_dict(dict(image=[good], caption=[["a", "b"]]), features=datasets.Features(
+        image=datasets.Image(), caption=datasets.List(datasets.Value("string")))).to_parquet(str(src / "t.parquet"))
+    with pytest.raises(ValueError, match="caption columns must hold text, but .*caption"):
+        convert(src, tmp_path / "o2", heldout=0)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
