@@ -1064,13 +1064,14 @@ def pack_text_emb(h, mask):
 
 
 def unpack_text_emb(items, max_len, dim):
-    """Inverse of pack_text_emb, padded with zeros to max_len: -> (B, max_len, dim) float, mask (B, max_len)."""
-    txt = torch.zeros(len(items), max_len, dim)
+    """Inverse of pack_text_emb, padded with zeros to max_len: -> (B, max_len, dim) bf16 (as stored: half the
+    loader's shared memory and the host-to-device copy of fp32), mask (B, max_len)."""
+    txt = torch.zeros(len(items), max_len, dim, dtype=torch.bfloat16)
     mask = torch.zeros(len(items), max_len, dtype=torch.bool)
     for b, (raw, n) in enumerate(items):
         n = min(n, max_len)
         e = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).view(-1, dim)
-        txt[b, :n], mask[b, :n] = e[:n].float(), True
+        txt[b, :n], mask[b, :n] = e[:n], True
     return txt, mask
 
 
@@ -1405,7 +1406,7 @@ class Trainer:
             x0 = imgs.to(dev, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             B = x0.shape[0]
             if emb is not None:  # precomputed (ShardDataset)
-                txt, mask = emb[0].to(dev, non_blocking=True), emb[1].to(dev, non_blocking=True)
+                txt, mask = emb[0].to(dev, non_blocking=True).float(), emb[1].to(dev, non_blocking=True)
             else:
                 txt, mask = self.text(captions)
             first = self.rank * per_rank + a * B  # this micro-batch's place in the global batch

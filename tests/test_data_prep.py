@@ -363,12 +363,21 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     _, caps, (txt, mask), causes = T.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
     ref, ref_mask = text(caps)
     assert causes == [] and torch.equal(mask, ref_mask)
-    assert torch.equal(txt, ref.to(torch.bfloat16).float())  # stored in bf16, trimmed to the real tokens
+    assert txt.dtype == torch.bfloat16 and torch.equal(txt, ref.to(torch.bfloat16))  # as stored, trimmed
     import pyarrow as pa
     rows = [r for f in sorted((data / "text_emb" / "train").glob("*.arrow"))
             for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()]
     assert len(rows) == len(ds) and sum(len(r["text_emb"]) for r in rows) == 2 * 32 * sum(
         r["n_tokens"] for r in rows)  # bytes = 2 x dim x tokens
+    # and a run trains on them (bf16 from the loader, aspect buckets, TREAD, two loading workers)
+    run = tmp_path / "run"
+    T.main(["preset=record", f"data={data}", f"run_dir={run}", f"text_encoder={enc_dir}", "text_dim=32",
+            "text_len=16", "hidden=32", "depth=3", "heads=2", f"patch={PATCH}", "bottleneck=16", "tread_start=0",
+            "tread_end=1", "repa_weight=0", "lpips_weight=0", "pdino_weight=0", "compile=0", "num_workers=2",
+            "sample_steps=1", "log_every=1", "ckpt_every=0", "warmup=1", "eval_every=0", "stages=1",
+            f"stage1.res={RES}", "stage1.batch=6", "stage1.micro_batch=3", "stage1.steps=3", "stage1.repa=0"])
+    log = (run / "log.txt").read_text()
+    assert "text embeddings precomputed (text_emb/)" in log and "step:3/3" in log
 
 # ---------------------------------------------------------------------------------------------
 # decode benchmark

@@ -104,8 +104,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     ref, ref_mask = text(captions)
     assert causes == [] and imgs.shape == (4, 3, 32, 32)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
-    assert torch.allclose(txt, ref, rtol=1e-2, atol=1e-2)  # stored in bf16
-    assert torch.equal(txt, ref.to(torch.bfloat16).float())
+    assert txt.dtype == torch.bfloat16 and torch.equal(txt, ref.to(torch.bfloat16))  # as stored
     # embeddings of another width are refused before any model is built, naming both widths
     with pytest.raises(SystemExit) as e:
         T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run", "text_dim=32"])
