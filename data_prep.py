@@ -130,6 +130,16 @@ def shapes_prompts():
 # ----------------------------------------------------------------------------------------------
 # Shards
 
+def _own_tqdm_lock():
+    """Pool initializer: a worker's progress bars (datasets makes them, even disabled) take a lock of its own, not
+    the one tqdm shares across fork: a worker terminated while holding that one (an error in the conversion) would
+    leave the parent waiting forever at its next progress bar."""
+    import threading
+
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
+
+
 def write_rows(path, columns, extra=()):
     """Write columns {image: [{bytes, path}], caption, width, height, *extra} as one parquet shard, atomically
     (temp name without the .parquet suffix, then os.replace): a reader never sees a half-written shard."""
@@ -189,7 +199,7 @@ def make_shapes(out_dir, n=50000, size=64, seed=0, workers=None, shard_rows=SHAR
     todo = [(path, i, n, size, seed, shard_rows) for i, path in enumerate(shards) if not path.exists()]
     if todo:
         t0, done = time.time(), 0
-        with Pool(min(workers or os.cpu_count(), len(todo))) as pool:
+        with Pool(min(workers or os.cpu_count(), len(todo)), _own_tqdm_lock) as pool:
             for k, rows in enumerate(pool.imap_unordered(_make_shapes_shard, todo), 1):
                 done += rows
                 print(f"\rshapes: {k}/{len(todo)} shards, {done} images, {time.time() - t0:.1f}s",
@@ -578,7 +588,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
         stream.load_state_dict(progress["state"])
     workers = max(1, workers or min(os.cpu_count(), 32))  # each holds a shard of raw images (~280 MB at 2,000 rows)
     done0, t0, pending = progress["shards"], time.time(), collections.deque()
-    with Pool(workers) as pool:  # before the stream opens: the workers fork without its files and sockets
+    with Pool(workers, _own_tqdm_lock) as pool:  # before the stream opens: workers fork without its files, sockets
         rows_iter, k = iter(stream), done0
         while True:
             first = k * shard_rows
@@ -757,7 +767,7 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
         idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
         jobs = [(ds, idx[w::workers]) for w in range(workers)]
         _decode_worker((ds, idx[:8]))  # warm-up: imports, page cache
-        with Pool(workers) as pool:
+        with Pool(workers, _own_tqdm_lock) as pool:
             rates = np.array(pool.map(_decode_worker, jobs))  # (workers, 2): per CPU second, per wall second
         rate = float(rates[:, 0].mean())
         results[res] = (rate, need / rate)

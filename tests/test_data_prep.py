@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -499,3 +500,32 @@ def test_hf_refuses_columns_of_the_wrong_type_before_reading_rows(tmp_path):
     with pytest.raises(ValueError, match="caption columns must hold text, but .*caption"):
         convert(src, tmp_path / "o2", heldout=0)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def _hold_tqdm_lock(seconds):  # a worker busy inside a progress bar
+    from tqdm import tqdm
+    with tqdm.get_lock():
+        time.sleep(seconds)
+
+
+def test_pool_workers_killed_inside_a_progress_bar_leave_the_parent_free():
+    """The conversion's pools give each worker its own progress-bar lock: one terminated while holding it (an error
+    ends the pool) cannot leave the parent waiting forever at its next progress bar (it hung a CI run)."""
+    from multiprocessing import Pool
+
+    from tqdm import tqdm
+    tqdm.get_lock()  # the shared lock exists before the fork, as in a process that has shown progress bars
+    with Pool(2, dp._own_tqdm_lock) as pool:
+        busy = [pool.apply_async(_hold_tqdm_lock, (30,)) for _ in range(2)]
+        time.sleep(2)  # both inside their lock
+    assert not any(b.ready() for b in busy)  # terminated by the with-block, mid-sleep
+    from tqdm.std import TqdmDefaultWriteLock
+    shared = TqdmDefaultWriteLock.mp_lock  # the lock tqdm shares with forked processes
+    free = shared.acquire(timeout=5)
+    if free:
+        shared.release()
+    else:  # held by a dead worker: give this session a new one before failing, so later tests do not hang
+        del TqdmDefaultWriteLock.mp_lock
+        TqdmDefaultWriteLock.create_mp_lock()
+        tqdm.set_lock(TqdmDefaultWriteLock())
+    assert free
