@@ -488,6 +488,7 @@ def dit_train_flops(hp, res, repa_dim=0):
 
 T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
 EVAL_MODELS = 754_098_401  # fp32 parameters of the evaluation's CLIP ViT-L/14-336, DINOv2-L and Inception-v3
+MEM_MARGIN = 0.9  # the fit leaves 10 % of mem_budget to allocator fragmentation, cuBLAS/NCCL workspaces, CUDA context
 VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (channels, convs) per level, 2x pooled
 
 
@@ -506,9 +507,9 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
         dit, proj = PRXDiT(hp), repa_projector(hp.hidden, vits[0]["hidden_size"]) if repa else nn.Module()
         encs = [text_params, count(DINOv3ViTModel(DINOv3ViTConfig(**vits[0]))) if repa else 0,
                 count(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vits[1]))) if hp.pdino_weight else 0,
-                count(vgg16().features[:30]) if hp.lpips_weight else 0]
-    n, muon = count(dit) + count(proj), sum(p.numel() for k, p in dit.named_parameters() if k[:7] == "blocks." and
-                                            p.ndim == 2)  # Muon: one momentum; Adam: two moments
+                count(vgg16().features[:30]) if hp.lpips_weight else 0]  # [:30]: the convs LPIPS uses (to relu5_3)
+    n = count(dit) + count(proj)
+    muon = sum(p.numel() for k, p in dit.named_parameters() if uses_muon(k, p))  # one momentum; Adam: two moments
     held = (2 / hp.depth if hp.reshard and world > 1 else 1) * n * (2 if hp.amp else 4 if world > 1 else 0)
     held += 4 * n if world > 1 and stage.batch // (world * B) > 1 else 0  # FSDP accumulates unsharded fp32 grads
     D, L, H, P, F_ = hp.hidden, hp.text_len, hp.heads, 3 * hp.patch ** 2, int(hp.hidden * hp.mlp_ratio)
@@ -529,7 +530,8 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
         act += nb / B * (a * 3 * r * r + sum((r >> l) ** 2 * (a * c * k + (8 + a) * VGG16[l - 1][0] * (l > 0)
                                                           + (8 + 2 * hp.amp) * c) for l, (c, k) in enumerate(VGG16)))
     if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): fp32 LayerNorm inputs, q k v out, GELU input; cosine
-        T_, (E, F2, n2) = (hp.pdino_res // 14) ** 2 + 5, list(vits[1].values())[:3]  # tokens: + CLS, 4 registers
+        T_ = (hp.pdino_res // 14) ** 2 + 5  # 14-px patches, + CLS and 4 registers
+        E, F2, n2 = (vits[1][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
         act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
     gib = lambda x: x / 2 ** 30
     return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
@@ -537,9 +539,10 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
 
 
 def memory_report(hp, world=8, log=print, **kw):  # README "Memory" prints the record's through this without a GPU
-    for i, st in enumerate(hp.stages, 1):  # 10 % of mem_budget kept for allocator fragmentation and CUDA's own use
+    for i, st in enumerate(hp.stages, 1):
         m = train_memory(hp, st, world, **kw)
-        fit = int((0.9 * hp.mem_budget - sum(m.values()) + m["activations"]) / (m["activations"] / st.micro_batch))
+        per_image, fixed = m["activations"] / st.micro_batch, sum(m.values()) - m["activations"]
+        fit = int((MEM_MARGIN * hp.mem_budget - fixed) / per_image)  # keeps this micro-batch's gradient accumulation
         log(f"memory estimate stage:{i} res:{st.res} micro_batch:{st.micro_batch} devices:{world} peak:"
             f"{sum(m.values()):.2f}GiB " + " ".join(f"{k}:{v:.2f}GiB" for k, v in m.items()) +
             f" max_micro_batch@{hp.mem_budget:g}GiB:{fit} recompute:{hp.recompute or 'none'}")
@@ -899,10 +902,14 @@ class Muon(torch.optim.Optimizer):
                 local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
+def uses_muon(name, p):  # the blocks' matrices; the rest of the DiT and the REPA projector take Adam
+    return name.startswith("blocks.") and p.ndim == 2
+
+
 def build_optimizers(model, extra, hp):
     """Muon: 2-D weights in the blocks. Adam: in/out projections, embeddings, norms, biases, REPA projector."""
-    muon = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
-    adam = [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+    muon = [p for n, p in model.named_parameters() if uses_muon(n, p)]
+    adam = [p for n, p in model.named_parameters() if not uses_muon(n, p)]
     adam += [p for p in extra.parameters()]
     every = list(model.parameters()) + list(extra.parameters())
     ids = [id(p) for p in muon + adam]
@@ -1474,7 +1481,7 @@ class Trainer:
         hp, dev = self.hp, self.device
         self.setup()
         vits = (TINY_VIT, TINY_VIT) if hp.preset == "cpu" else REAL_VITS  # the encoders of the run (text: T5Gemma-2B)
-        memory_report(hp, self.world, self.log, vits=vits, **dict(text_params=0) if hp.preset == "cpu" else {})
+        memory_report(hp, self.world, self.log, vits=vits, text_params=0 if hp.preset == "cpu" else T5GEMMA_2B_ENCODER)
         self.log(f"bench: {hp.bench} timed micro-steps per stage on synthetic data, random encoders of the "
                  f"configured architectures, text embeddings precomputed (random)")
         cuda = dev.type == "cuda"
