@@ -662,7 +662,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     import pyarrow.parquet as pq
     import torch
 
-    from train_gpt_style import Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers
+    from train_gpt_style import Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers, text_emb_path
     hp = Hyperparameters()
     text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -671,8 +671,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     files = sorted(p for p in root.rglob("*.parquet") if not {"text_emb", "parts"} & set(p.relative_to(root).parts))
     if not files:
         raise ValueError(f"no parquet shards under {root}; run data_prep.py hf first")
-    emb_file = lambda f: root / "text_emb" / f.relative_to(root).with_suffix(".arrow")
-    todo = [f for f in files[rank::world] if not emb_file(f).exists()]
+    todo = [f for f in files[rank::world] if not text_emb_path(root, f).exists()]
     stats = dict(files=len(todo), captions=0, tokens=0, bytes=0)
     if not todo:
         return stats
@@ -696,7 +695,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
                 packed = pack_text_emb(h.to(torch.bfloat16).cpu(), mask.cpu())
                 stats["tokens"] += sum(p[1] for p in packed)
                 yield packed
-        stats["bytes"] += write_text_emb(emb_file(f), packed_batches())
+        stats["bytes"] += write_text_emb(text_emb_path(root, f), packed_batches())
         stats["captions"] += len(captions)
         print(f"\rencode-text rank {rank}/{world}: {i + 1}/{len(todo)} files, {stats['captions']} captions, "
               f"{stats['captions'] / (time.time() - t0):.1f} captions/s", end="", file=sys.stderr, flush=True)

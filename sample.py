@@ -128,15 +128,16 @@ def run_eval(model, text, hp, ev, res, cache_dir, device, batch=32):
     m, n = len(prompts), min(hp.eval_n, len(ref))  # generated and reference images
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-    def mine(N):  # this rank's contiguous part of range(N), in batches
-        lo, hi = rank * -(-N // world), min(N, (rank + 1) * -(-N // world))
+    def mine(N):  # this rank's contiguous part of range(N) (split like an FSDP shard), in batches
+        lo = sum(T.shard_rows(N, world)[:rank])
+        hi = lo + T.shard_rows(N, world)[rank]
         return [(a, min(a + batch, hi)) for a in range(lo, hi, batch)]
 
     def generated():
         for a, b in mine(m):
             x = T.generate(model, text, prompts[a:b], (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
                          hp.eval_seed + a, batch, device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
-            yield ((x + 1) * 127.5).round() / 255, prompts[a:b]  # quantised like a saved PNG
+            yield torch.from_numpy(T.to_uint8(x)).permute(0, 3, 1, 2) / 255, prompts[a:b]  # as a saved PNG
 
     gen = eval_features(fns, generated(), device)
     ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
@@ -218,11 +219,12 @@ def text_encoder_path(hp, run_dir):
     return str(p)
 
 
-def snap_size(height, width, patch):
-    """The aspect bucket of a size: sides rounded to multiples of the patch, the longer side cut to twice the
-    shorter (width / height within [0.5, 2]). -> (height, width)"""
+def snap_size(height, width, patch, aspect_max=2.0):
+    """The aspect bucket of a size: sides rounded to multiples of the patch, the longer side cut to aspect_max
+    times the shorter (the run's aspect range). -> (height, width)"""
     h, w = (max(patch, round(s / patch) * patch) for s in (height, width))
-    return min(h, 2 * w), min(w, 2 * h)
+    cut = lambda a, b: min(a, int(aspect_max * b) // patch * patch)
+    return cut(h, w), cut(w, h)
 
 
 def parse_interval(text):
@@ -291,10 +293,10 @@ def main(argv=None):
         interval = parse_interval(a.cfg_interval) if a.cfg_interval else (hp.cfg_lo, hp.cfg_hi)
         size = a.size or hp.stages[-1].res
         want = (a.height or size, a.width or size)
-        h, w = snap_size(*want, hp.patch) if a.width or a.height else want
+        h, w = snap_size(*want, hp.patch, hp.aspect_max) if a.width or a.height else want
         if (h, w) != want:
             print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (sides divisible by the patch {hp.patch}, "
-                  "aspect ratio 0.5-2)")
+                  f"aspect ratio within {hp.aspect_max:g})")
         if a.eval:
             prompts = None
         elif a.prompts:
@@ -314,6 +316,9 @@ def main(argv=None):
         for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if a.eval and (a.score or a.width or a.height):
+            raise ValueError("--eval runs the fixed evaluation (square images, its own prompts): drop --score, "
+                             "--width and --height")
         if a.score:  # every prompt must be a shapes caption: know it before sampling
             from data_prep import parse_shapes_caption
             for p in prompts:

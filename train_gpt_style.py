@@ -971,6 +971,10 @@ def decode_image(raw, draft=None):
     return img, None if mode == "RGB" else f"mode_{mode}"
 
 
+def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (data_prep.py encode-text writes it)
+    return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
     path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step.
@@ -997,7 +1001,7 @@ class ShardDataset(torch.utils.data.Dataset):
         ds = ds.cast_column("image", datasets.Image(decode=False))
         self.sizes = [ds.data.column(c).to_numpy() if c in ds.column_names else np.ones(len(ds))
                       for c in ("width", "height")]
-        embs = [root / "text_emb" / f.relative_to(root).with_suffix(".arrow") for f in files]
+        embs = [text_emb_path(root, f) for f in files]
         missing = [e for e in embs if not e.exists()]
         if (root / "text_emb").exists() and 0 < len(missing) < len(embs):  # never a silent fall-back to encoding
             raise ValueError(f"{len(missing)} of {len(embs)} text embedding files are missing (e.g. {missing[0]}); "

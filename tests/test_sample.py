@@ -110,6 +110,7 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
+    (["--eval", "--score"], "drop --score"),
 ])
 def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
     d, _, _ = run
