@@ -276,9 +276,11 @@ def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
 
 
 @pytest.mark.slow
-def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path):
+def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path, monkeypatch):
     """Non-square buckets hold other token counts (72x56 at patch 8: 63, not 64): TREAD's routing and REPA's target
     grid follow each global batch's bucket."""
+    draws, batch_draws = [], T.batch_draws
+    monkeypatch.setattr(T, "batch_draws", lambda hp, b, n_tok, *a: draws.append(n_tok) or batch_draws(hp, b, n_tok, *a))
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
     enc = dp.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
     steps, batch = 8, 6
@@ -293,8 +295,9 @@ def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path):
     assert all(math.isfinite(r["loss"]) and -1 <= r["repa"] <= 1 and r["repa"] != 0 for r in rows if "loss" in r)
     ds = T.ShardDataset(bucketed)  # the global batches of the run (seed 0)
     it = iter(T.StreamSampler(len(ds), 0, 0, batch, batch, 0, 1, ds.set_stage(RES, PATCH, 2.0)))
-    used = {ds.buckets[ds.bucket_of[next(it)[0]]] for _ in range(steps)}
-    assert {(w // PATCH) * (h // PATCH) for w, h in used} - {(RES // PATCH) ** 2}  # other token counts met
+    used = [ds.buckets[ds.bucket_of[next(it)[0]]] for _ in range(steps)]
+    assert draws == [(w // PATCH) * (h // PATCH) for w, h in used]  # each step's routing: its bucket's tokens
+    assert set(draws) - {(RES // PATCH) ** 2}  # other token counts met
 
 
 def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
@@ -309,6 +312,7 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     assert global_batches(ds, 2, 3, steps=4, start=5 * 6) == ref[5:9]
     later = global_batches(ds, 1, 6, steps=9, start=100, first=100)
     assert global_batches(ds, 2, 3, steps=4, start=100 + 5 * 6, first=100) == later[5:9] and later != ref[:9]
+    assert later != global_batches(ds, 1, 6, steps=9, start=100, first=0)  # a stage's stream starts at its first
     # each bucket's stream is a permutation of its rows per epoch
     flat = global_batches(ds, 1, 6, steps=60)
     for g, rows in enumerate(ds.groups):

@@ -221,7 +221,7 @@ def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch)
 def test_new_constants_are_checked():
     for bad in (["keep_ckpts=-1"], ["time_limit=-5"], ["max_bad_steps=0"], ["lr=0"], ["grad_clip=-1"],
                 ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=bad[0].split("=")[0]):  # the message names the constant
             T.parse_args(bad, cuda_available=False)
     hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1"], cuda_available=False)
     assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps) == (0, 3600.0, 1)

@@ -69,7 +69,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     assert (run / "ckpt" / "step0000003" / ".metadata").exists() and not list((run / "ckpt").glob(".*tmp"))
     import sample as S
     raw, ema = S.load_model(run, ema=False)[1], S.load_model(run)[1]  # raw weights from the DCP files
-    for (k, v), (k2, v2) in zip(tr.model.state_dict().items(), raw.state_dict().items()):
+    for (k, v), (k2, v2) in zip(tr.model.state_dict().items(), raw.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))  # EMA: its own average
 

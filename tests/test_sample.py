@@ -41,12 +41,12 @@ def test_load_model_roundtrip(run):
     d, hp, model = run
     hp2, m2, run_dir = S.load_model(d)
     assert hp2 == hp and run_dir == d
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), m2.state_dict().items()):
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), m2.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     for path in (d / "ckpt" / "step0000003", d / "ckpt" / "step0000003" / "ema.pt"):
         assert S.find_checkpoint(path) == d / "ckpt" / "step0000003"
     raw = S.load_model(d, ema=False)[1]
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), raw.state_dict().items()):
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), raw.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v + 1, v2)
 
 

@@ -199,6 +199,9 @@ def test_training_draws_depend_on_the_stream_position_only():
     c = T.batch_draws(hp, 8, 16, 48, gen)
     assert not torch.equal(a[1], c[1]) and a[2].shape == (8, 8)
     assert T.stream_key(0, 5, 0) != T.stream_key(0, 5, 1) != T.stream_key(1, 5, 1)
+    # no two (seed, position, kind) share a generator seed, also in the low 32 bits a CPU generator keeps
+    keys = [T.stream_key(s, p, k) % 2 ** 32 for s in range(4) for p in range(2000) for k in (0, 1)]
+    assert len(set(keys)) == len(keys)
 
 
 def test_flow_loss_closed_form():
