@@ -336,6 +336,9 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     captions = [next(fresh)[1] for _ in range(5)]
     resumed = T.make_loader(ds, RES, hp2.stages[1], 20 + 3 * 6, hp2, 0, 1)
     assert [next(resumed)[1] for _ in range(2)] == captions[3:5]
+    stage2 = global_batches(ds, 1, 6, steps=5, start=20, first=20)  # stage 2 began at image 4 x 5 = 20
+    assert captions == [[ds[i][1] for i in b] for b in stage2]
+    assert stage2 != global_batches(ds, 1, 6, steps=5, start=20, first=0)
 
 
 def test_square_data_keeps_one_permutation_stream():

@@ -199,18 +199,18 @@ def test_inception_features_through_timm_loading_path(eval_models):
 
 
 def test_missing_eval_model_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         S.load_eval_models(dataclasses.replace(T.Hyperparameters(), eval_inception="", eval_dino="",
                                                eval_clip=str(tmp_path / "nope")), "cpu")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot load evaluation model")
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: cannot load evaluation model")
 
 
 def test_missing_heldout_split_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         S.prepare_eval(dataclasses.replace(T.Hyperparameters(), data=str(tmp_path)), "cpu")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no parquet shards under" in err[0] and "eval_every=0" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and "no parquet shards under" in err[0] and "eval_every=0" in err[0]
 
 
 # ---------------------------------------------------------------- the evaluation, cached references, a run
