@@ -57,3 +57,17 @@ def corrupt_copy(src, dst, seed):
             rows[i]["caption"], damage[i] = ("", None)[kind - 4], ["empty_caption"]
     dp.write_rows(first, {c: [r[c] for r in rows] for c in rows[0]})
     return damage
+
+
+def expected_skips(drawn, damage, n):
+    """Reference: each drawn row, then the next rows (cyclically) until one is usable; count every cause met."""
+    counts = {}
+    for i in drawn:
+        while True:
+            causes = damage.get(i, [])
+            for c in causes:
+                counts[c] = counts.get(c, 0) + 1
+            if not causes or causes[0].startswith("mode_"):
+                break
+            i = (i + 1) % n
+    return counts

@@ -19,7 +19,7 @@ from PIL import Image
 import data_prep as dp
 import train_gpt_style as T
 import conftest
-from conftest import ROOT, corrupt_copy
+from conftest import ROOT, corrupt_copy, expected_skips
 
 RES, PATCH = 64, 8  # small buckets: 64x64, 72x56, 88x48 and transposes
 GOOD_SIZES = [(96, 96), (120, 60), (60, 120), (100, 80), (80, 100), (70, 70)]
@@ -404,20 +404,6 @@ def test_bench_decode_reports_rates_and_cores(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # fuzz: corrupt shards
-
-
-def expected_skips(drawn, damage, n):
-    """Reference: each drawn row, then the next rows (cyclically) until one is usable; count every cause met."""
-    counts = {}
-    for i in drawn:
-        while True:
-            causes = damage.get(i, [])
-            for c in causes:
-                counts[c] = counts.get(c, 0) + 1
-            if not causes or causes[0].startswith("mode_"):
-                break
-            i = (i + 1) % n
-    return counts
 
 
 def test_fuzz_truncated_and_foreign_shards_are_named(tmp_path):

@@ -1,6 +1,7 @@
 """Multi-process training through torchrun on CPU (gloo): FSDP, hybrid sharding, sharded Muon, DCP checkpoints.
 
 Run as a script under torchrun, this file is the worker of the sharded-Muon test (see `muon_worker`)."""
+import ast
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, corrupt_copy
+from conftest import ROOT, corrupt_copy, expected_skips
 
 # One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
 # (TREAD, REPA, LPIPS, P-DINO, caption dropout, Muon, EMA); fp32 so that the only differences are summation orders.
@@ -41,16 +42,16 @@ def runs(tmp_path_factory):
     from data_prep import make_shapes
     tmp = tmp_path_factory.mktemp("dist")
     data = tmp / "data"  # with damaged rows: replaced by the same rows, and counted the same, on any world size
-    corrupt_copy(make_shapes(tmp / "shapes", n=256, shard_rows=128), data, seed=0)
+    damage = corrupt_copy(make_shapes(tmp / "shapes", n=256, shard_rows=128), data, seed=0)
     logs = {1: train(tmp / "w1", data), 2: train(tmp / "w2", data, 2),
             4: train(tmp / "w4", data, 4, ["shard_size=2"]),
             "2rc": train(tmp / "w2rc", data, 2, ["recompute=0,2"])}  # FSDP with activation checkpointing
-    return tmp, data, logs
+    return tmp, data, logs, damage
 
 
 @pytest.mark.slow
 def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
-    tmp, _, logs = runs
+    tmp, _, logs, damage = runs
     assert "FSDP" not in logs[1]
     assert "FSDP: 2 ranks, 1 x 2 (replicate x shard)" in logs[2]
     assert "FSDP: 4 ranks, 2 x 2 (replicate x shard)" in logs[4]
@@ -65,13 +66,17 @@ def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
     bad_rows = {w: [line for line in logs[w].splitlines() if line.startswith("data: bad rows")] for w in logs}
     assert bad_rows[1] != ["data: bad rows replaced or converted so far (all ranks): none"]
     assert bad_rows[1] == bad_rows[2] == bad_rows[4] and len(bad_rows[1]) == 1
+    from train_gpt_style import StreamSampler
+    it = iter(StreamSampler(256, 0, 0, 8, 8, 0, 1))  # the rows the 5 global batches drew, seed 0
+    want = expected_skips([i for _ in range(5) for i in next(it)], damage, 256)
+    assert ast.literal_eval(bad_rows[1][0].split("(all ranks): ", 1)[1]) == want and want
     # each rank wrote its own shard of the weights and optimizer states
     assert len(list((tmp / "w4" / "ckpt" / "step0000005").glob("*.distcp"))) == 4
 
 
 @pytest.mark.slow
 def test_checkpoint_saved_by_two_processes_resumes_in_one(runs):
-    tmp, data, _ = runs
+    tmp, data, _, _ = runs
     run = tmp / "resume"
     shutil.copytree(tmp / "w2", run)
     shutil.rmtree(run / "ckpt" / "step0000005")  # the run "died" after its step-3 checkpoint
