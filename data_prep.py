@@ -249,6 +249,7 @@ def _write_random_encoders(paths, hp, vocab_text, vits):
     T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
     tok.save_pretrained(paths[0])
     regs = dict(num_register_tokens=4)  # the real checkpoints have 4 registers
+    # the real checkpoints' patch sizes (16, 14); image_size only sizes the position table (DINOv3 uses RoPE)
     DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
     Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
                              ).save_pretrained(paths[2])
@@ -642,16 +643,18 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
 def write_text_emb(path, batches):
     """Batches of packed embeddings [(bf16 bytes, n_tokens)] -> one Arrow IPC stream file, the format that
     datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically.
-    -> its size in bytes."""
+    -> (its size in bytes, tokens written)."""
     import pyarrow as pa
     schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two writers of one file never share a temporary
+    tokens = 0
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
         for packed in batches:
             w.write_batch(pa.record_batch([[p[0] for p in packed], [p[1] for p in packed]], schema=schema))
+            tokens += sum(p[1] for p in packed)
     os.replace(tmp, path)
-    return path.stat().st_size
+    return path.stat().st_size, tokens
 
 
 def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
@@ -688,14 +691,11 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     t0 = time.time()
     for i, f in enumerate(todo):
         captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
-
-        def packed_batches():
-            for j in range(0, len(captions), batch):
-                h, mask = enc([c or "" for c in captions[j:j + batch]])
-                packed = pack_text_emb(h.to(torch.bfloat16).cpu(), mask.cpu())
-                stats["tokens"] += sum(p[1] for p in packed)
-                yield packed
-        stats["bytes"] += write_text_emb(text_emb_path(root, f), packed_batches())
+        packed = (pack_text_emb(*(t.cpu() for t in enc([c or "" for c in captions[j:j + batch]])))
+                  for j in range(0, len(captions), batch))
+        size, tokens = write_text_emb(text_emb_path(root, f), packed)
+        stats["bytes"] += size
+        stats["tokens"] += tokens
         stats["captions"] += len(captions)
         print(f"\rencode-text rank {rank}/{world}: {i + 1}/{len(todo)} files, {stats['captions']} captions, "
               f"{stats['captions'] / (time.time() - t0):.1f} captions/s", end="", file=sys.stderr, flush=True)

@@ -339,7 +339,7 @@ def main(argv=None):
         return m
     images = T.generate(model.to(dev), text, prompts, (h, w), a.steps or hp.sample_steps, cfg, hp.t_shift,
                         hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
-                        tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)
+                        tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half
     out = Path(a.out)
     from PIL import Image
     try:
