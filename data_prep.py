@@ -22,16 +22,19 @@ Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same 
 """
 import argparse
 import collections
+import contextlib
 import copy
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import time
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +135,37 @@ def shapes_prompts():
 
 def _own_tqdm_lock():
     """Pool initializer: a worker's progress bars (datasets makes them, even disabled) take a lock of its own, not
-    the one tqdm shares across fork: a worker terminated while holding that one (an error in the conversion) would
-    leave the parent waiting forever at its next progress bar."""
+    the one tqdm shares across fork: a worker terminated while holding that one (the pool ends its workers when one
+    of them dies) would leave the parent waiting forever at its next progress bar."""
     import threading
 
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())
+
+
+WORKER_DIED = ("a conversion worker died (killed: out of memory?); lower --workers and run the same command again: "
+               "it continues from the last finished shard")
+
+
+@contextlib.contextmanager
+def worker_pool(workers):
+    """Forked worker processes, all started now (before the caller opens files or sockets they need not inherit).
+    A worker that dies (the OOM killer) raises BrokenProcessPool in the parent at its next result, where
+    multiprocessing.Pool would wait forever. On an error, queued jobs are cancelled and running ones finish."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_own_tqdm_lock)
+    try:
+        pool.submit(int).result()  # with fork, the first job starts every worker
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _end_progress_line():  # a \r progress line ends with a newline, also when an error ends it (its line comes next)
+    try:
+        yield
+    finally:
+        print(file=sys.stderr)
 
 
 def write_rows(path, columns, extra=()):
@@ -199,12 +227,12 @@ def make_shapes(out_dir, n=50000, size=64, seed=0, workers=None, shard_rows=SHAR
     todo = [(path, i, n, size, seed, shard_rows) for i, path in enumerate(shards) if not path.exists()]
     if todo:
         t0, done = time.time(), 0
-        with Pool(min(workers or os.cpu_count(), len(todo)), _own_tqdm_lock) as pool:
-            for k, rows in enumerate(pool.imap_unordered(_make_shapes_shard, todo), 1):
-                done += rows
+        with worker_pool(min(workers or os.cpu_count(), len(todo))) as pool, _end_progress_line():
+            jobs = [pool.submit(_make_shapes_shard, job) for job in todo]
+            for k, job in enumerate(as_completed(jobs), 1):
+                done += job.result()
                 print(f"\rshapes: {k}/{len(todo)} shards, {done} images, {time.time() - t0:.1f}s",
                       end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
     for name, lines in shapes_prompts().items():
         if not (path := out / f"prompts_{name}.txt").exists():
             path.write_text("\n".join(lines) + "\n")
@@ -589,7 +617,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
         stream.load_state_dict(progress["state"])
     workers = max(1, workers or min(os.cpu_count(), 32))  # each holds a shard of raw images (~280 MB at 2,000 rows)
     done0, t0, pending = progress["shards"], time.time(), collections.deque()
-    with Pool(workers, _own_tqdm_lock) as pool:  # before the stream opens: workers fork without its files, sockets
+    with worker_pool(workers) as pool, _end_progress_line():  # before the stream opens: no files, sockets in workers
         rows_iter, k = iter(stream), done0
         while True:
             first = k * shard_rows
@@ -598,12 +626,12 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                     for j, r in zip(range(take), rows_iter)]
             if rows:
                 job = (out, k, rows, meta)
-                pending.append((k, pool.apply_async(_convert_chunk, (job,)), copy.deepcopy(stream.state_dict())))
+                pending.append((k, pool.submit(_convert_chunk, job), copy.deepcopy(stream.state_dict())))
                 k += 1
             # in order; at most workers + 1 shards of raw images in memory
             while pending and (len(pending) > workers or len(rows) < shard_rows):
                 kk, result, state = pending.popleft()
-                counts.update(result.get())
+                counts.update(result.result())  # BrokenProcessPool when a worker died
                 _write_json(progress_path, dict(shards=kk + 1, state=state, counts=dict(counts)))
                 rate = (counts["rows_in"] - progress.get("counts", {}).get("rows_in", 0)) / (time.time() - t0)
                 print(f"\rhf: {kk + 1} shards, {counts['rows_in']} rows in, {counts['train']} train, "
@@ -612,7 +640,6 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                     raise RuntimeError(f"injected crash after {crash_after} shards")
             if len(rows) < shard_rows:
                 break
-    print(file=sys.stderr)
     parts, merged = out / "heldout" / "parts", out / "heldout" / "heldout.parquet"
     files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
     if files and not json.loads(progress_path.read_text()).get("heldout_merged"):
@@ -766,8 +793,8 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
         idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
         jobs = [(ds, idx[w::workers]) for w in range(workers)]
         _decode_worker((ds, idx[:8]))  # warm-up: imports, page cache
-        with Pool(workers, _own_tqdm_lock) as pool:
-            rates = np.array(pool.map(_decode_worker, jobs))  # (workers, 2): per CPU second, per wall second
+        with worker_pool(workers) as pool:
+            rates = np.array(list(pool.map(_decode_worker, jobs)))  # (workers, 2): per CPU second, per wall second
         rate = float(rates[:, 0].mean())
         results[res] = (rate, need / rate)
         print(f"bench-decode res:{res} workers:{workers} img/s/worker:{rate:.1f} (per CPU second; wall-clock "
@@ -843,6 +870,8 @@ def main(argv=None):
                          args.gpus)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    except BrokenProcessPool:  # finished shards and progress.json stay; the unfinished ones are redone
+        parser.exit(2, f"error: {WORKER_DIED}\n")
     except OSError as e:  # a path that cannot be read or written, a full disk: finished shards stay (atomic)
         where = f" ({e.filename})" if e.filename else ""
         parser.exit(2, f"error: {e.strerror or e}{where}; check the paths and free space, then run the same "

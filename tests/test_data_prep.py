@@ -6,7 +6,9 @@ import ast
 import io
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -118,6 +120,24 @@ def convert(src, out, **kw):
     kw = dict(res=RES, patch=PATCH, heldout=3, shard_rows=5, workers=2) | kw
     return dp.convert_hf(src, out, **kw)
 
+
+def run_alone(code, timeout=180):
+    """Run Python code in a session of its own -> (exit code, stderr); past `timeout` (a hang) its whole process
+    group, workers included, is killed and the test fails."""
+    p = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"still running after {timeout} s: it hangs")
+    return p.returncode, err
+
+
+def mtimes(folder, below):  # {shard file: mtime} of shards 0 .. below - 1
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*.parquet"))[:below]}
+
 # ---------------------------------------------------------------------------------------------
 # hf conversion
 
@@ -223,6 +243,35 @@ def test_interrupted_conversion_resumes_to_the_same_output(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.parquet")} == mtimes
     with pytest.raises(ValueError, match="other settings"):
         convert(src, out, res=128)
+
+
+def test_a_killed_worker_ends_the_conversion_in_one_line_and_a_rerun_completes_it(tmp_path):
+    """The OOM killer takes a worker: the command stops with one line (exit 2) instead of waiting forever for its
+    shard, keeps the shards finished before, and the same command run again completes the same output."""
+    src, _ = make_schema("flux_generated", tmp_path / "src", n_good=20)  # 31 rows: 7 shards of 5
+    out, args = tmp_path / "out", dict(res=64, heldout=3, shard_rows=5, workers=2)  # the trainer's patch (32)
+    ref = dp.convert_hf(src, tmp_path / "ref", **args)
+    code, err = run_alone(f"""
+import os, signal
+import data_prep as dp
+convert_chunk = dp._convert_chunk
+def dying(job):  # forked workers find this one in data_prep
+    if job[1] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return convert_chunk(job)
+dp._convert_chunk = dying
+dp.main(["hf", "--dataset", {str(src)!r}, "--out", {str(out)!r}, "--res", "64", "--heldout", "3", "--shard-rows", "5",
+         "--workers", "2"])
+""")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"error: {dp.WORKER_DIED}"
+    done = json.loads((out / "progress.json").read_text())["shards"]
+    assert 1 <= done <= 3  # shard 0 was recorded before shard 3 was handed out; shard 3 never finished
+    before = mtimes(out / "train", done)
+    assert dp.convert_hf(src, out, **args) == {**ref, "out": str(out)}
+    assert read_table(out / "train") == read_table(tmp_path / "ref" / "train")
+    assert read_table(out / "heldout") == read_table(tmp_path / "ref" / "heldout")
+    assert mtimes(out / "train", done) == before  # finished shards are kept, not redone
 
 
 def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
@@ -501,17 +550,23 @@ def _hold_tqdm_lock(seconds):  # a worker busy inside a progress bar
         time.sleep(seconds)
 
 
+def _die_after(seconds):  # the OOM killer takes a worker
+    time.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_pool_workers_killed_inside_a_progress_bar_leave_the_parent_free():
-    """The conversion's pools give each worker its own progress-bar lock: one terminated while holding it (an error
-    ends the pool) cannot leave the parent waiting forever at its next progress bar (it hung a CI run)."""
-    from multiprocessing import Pool
+    """When one worker dies, the pool terminates the others: each has a progress-bar lock of its own, so one
+    terminated while holding it cannot leave the parent waiting forever at its next progress bar (it hung a CI run).
+    And the death is an error in the parent (BrokenProcessPool), not a wait for a result that never comes."""
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
     tqdm.get_lock()  # the shared lock exists before the fork, as in a process that has shown progress bars
-    with Pool(2, dp._own_tqdm_lock) as pool:
-        busy = [pool.apply_async(_hold_tqdm_lock, (30,)) for _ in range(2)]
-        time.sleep(2)  # both inside their lock
-    assert not any(b.ready() for b in busy)  # terminated by the with-block, mid-sleep
+    with pytest.raises(BrokenProcessPool), dp.worker_pool(2) as pool:
+        busy = pool.submit(_hold_tqdm_lock, 60)
+        pool.submit(_die_after, 2).result()  # the other worker is inside its lock by then
+    assert isinstance(busy.exception(), BrokenProcessPool)  # terminated mid-sleep
     from tqdm.std import TqdmDefaultWriteLock
     shared = TqdmDefaultWriteLock.mp_lock  # the lock tqdm shares with forked processes
     free = shared.acquire(timeout=5)
