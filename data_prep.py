@@ -481,6 +481,19 @@ def _convert_chunk(job):
     return counts
 
 
+def _nothing_kept(dataset, out, counts, res, image_col, caption_cols):
+    """The one-line error of a conversion that keeps no training rows: its most frequent skip cause and the fix."""
+    skips = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("skipped:")}
+    cause = max(skips, key=skips.get, default=None)
+    fix = ("every kept row is held out: pass a smaller --heldout" if cause is None else
+           f"the images are too small for --res {res}: pass a lower --res" if cause == "too_small" else
+           f"the caption columns {','.join(caption_cols)} are empty: pass other --caption-cols" if cause == "no_caption"
+           else f"column {image_col} holds no usable images: pass another --image-col")
+    why = f" ({skips[cause]} skipped as {cause})" if cause else ""
+    return (f"{dataset}: no training rows kept from {counts['rows_in']} input rows{why}; {fix} and a new --out "
+            f"({out} holds these settings)")
+
+
 def _write_json(path, obj):  # atomically
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -633,6 +646,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                 kk, result, state = pending.popleft()
                 counts.update(result.result())  # BrokenProcessPool when a worker died
                 _write_json(progress_path, dict(shards=kk + 1, state=state, counts=dict(counts)))
+                if counts["train"] + counts["heldout"] == 0:  # nothing kept from the first shard: a wrong setting
+                    raise ValueError(_nothing_kept(dataset, out, counts, res, image_col, caption_cols))
                 rate = (counts["rows_in"] - progress.get("counts", {}).get("rows_in", 0)) / (time.time() - t0)
                 print(f"\rhf: {kk + 1} shards, {counts['rows_in']} rows in, {counts['train']} train, "
                       f"{counts['heldout']} held out, {rate:.1f} rows/s", end="", file=sys.stderr, flush=True)
@@ -640,6 +655,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                     raise RuntimeError(f"injected crash after {crash_after} shards")
             if len(rows) < shard_rows:
                 break
+    if counts["train"] == 0:
+        raise ValueError(_nothing_kept(dataset, out, counts, res, image_col, caption_cols))
     parts, merged = out / "heldout" / "parts", out / "heldout" / "heldout.parquet"
     files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
     if files and not json.loads(progress_path.read_text()).get("heldout_merged"):

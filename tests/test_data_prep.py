@@ -274,6 +274,27 @@ dp.main(["hf", "--dataset", {str(src)!r}, "--out", {str(out)!r}, "--res", "64", 
     assert mtimes(out / "train", done) == before  # finished shards are kept, not redone
 
 
+def test_a_conversion_that_keeps_no_training_rows_is_one_line(tmp_path):
+    """Every image smaller than the buckets of --res, or a caption column all null: stopped after the first shard
+    (not at the end of millions of rows) with the cause and the fix; and at the end when only held-out rows remain."""
+    small = [{"bytes": encoded(96, 96, seed=i), "path": None} for i in range(12)]
+    src = write_source(tmp_path / "small", dict(image=small, caption=[f"c {i}" for i in range(12)]),
+                       dict(image="image", caption="string"))
+    with pytest.raises(ValueError, match=r"^[^\n]*no training rows kept from 4 input rows \(4 skipped as too_small\); "
+                                         r"the images are too small for --res 512: pass a lower --res and a new --out"):
+        convert(src, tmp_path / "o1", res=512, patch=32, shard_rows=4, workers=1)
+    assert json.loads((tmp_path / "o1" / "progress.json").read_text())["shards"] == 1  # stopped at the first shard
+    null = write_source(tmp_path / "null", dict(image=small, caption_caption=[None] * 12),
+                        dict(image="image", caption_caption="string"))
+    with pytest.raises(ValueError, match=r"\(4 skipped as no_caption\); the caption columns caption_caption are "
+                                         "empty: pass other --caption-cols"):
+        convert(null, tmp_path / "o2", shard_rows=4, workers=1)
+    tiny = [small[0]] + [{"bytes": encoded(8, 8), "path": None}] * 5  # row 0 (held out) is the only usable one
+    src = write_source(tmp_path / "tiny", dict(image=tiny, caption=["c"] * 6), dict(image="image", caption="string"))
+    with pytest.raises(ValueError, match=r"from 6 input rows \(5 skipped as too_small\)"):
+        convert(src, tmp_path / "o3", heldout=1, shard_rows=6, workers=1)
+
+
 def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
     src, _ = make_schema("flux_generated", tmp_path / "src", n_good=2)
     for kw, needle in [(dict(caption_cols=["nope"]), "has no column nope"),
