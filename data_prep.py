@@ -24,6 +24,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import datetime
 import io
 import itertools
 import json
@@ -630,6 +631,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
         stream.load_state_dict(progress["state"])
     workers = max(1, workers or min(os.cpu_count(), 32))  # each holds a shard of raw images (~280 MB at 2,000 rows)
     done0, t0, pending = progress["shards"], time.time(), collections.deque()
+    total = (f"/{-(-n_rows // shard_rows)}", f"/{n_rows}") if n_rows else ("", "")  # when the row count is known
     with worker_pool(workers) as pool, _end_progress_line():  # before the stream opens: no files, sockets in workers
         rows_iter, k = iter(stream), done0
         while True:
@@ -649,8 +651,10 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
                 if counts["train"] + counts["heldout"] == 0:  # nothing kept from the first shard: a wrong setting
                     raise ValueError(_nothing_kept(dataset, out, counts, res, image_col, caption_cols))
                 rate = (counts["rows_in"] - progress.get("counts", {}).get("rows_in", 0)) / (time.time() - t0)
-                print(f"\rhf: {kk + 1} shards, {counts['rows_in']} rows in, {counts['train']} train, "
-                      f"{counts['heldout']} held out, {rate:.1f} rows/s", end="", file=sys.stderr, flush=True)
+                left = datetime.timedelta(seconds=round(((n_rows or 0) - counts["rows_in"]) / rate))
+                print(f"\rhf: {kk + 1}{total[0]} shards, {counts['rows_in']}{total[1]} rows in, {counts['train']} "
+                      f"train, {counts['heldout']} held out, {rate:.1f} rows/s" + (f", ETA {left}" if n_rows else ""),
+                      end="", file=sys.stderr, flush=True)
                 if crash_after is not None and kk + 1 - done0 >= crash_after:
                     raise RuntimeError(f"injected crash after {crash_after} shards")
             if len(rows) < shard_rows:

@@ -143,10 +143,13 @@ def mtimes(folder, below):  # {shard file: mtime} of shards 0 .. below - 1
 
 
 @pytest.mark.parametrize("kind", ["flux_reason", "flux_generated", "midjourney"])
-def test_convert_real_schemas_counts_every_cause(kind, tmp_path):
+def test_convert_real_schemas_counts_every_cause(kind, tmp_path, capsys):
     import datasets
+    from PIL import JpegImagePlugin
     src, outcomes = make_schema(kind, tmp_path / "src")
     summary = convert(src, tmp_path / "out")  # columns found from the schema, as for a downloaded copy
+    shards = -(-len(outcomes) // 5)  # the progress line knows the totals of a local source
+    assert f"hf: {shards}/{shards} shards, {len(outcomes)}/{len(outcomes)} rows in" in capsys.readouterr().err
     skipped, converted = expected_counts(outcomes)
     assert summary["skipped"] == skipped and summary["converted"] == converted
     n_kept = sum(not o.startswith("skipped") for o in outcomes)
@@ -157,10 +160,17 @@ def test_convert_real_schemas_counts_every_cause(kind, tmp_path):
     train = read_table(tmp_path / "out" / "train")
     held = read_table(tmp_path / "out" / "heldout")
     assert len(train) == summary["train_rows"] and len(held) == summary["heldout_rows"] > 0
+    source = read_table(src)  # input rows in order (files sorted), as source_row counts them
+    ref = io.BytesIO()  # JPEG q95 with 4:4:4 chroma: the quantisation tables depend on the quality only
+    Image.new("RGB", (16, 16)).save(ref, format="JPEG", quality=95, subsampling=0)
+    ref_tables = Image.open(ref).quantization
     for r in train + held:
         img = Image.open(io.BytesIO(r["image"]["bytes"]))
         assert img.format == "JPEG" and img.mode == "RGB" and img.size == (r["width"], r["height"])
+        assert img.quantization == ref_tables and JpegImagePlugin.get_sampling(img) == 0
         assert (r["width"], r["height"]) in buckets and r["bucket"] == f"{r['width']}x{r['height']}"
+        src_w, src_h = Image.open(io.BytesIO(source[r["source_row"]]["image"]["bytes"])).size
+        assert (r["width"], r["height"]) == buckets[int(T.nearest_bucket(buckets, src_w, src_h))]
         assert r["caption"].strip() == r["caption"] and r["caption"]
         assert outcomes[r["source_row"]] != "kept" or r["caption"] in (f"a photo of thing {r['source_row']}",
                                                                        f"short {r['source_row']}")
