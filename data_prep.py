@@ -516,13 +516,18 @@ def open_source(dataset, split="train", config=None):
         if path.exists():
             files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
             if not files:
-                raise ValueError(f"no parquet files under {path}")
-            n = 0
-            for f in files:  # footers: a truncated file is named here, not deep inside a worker
+                raise ValueError(f"no parquet files under {path}; pass a folder of *.parquet files or a hub id")
+            n, names = 0, None
+            for f in files:  # footers: a truncated file, or one of other columns, is named here, not in a worker
                 try:
-                    n += pq.ParquetFile(f).metadata.num_rows
+                    footer = pq.ParquetFile(f)
                 except Exception as e:
                     raise ValueError(f"{f} is not a readable parquet file ({_first_line(e)})") from None
+                n += footer.metadata.num_rows
+                names = names or (files[0], footer.schema_arrow.names)
+                if set(footer.schema_arrow.names) != set(names[1]):
+                    raise ValueError(f"{f} has columns {footer.schema_arrow.names}, but {names[0]} has {names[1]}; "
+                                     "pass a folder whose parquet files have the same columns")
             ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
         else:
             ds = datasets.load_dataset(dataset, config, split=split, streaming=True)

@@ -305,6 +305,20 @@ def test_a_conversion_that_keeps_no_training_rows_is_one_line(tmp_path):
         convert(src, tmp_path / "o3", heldout=1, shard_rows=6, workers=1)
 
 
+def test_local_parquet_files_of_other_columns_are_named_before_anything_is_written(tmp_path):
+    src, _ = make_schema("flux_generated", tmp_path / "src", n_good=4)
+    odd = src / "train-00001.parquet"
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(odd).drop_columns(["height"]), odd)
+    with pytest.raises(ValueError, match=rf"^{odd} has columns \['image', 'width', 'caption_caption'\], but "
+                                         rf"{src / 'train-00000.parquet'} has .*; pass a folder whose parquet"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no parquet files under .*; pass a folder of \\*.parquet files or a hub id"):
+        convert(tmp_path / "empty", tmp_path / "out")
+
+
 def test_hf_bad_input_is_one_clear_line_and_writes_nothing(tmp_path):
     src, _ = make_schema("flux_generated", tmp_path / "src", n_good=2)
     for kw, needle in [(dict(caption_cols=["nope"]), "has no column nope"),
