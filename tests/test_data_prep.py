@@ -284,6 +284,43 @@ dp.main(["hf", "--dataset", {str(src)!r}, "--out", {str(out)!r}, "--res", "64", 
     assert mtimes(out / "train", done) == before  # finished shards are kept, not redone
 
 
+def test_a_crash_inside_a_shard_write_leaves_no_shard_the_loader_reads(tmp_path):
+    """The machine goes down halfway through writing shard 3 (its parquet writer has written half its bytes): no
+    shard-00003.parquet exists, the loader reads the folder, and a rerun completes the same output, keeping the
+    shards finished before the crash."""
+    src, _ = make_schema("flux_generated", tmp_path / "src", n_good=20)
+    out = tmp_path / "out"
+    ref = convert(src, tmp_path / "ref", workers=1)
+    code, _ = run_alone(f"""
+import os, signal
+import datasets
+import data_prep as dp
+assert os.getpgrp() == os.getpid()  # a session of its own: the crash below takes only this conversion
+to_parquet = datasets.Dataset.to_parquet
+def crashing(self, path, *args, **kw):
+    if "shard-00003" in str(path):
+        to_parquet(self, path, *args, **kw)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # the parent and its workers, at once
+    return to_parquet(self, path, *args, **kw)
+datasets.Dataset.to_parquet = crashing
+dp.convert_hf({str(src)!r}, {str(out)!r}, res={RES}, patch={PATCH}, heldout=3, shard_rows=5, workers=1)
+""")
+    assert code == -signal.SIGKILL
+    assert not (out / "train" / "shard-00003.parquet").exists()
+    done = json.loads((out / "progress.json").read_text())["shards"]
+    assert done >= 2  # one worker: shards 0 and 1 were recorded before shard 3 began
+    assert 0 < len(T.ShardDataset(out)) < ref["train_rows"]  # the finished shards only
+    before = mtimes(out / "train", done)
+    assert convert(src, out, workers=1) == {**ref, "out": str(out)}
+    assert read_table(out / "train") == read_table(tmp_path / "ref" / "train")
+    assert read_table(out / "heldout") == read_table(tmp_path / "ref" / "heldout")
+    assert mtimes(out / "train", done) == before
+
+
 def test_a_conversion_that_keeps_no_training_rows_is_one_line(tmp_path):
     """Every image smaller than the buckets of --res, or a caption column all null: stopped after the first shard
     (not at the end of millions of rows) with the cause and the fix; and at the end when only held-out rows remain."""
