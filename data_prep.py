@@ -584,6 +584,11 @@ def _raw_bytes(cell):  # an image cell: {bytes, path} (the Image feature) or raw
     return cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, (bytes, bytearray)) else None
 
 
+def check_res(res, patch):
+    if res < patch or res % patch:
+        raise ValueError(f"--res {res} must be a positive multiple of the patch {patch}")
+
+
 def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=None, res=512, heldout=10000,
                shard_rows=HF_SHARD_ROWS, max_rows=None, workers=None, seed=0, split="train", patch=None,
                aspect_max=None, crash_after=None, config=None):
@@ -598,8 +603,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     from train_gpt_style import Hyperparameters, aspect_buckets
     hp = Hyperparameters()
     patch, aspect_max = patch or hp.patch, aspect_max or hp.aspect_max
-    if res < patch or res % patch:
-        raise ValueError(f"--res {res} must be a positive multiple of the patch {patch}")
+    check_res(res, patch)
     if heldout < 0 or shard_rows < 1 or (max_rows is not None and max_rows < 1):
         raise ValueError("--heldout must be >= 0, --shard-rows and --max-rows >= 1")
     stream, n_rows, columns = open_source(dataset, split, config)
@@ -779,6 +783,11 @@ def synthetic_image(rng, w, h):
     return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
+def synthetic_source_path(shards):  # beside the shard folder, never inside it: <shards>.source/synthetic.parquet
+    shards = Path(shards).resolve()
+    return shards.with_name(shards.name + ".source") / "synthetic.parquet"
+
+
 def make_synthetic_source(path, n, seed=0):
     """n synthetic images (FLUX-like sizes, JPEG q95) as one parquet file with image and caption columns."""
     rng = np.random.default_rng(seed)
@@ -814,7 +823,16 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
     torch.set_num_threads(1)  # one core per worker, as in the trainer's DataLoader workers
     hp, need, results = Hyperparameters(), batch_per_step * steps_per_s, {}
     for res in res_list:
-        ds = ShardDataset(Path(shards) / str(res) if (Path(shards) / str(res)).is_dir() else shards)
+        check_res(res, hp.patch)
+    for res in res_list:
+        folder = Path(shards) / str(res) if (Path(shards) / str(res)).is_dir() else Path(shards)
+        try:
+            ds = ShardDataset(folder)
+        except FileNotFoundError as e:
+            if e.filename:  # the file system's error, not the loader's "no shards"
+                raise
+            raise ValueError(f"no parquet shards under {folder}; pass --shards with a folder written by data_prep.py "
+                             "hf, or add --synthetic N to write some") from None
         ds.set_stage(res, hp.patch, hp.aspect_max)
         idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
         jobs = [(ds, idx[w::workers]) for w in range(workers)]
@@ -833,6 +851,10 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
 
 def _floats(text):
     return [float(x) for x in text.split(",")]
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",")]
 
 
 def main(argv=None):
@@ -865,12 +887,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="captions per forward pass")
     p = sub.add_parser("bench-decode", help="loader decode + resize throughput per worker process")
     p.add_argument("--shards", required=True, help="shard folder (with --synthetic: where to write them)")
-    p.add_argument("--res", default="512,1024", help="resolutions to decode to; a subfolder named RES is used "
-                   "for RES when present")
+    p.add_argument("--res", type=_ints, default="512,1024", help="resolutions to decode to; a subfolder named RES "
+                   "is used for RES when present")
     p.add_argument("--workers", type=int, default=1, help="worker processes, one per core")
     p.add_argument("--n", type=int, default=256, help="images decoded per resolution")
     p.add_argument("--synthetic", type=int, default=0, help="first write N synthetic images (1/f noise, "
-                   "FLUX-like sizes) converted at each resolution into shards/RES")
+                   "FLUX-like sizes; kept in SHARDS.source/), converted at each resolution into SHARDS/RES")
     p.add_argument("--batch-per-step", type=int, default=1024, help="record pace: images per step (stage 1)")
     p.add_argument("--steps-per-s", type=float, default=1.0, help="record pace: optimizer steps per second")
     p.add_argument("--gpus", type=int, default=8, help="GPUs fed by the node's cores")
@@ -885,9 +907,12 @@ def main(argv=None):
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
         elif args.command == "bench-decode":
-            res_list = [int(r) for r in args.res.split(",")]
-            if args.synthetic:
-                src = Path(args.shards) / "source" / "synthetic.parquet"
+            from train_gpt_style import Hyperparameters
+            res_list = args.res
+            for res in res_list:  # before minutes of synthetic images
+                check_res(res, Hyperparameters().patch)
+            if args.synthetic:  # the source lies beside the shards: a loader pointed at them must not train on it
+                src = synthetic_source_path(args.shards)
                 if not src.exists():
                     make_synthetic_source(src, args.synthetic)
                 for res in res_list:

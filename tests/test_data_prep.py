@@ -523,15 +523,35 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
 
 
 def test_bench_decode_reports_rates_and_cores(tmp_path, capsys):
-    dp.make_synthetic_source(tmp_path / "src" / "s.parquet", 4)
-    img = Image.open(io.BytesIO(read_table(tmp_path / "src")[0]["image"]["bytes"]))
+    import re
+    shards = tmp_path / "bench"
+    dp.main(["bench-decode", "--shards", str(shards), "--synthetic", "3", "--res", "128", "--workers", "1", "--n", "4",
+             "--steps-per-s", "0.5"])
+    src = dp.synthetic_source_path(shards)  # beside the shards: the trainer pointed at them never reads it
+    assert src.parent == tmp_path / "bench.source" and not [p for p in shards.rglob("*.parquet") if "128" not in p.parts]
+    img = Image.open(io.BytesIO(read_table(src.parent)[0]["image"]["bytes"]))
     assert img.size == dp.SYNTH_SIZES[0] and np.asarray(img).std() > 20  # textured, not flat
-    dp.convert_hf(tmp_path / "src", tmp_path / "shards" / "128", res=128, heldout=0, workers=1)
-    res = dp.bench_decode(tmp_path / "shards", [128], workers=1, n=4, batch_per_step=1024, steps_per_s=0.5)
-    rate, cores = res[128]
-    assert rate > 0 and cores == pytest.approx(512 / rate)
+    assert len(T.ShardDataset(shards)) == 3  # the converted rows only
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("bench-decode res:128 workers:1 img/s/worker:") and "cores_for_8_gpus@1024x0.5" in line
+    m = re.fullmatch(r"bench-decode res:128 workers:1 img/s/worker:([\d.]+) \(.*\) cores_for_8_gpus@1024x0\.5steps/s:"
+                     r"([\d.]+) \(([\d.]+) per GPU\)", line)
+    rate, cores, per_gpu = map(float, m.groups())
+    # cores = 512 / rate, each printed to 0.1: apart by at most the rounding of both
+    assert rate > 0.05 and abs(cores - 512 / rate) <= 0.05 + 512 * 0.05 / (rate * (rate - 0.05)) + 1e-9
+    assert abs(per_gpu - cores / 8) <= 0.005 + 0.05 / 8 + 1e-9
+
+
+def test_bench_decode_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for args, needle in [(["--shards", str(tmp_path / "empty")], f"no parquet shards under {tmp_path / 'empty'}; "
+                          "pass --shards with a folder written by data_prep.py hf"),
+                         (["--shards", str(tmp_path / "s"), "--res", "500", "--synthetic", "2"],
+                          "--res 500 must be a positive multiple of the patch 32")]:
+        with pytest.raises(SystemExit) as e:
+            dp.main(["bench-decode", *args, "--workers", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+    assert not dp.synthetic_source_path(tmp_path / "s").exists()  # refused before minutes of synthetic images
 
 # ---------------------------------------------------------------------------------------------
 # fuzz: corrupt shards
