@@ -240,6 +240,9 @@ def parse_interval(text):
 
 def export_diffusers(model, hp, out_dir):
     """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # save_pretrained would only log a warning and write nothing
+        raise ValueError(f"--export-diffusers {out} is a file; give a folder (new or existing)")
     try:
         from diffusers import PRXTransformer2DModel
     except ImportError as e:
@@ -254,8 +257,15 @@ def export_diffusers(model, hp, out_dir):
     except RuntimeError as e:  # another diffusers version's layout
         raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({' '.join(str(e).split())[:200]}); "
                          "install the version in requirements.txt") from None
-    ref.save_pretrained(out_dir)
-    return out_dir
+    try:
+        ref.save_pretrained(out)
+    except OSError as e:  # a file in the path, no permission, a full disk
+        raise ValueError(f"--export-diffusers {out} cannot be written ({e.strerror or e}); choose another folder") \
+            from None
+    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+        raise ValueError(f"--export-diffusers {out}: diffusers wrote no config.json + safetensors there; choose "
+                         "another folder")
+    return out
 
 
 def main(argv=None):

@@ -37,6 +37,11 @@ def run(tmp_path_factory):
     return d, hp, model
 
 
+def cli(args, cwd):  # sample.py as users run it
+    return subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
 def test_load_model_roundtrip(run):
     d, hp, model = run
     hp2, m2, run_dir = S.load_model(d)
@@ -111,6 +116,8 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
     (["--eval", "--score"], "drop --score"),
+    (["--export-diffusers", "EMPTY"], "EMPTY is a file; give a folder"),  # diffusers only logs a warning there
+    (["--export-diffusers", "EMPTY/x"], "EMPTY/x cannot be written (Not a directory); choose another folder"),
 ])
 def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
     d, _, _ = run
@@ -118,9 +125,9 @@ def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
     if "--ckpt" not in args:
         args = ["--ckpt", str(d)] + args
     args = [str(tmp_path) + "/" + a if a.startswith("EMPTY") else a for a in args]
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    r = cli(args, tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert (tmp_path / "EMPTY").read_text() == "\n\n"  # nothing written over
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):
@@ -164,6 +171,20 @@ def test_export_to_diffusers_gives_equal_outputs(tmp_path):
     assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
+def test_cli_export_loads_in_diffusers_with_equal_outputs(run, tmp_path):
+    from diffusers import PRXTransformer2DModel
+    d, hp, model = run
+    r = cli(["--ckpt", str(d), "--export-diffusers", "exp"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "exported to exp", r.stderr
+    ref = PRXTransformer2DModel.from_pretrained(tmp_path / "exp").eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, txt = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():  # the EMA weights of the fixture, not a fresh model
+        a, b = model.eval()(x, t, txt, mask)[0], ref(x, t, txt, attention_mask=mask).sample
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
 def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):
     hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
     model = T.PRXDiT(hp)
@@ -171,3 +192,11 @@ def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="PRXTransformer2DModel does not match .*extra"):
         S.export_diffusers(model, hp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_that_writes_nothing_is_refused(tmp_path, monkeypatch):
+    from diffusers import PRXTransformer2DModel
+    monkeypatch.setattr(PRXTransformer2DModel, "save_pretrained", lambda self, d: None)  # as diffusers on a file
+    hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
+    with pytest.raises(ValueError, match="wrote no config.json"):
+        S.export_diffusers(T.PRXDiT(hp), hp, tmp_path / "out")
