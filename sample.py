@@ -181,30 +181,63 @@ def find_checkpoint(path):
     raise FileNotFoundError(f"checkpoint {p} does not exist")
 
 
+def one_line(e):  # an exception's first line, for messages that must stay on one
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def state_mismatch(want, got):
+    """Tensor shapes by name, from the config (want) and from the file (got) -> "" or a one-line summary."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    sized = [k for k in want if k in got and tuple(got[k]) != tuple(want[k])]
+    if not (missing or unexpected or sized):
+        return ""
+    first = f"{missing[0]} missing" if missing else f"{unexpected[0]} unexpected" if unexpected else \
+        f"{sized[0]} is {tuple(got[sized[0]])} in the file, {tuple(want[sized[0]])} from the config"
+    return f"{len(missing)} missing, {len(unexpected)} unexpected, {len(sized)} size-mismatched tensors ({first})"
+
+
 def load_model(path, ema=True):
     """-> (hp, model in eval mode, run folder). EMA weights from ema.pt; the raw ones (ema=False) from the sharded
-    torch.distributed.checkpoint files, read in one process. Refuses a folder that is not a prx-speedrun checkpoint."""
+    torch.distributed.checkpoint files, read in one process. Refuses a folder that is not a prx-speedrun checkpoint,
+    and weights that do not fit the architecture in its config, in one line."""
     ck_dir = find_checkpoint(path)
     try:
         ck = torch.load(ck_dir / "ema.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {e}") from None
-    if not isinstance(ck, dict) or "config" not in ck or "ema" not in ck:
+        raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {one_line(e)}") from None
+    if not isinstance(ck, dict) or "config" not in ck or not isinstance(ck.get("ema"), dict):
         raise ValueError(f"{ck_dir} is not a prx-speedrun checkpoint (no config/ema)")
     try:
         hp = T.hp_from_config(ck["config"])
-    except TypeError as e:  # a config from another version of the trainer
-        raise ValueError(f"{ck_dir}: its config does not fit this trainer ({e})") from None
+        T.check_config(hp)
+    except (TypeError, KeyError, ValueError) as e:  # a config from another version of the trainer, or edited
+        why = f"no {e}" if isinstance(e, KeyError) else one_line(e)
+        raise ValueError(f"{ck_dir}: its config does not fit this trainer ({why}); sample it with the trainer "
+                         "version that wrote it") from None
     model = T.PRXDiT(hp)
+    want = {k: v.shape for k, v in model.state_dict().items()}
     try:
         if ema:
+            got = {k: getattr(v, "shape", ()) for k, v in ck["ema"].items()}
+        else:  # the trainer saved {"model": {"model.<name>": ...}}: flattened to "model.model.<name>"
+            try:
+                meta = dcp.FileSystemReader(ck_dir).read_metadata().state_dict_metadata
+            except OSError as e:
+                raise FileNotFoundError(f"{ck_dir} has no raw weights ({one_line(e)}); drop --no-ema") from None
+            got = {k[len("model.model."):]: m.size for k, m in meta.items() if k.startswith("model.model.")}
+        if diff := state_mismatch(want, got):
+            raise ValueError(diff)
+        if ema:
             model.load_state_dict(ck["ema"])
-        else:  # DCP fills these tensors (the trainer saved {"model": {"model.<name>": ...}}) in place
+        else:  # DCP fills these tensors in place
             sd = model.state_dict()
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process: as meant
             dcp.load(dict(model={f"model.{k}": v for k, v in sd.items()}), checkpoint_id=ck_dir, no_dist=True)
-    except (RuntimeError, dcp.CheckpointException) as e:
-        raise ValueError(f"{ck_dir} does not match the architecture in its config: {str(e)[:200]}") from None
+    except (ValueError, RuntimeError, dcp.CheckpointException) as e:
+        raise ValueError(f"{ck_dir} does not match the architecture in its config: {one_line(e)}; its config was "
+                         "edited or its weights come from another run: use a checkpoint as the trainer wrote it") \
+            from None
     return hp, model.eval().requires_grad_(False), ck_dir.parents[1] if ck_dir.parent.name == "ckpt" \
         else ck_dir.parent
 
@@ -339,7 +372,7 @@ def main(argv=None):
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)
     except (FileNotFoundError, ValueError, OSError) as e:
-        T.fail(str(e))
+        T.fail(" ".join(str(e).split()))  # one line, whatever the message
     cfg = hp.cfg if a.cfg is None else a.cfg
     if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],

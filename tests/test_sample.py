@@ -37,6 +37,23 @@ def run(tmp_path_factory):
     return d, hp, model
 
 
+@pytest.fixture(scope="module")
+def bad(run, tmp_path_factory):
+    """Checkpoints whose weights do not fit their config: BAD/depth (config depth 3, weights depth 2), BAD/hidden
+    (config 64 wide, weights 32 wide), BAD/nostages (a config without stages), BAD/raw (no raw weights)."""
+    d, hp, model = run
+    root = tmp_path_factory.mktemp("bad")
+    config = dataclasses.asdict(hp)
+    weights = dict(depth=T.PRXDiT(dataclasses.replace(hp, depth=2, tread_end=1)).state_dict(),
+                   hidden=T.PRXDiT(dataclasses.replace(hp, hidden=32)).state_dict(), nostages=model.state_dict(),
+                   raw=model.state_dict())
+    for name, sd in weights.items():
+        (root / name).mkdir()
+        cfg = {k: v for k, v in config.items() if not (name == "nostages" and k == "stages")}
+        torch.save(dict(ema=sd, config=cfg), root / name / "ema.pt")
+    return root
+
+
 def cli(args, cwd):  # sample.py as users run it
     return subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
                           timeout=300, cwd=cwd)
@@ -116,11 +133,16 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
     (["--eval", "--score"], "drop --score"),
+    (["--ckpt", "BAD/depth", "--prompt", "a", "--out", "o"], "does not match the architecture in its config: "),
+    (["--ckpt", "BAD/hidden", "--prompt", "a", "--out", "o"], "0 missing, 0 unexpected"),
+    (["--ckpt", "BAD/nostages", "--prompt", "a", "--out", "o"], "config does not fit this trainer (no 'stages')"),
+    (["--ckpt", "BAD/raw", "--no-ema", "--prompt", "a", "--out", "o"], "has no raw weights"),
     (["--export-diffusers", "EMPTY"], "EMPTY is a file; give a folder"),  # diffusers only logs a warning there
     (["--export-diffusers", "EMPTY/x"], "EMPTY/x cannot be written (Not a directory); choose another folder"),
 ])
-def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
+def test_cli_bad_input_is_one_line(run, bad, tmp_path, args, needle):
     d, _, _ = run
+    args = [str(bad) + a[3:] if a.startswith("BAD") else a for a in args]
     (tmp_path / "EMPTY").write_text("\n\n")
     if "--ckpt" not in args:
         args = ["--ckpt", str(d)] + args
@@ -143,7 +165,16 @@ def test_foreign_checkpoint_is_refused(tmp_path):
     bad = dict(ema=T.PRXDiT(hp).state_dict(), config=dataclasses.asdict(hp))
     bad["config"]["depth"] = 3
     torch.save(bad, tmp_path / "c" / "ema.pt")
-    with pytest.raises(ValueError, match="does not match"):
+    block2 = [k for k in T.PRXDiT(dataclasses.replace(hp, depth=3)).state_dict() if k.startswith("blocks.2.")]
+    with pytest.raises(ValueError, match=rf"does not match the architecture in its config: {len(block2)} missing, "
+                                         rf"0 unexpected, 0 size-mismatched tensors \({block2[0]} missing\)"):
+        S.load_model(tmp_path / "c")
+    wide = dict(bad, ema=T.PRXDiT(dataclasses.replace(hp, hidden=32)).state_dict())
+    wide["config"]["depth"] = 2
+    torch.save(wide, tmp_path / "c" / "ema.pt")
+    sized = [k for k, v in T.PRXDiT(hp).state_dict().items() if v.shape != wide["ema"][k].shape]
+    with pytest.raises(ValueError, match=rf": 0 missing, 0 unexpected, {len(sized)} size-mismatched tensors "
+                                         rf"\({sized[0]} is"):
         S.load_model(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         S.find_checkpoint(tmp_path)
