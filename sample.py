@@ -9,6 +9,7 @@ The model, the sampler and the text encoder come from train_gpt_style.py. EMA we
 """
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -301,6 +302,24 @@ def export_diffusers(model, hp, out_dir):
     return out
 
 
+def read_prompts(a):
+    """--prompts FILE: its lines, stripped (blank ones kept as "", so that line i keeps index i); --prompt TEXT."""
+    if a.prompts and a.prompt is not None:
+        raise ValueError("give --prompts FILE or --prompt TEXT, not both")
+    if a.prompts:
+        try:
+            lines = [line.strip() for line in Path(a.prompts).read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts {a.prompts} cannot be read ({e.strerror if isinstance(e, OSError) else 'not UTF-8'});"
+                             " give a text file with one prompt per line") from None
+        if not any(lines):
+            raise ValueError(f"prompt file {a.prompts} is empty; give a text file with one prompt per line")
+        return lines
+    if a.prompt and a.prompt.strip():
+        return [a.prompt]
+    raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt/step*) or run folder")
@@ -324,50 +343,48 @@ def main(argv=None):
     ap.add_argument("--eval", action="store_true", help="run the fixed evaluation of the run's config (README)")
     a = ap.parse_args(argv)
     T.quiet_transformers()
-    try:
+    try:  # the flags alone first: a bad one fails before the checkpoint is read
+        for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height),
+                        ("--steps", a.steps)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name, v in (("--cfg", a.cfg), ("--tread-guidance", a.tread_guidance)):
+            if v is not None and not math.isfinite(v):  # nan or inf: all-black images
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        if a.tread_guidance is not None and a.cfg is not None:
+            raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
+        if a.eval and (a.score or a.width or a.height or a.prompts or a.prompt is not None):
+            raise ValueError("--eval runs the fixed evaluation (square images, its own prompts): drop --score, "
+                             "--width, --height, --prompt and --prompts")
+        if a.score and (a.width or a.height):
+            raise ValueError("--score judges square images (the shapes benchmark): drop --width and --height")
+        interval = parse_interval(a.cfg_interval) if a.cfg_interval else None
+        prompts = None if a.eval or (a.export_diffusers and not (a.prompts or a.prompt)) else read_prompts(a)
+        if a.score:  # every prompt must be a shapes caption: know it before sampling
+            from data_prep import parse_shapes_caption
+            for p in filter(None, prompts):
+                parse_shapes_caption(p)
+        if prompts is not None and not a.out:
+            raise ValueError("give --out DIR")
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
         if a.export_diffusers:
             export_diffusers(model, hp, a.export_diffusers)
             print(f"exported to {a.export_diffusers}")
-            if not (a.prompts or a.prompt or a.eval):
+            if not (prompts or a.eval):
                 return
-        if a.tread_guidance is not None and a.cfg is not None:
-            raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
-        interval = parse_interval(a.cfg_interval) if a.cfg_interval else (hp.cfg_lo, hp.cfg_hi)
+        try:  # before any sampling: an output folder that cannot be made fails now
+            a.out and Path(a.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {a.out} cannot be created ({e.strerror}); choose another folder") from None
+        interval = interval or (hp.cfg_lo, hp.cfg_hi)
         size = a.size or hp.stages[-1].res
+        if size % hp.patch:
+            raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}; use a multiple of it")
         want = (a.height or size, a.width or size)
         h, w = snap_size(*want, hp.patch, hp.aspect_max) if a.width or a.height else want
         if (h, w) != want:
             print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (sides divisible by the patch {hp.patch}, "
                   f"aspect ratio within {hp.aspect_max:g})")
-        if a.eval:
-            prompts = None
-        elif a.prompts:
-            prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
-            if not prompts:
-                raise ValueError(f"prompt file {a.prompts} is empty")
-        elif a.prompt:
-            prompts = [a.prompt]
-        else:
-            raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
-        if not (a.out or a.eval):
-            raise ValueError("give --out DIR")
-        try:  # before any sampling: an output folder that cannot be made fails now
-            a.out and Path(a.out).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {a.out} cannot be created ({e.strerror}); choose another folder") from None
-        for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if a.eval and (a.score or a.width or a.height):
-            raise ValueError("--eval runs the fixed evaluation (square images, its own prompts): drop --score, "
-                             "--width and --height")
-        if a.score:  # every prompt must be a shapes caption: know it before sampling
-            from data_prep import parse_shapes_caption
-            for p in prompts:
-                parse_shapes_caption(p)
-        if size % hp.patch:
-            raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)
@@ -380,6 +397,7 @@ def main(argv=None):
         m = run_eval(model.to(dev), text, hp, prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
+    prompts = [p for p in prompts if p]  # (blank lines: the next commit)
     images = T.generate(model.to(dev), text, prompts, (h, w), a.steps or hp.sample_steps, cfg, hp.t_shift,
                         hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
                         tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half

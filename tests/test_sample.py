@@ -133,6 +133,15 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
     (["--eval", "--score"], "drop --score"),
+    (["--eval", "--prompt", "a"], "drop --score, --width, --height, --prompt and --prompts"),
+    (["--prompt", "a", "--out", "o", "--cfg", "nan"], "--cfg must be a finite number, got nan"),  # black PNGs
+    (["--prompt", "a", "--out", "o", "--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    (["--prompt", "a", "--out", "o", "--tread-guidance", "nan"], "--tread-guidance must be a finite number"),
+    (["--prompts", "nofile.txt", "--out", "o"], "--prompts nofile.txt cannot be read (No such file or directory)"
+                                                "; give a text file with one prompt per line"),
+    (["--prompts", "EMPTY", "--prompt", "a", "--out", "o"], "--prompts FILE or --prompt TEXT, not both"),
+    (["--prompt", "a small red circle in the top left", "--out", "o", "--score", "--width", "64"],
+     "--score judges square images"),
     (["--ckpt", "BAD/depth", "--prompt", "a", "--out", "o"], "does not match the architecture in its config: "),
     (["--ckpt", "BAD/hidden", "--prompt", "a", "--out", "o"], "0 missing, 0 unexpected"),
     (["--ckpt", "BAD/nostages", "--prompt", "a", "--out", "o"], "config does not fit this trainer (no 'stages')"),
