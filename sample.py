@@ -253,12 +253,12 @@ def text_encoder_path(hp, run_dir):
     return str(p)
 
 
-def snap_size(height, width, patch, aspect_max=2.0):
-    """The aspect bucket of a size: sides rounded to multiples of the patch, the longer side cut to aspect_max
-    times the shorter (the run's aspect range). -> (height, width)"""
-    h, w = (max(patch, round(s / patch) * patch) for s in (height, width))
-    cut = lambda a, b: min(a, int(aspect_max * b) // patch * patch)
-    return cut(h, w), cut(w, h)
+def snap_size(height, width, res, patch, aspect_max):
+    """The trainer's aspect bucket at resolution res nearest a size in log aspect ratio, as the data loader assigns
+    images: the token count of a res x res image (within 10 %), sides multiples of the patch. -> (height, width)"""
+    buckets = T.aspect_buckets(res, patch, aspect_max)
+    w, h = buckets[T.nearest_bucket(buckets, width, height)]
+    return h, w
 
 
 def parse_interval(text):
@@ -329,9 +329,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's cfg)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution)")
-    ap.add_argument("--width", type=int, help="image width in px, snapped to the aspect buckets")
-    ap.add_argument("--height", type=int, help="image height in px, snapped to the aspect buckets")
+    ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution); with "
+                    "--width/--height: the resolution whose aspect buckets they snap to")
+    ap.add_argument("--width", type=int, help="image width in px, snapped to the nearest aspect bucket")
+    ap.add_argument("--height", type=int, help="image height in px, snapped to the nearest aspect bucket")
     ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
                     "of CFG (no unconditional pass): x0 + S (x0 - x0 with tokens routed past the TREAD blocks)")
@@ -381,10 +382,10 @@ def main(argv=None):
         if size % hp.patch:
             raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}; use a multiple of it")
         want = (a.height or size, a.width or size)
-        h, w = snap_size(*want, hp.patch, hp.aspect_max) if a.width or a.height else want
+        h, w = snap_size(*want, size, hp.patch, hp.aspect_max) if a.width or a.height else want
         if (h, w) != want:
-            print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (sides divisible by the patch {hp.patch}, "
-                  f"aspect ratio within {hp.aspect_max:g})")
+            print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (the aspect bucket of {size} px nearest in aspect "
+                  "ratio: the token count the model was trained on)")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)

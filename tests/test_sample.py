@@ -1,5 +1,6 @@
 """sample.py: checkpoint loading, deterministic sampling, bad input, and export checked against diffusers."""
 import dataclasses
+import math
 import subprocess
 import sys
 import warnings
@@ -99,27 +100,37 @@ def test_cli_writes_indexed_pngs(run, tmp_path):
     assert np.array_equal(png, T.to_uint8(ref)[0])
 
 
-def test_snap_size_to_aspect_buckets():
-    for h, w in ((18, 70), (64, 64), (100, 20), (3, 3), (40, 79)):
-        sh, sw = S.snap_size(h, w, 8)
-        assert sh % 8 == 0 and sw % 8 == 0 and sh >= 8 and sw >= 8 and 0.5 <= sw / sh <= 2
-    assert S.snap_size(16, 32, 8) == (16, 32) and S.snap_size(18, 70, 8) == (16, 32)  # buckets stay; 72 cut to 32
-    assert S.snap_size(44, 60, 8) == (48, 64)  # sides rounded to the nearest multiple
+@pytest.mark.parametrize("res,patch,aspect_max", [(64, 8, 2.0), (32, 8, 2.0), (1024, 32, 2.0), (64, 8, 1.0),
+                                                   (96, 16, 3.0)])
+def test_snap_size_is_the_trained_bucket_nearest_in_aspect_ratio(res, patch, aspect_max):
+    buckets = T.aspect_buckets(res, patch, aspect_max)  # what the data loader trains on at this resolution
+    dist = lambda b, w, h: abs(math.log(b[0] / b[1]) - math.log(w / h))
+    for h, w in np.random.default_rng(0).integers(1, 4 * res, size=(300, 2)).tolist() + [[res, res], [7, 1000]]:
+        sh, sw = S.snap_size(h, w, res, patch, aspect_max)
+        assert (sw, sh) in buckets
+        assert dist((sw, sh), w, h) <= min(dist(b, w, h) for b in buckets) + 1e-12  # brute force: none nearer
+        # the trained token count, sides multiples of the patch, within the aspect range
+        assert sh % patch == 0 and sw % patch == 0 and abs(sw * sh / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert 1 / aspect_max <= sw / sh <= aspect_max
+    assert S.snap_size(res, res, res, patch, aspect_max) == (res, res)
 
 
 def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     d, hp, _ = run
-    S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--out", str(tmp_path / "o"),
-            "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance", "0.5"])
-    assert "size 70x18 snapped to 32x16" in capsys.readouterr().out
-    from PIL import Image
-    png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
-    assert png.shape == (16, 32, 3)
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
-    ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (16, 32), 3, hp.cfg,
-                     hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
-                     tread_frac=hp.tread_frac)
-    assert np.array_equal(png, T.to_uint8(ref)[0])
+    from PIL import Image
+    for extra, res in (([], hp.stages[-1].res), (["--size", "32"], 32)):  # buckets of the last stage, or of --size
+        S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--out", str(tmp_path / "o"),
+                "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance",
+                "0.5", *extra])
+        h, w = S.snap_size(18, 70, res, hp.patch, hp.aspect_max)
+        assert f"size 70x18 snapped to {w}x{h}" in capsys.readouterr().out
+        png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
+        assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (h, w), 3, hp.cfg,
+                         hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
+                         tread_frac=hp.tread_frac)
+        assert np.array_equal(png, T.to_uint8(ref)[0])
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -128,6 +139,8 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--cfg-interval", "0.8,0.2"], "0 <= LO <= HI <= 1"),
     (["--prompt", "a", "--out", "o", "--tread-guidance", "1", "--cfg", "2"], "replaces CFG"),
     (["--prompt", "a", "--out", "o", "--size", "18"], "not divisible"),
+    # with --width/--height, --size is the resolution of the buckets they snap to: it must fit the patch too
+    (["--prompt", "a", "--out", "o", "--size", "33", "--width", "64", "--height", "64"], "--size 33 is not divisible"),
     (["--prompts", "EMPTY", "--out", "o"], "is empty"),
     (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
