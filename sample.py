@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -302,6 +303,23 @@ def export_diffusers(model, hp, out_dir):
     return out
 
 
+def sample_lines(model, text, lines, seed, batch, **kw):
+    """-> (line index, image (3, H, W) in [-1, 1]) for the non-blank lines, sampled `batch` at a time (the caller
+    writes each batch before the next is sampled). Line i starts from the noise of seed + i, as in T.generate, so
+    that a blank line moves neither the names nor the seeds of the others. kw: T.generate's sampling arguments."""
+    todo = [(i, p) for i, p in enumerate(lines) if p]
+    for b in range(0, len(todo), batch):
+        runs = []  # consecutive lines: one T.generate call each (its prompt j gets seed + first line + j)
+        for i, p in todo[b:b + batch]:
+            if runs and runs[-1][-1][0] == i - 1:
+                runs[-1].append((i, p))
+            else:
+                runs.append([(i, p)])
+        for r in runs:
+            images = T.generate(model, text, [p for _, p in r], seed=seed + r[0][0], batch=len(r), **kw)
+            yield from zip([i for i, _ in r], images)
+
+
 def read_prompts(a):
     """--prompts FILE: its lines, stripped (blank ones kept as "", so that line i keeps index i); --prompt TEXT."""
     if a.prompts and a.prompt is not None:
@@ -398,23 +416,28 @@ def main(argv=None):
         m = run_eval(model.to(dev), text, hp, prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
-    prompts = [p for p in prompts if p]  # (blank lines: the next commit)
-    images = T.generate(model.to(dev), text, prompts, (h, w), a.steps or hp.sample_steps, cfg, hp.t_shift,
-                        hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
-                        tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half
-    out = Path(a.out)
+    out, kept, lines = Path(a.out), [], []  # kept: 8-bit copies of the first 64 images (of all with --score)
+    kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
+              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval, tread_guidance=a.tread_guidance,
+              tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half the tokens routed
     from PIL import Image
-    try:
-        for i, img in enumerate(T.to_uint8(images)):
-            Image.fromarray(img).save(out / f"{i:05d}.png")
-        T.save_grid(images[:64], out / "grid.png", nrow=8)
+    try:  # each batch's PNGs are written as soon as it is sampled: a crash keeps them, memory stays one batch
+        for i, img in sample_lines(model.to(dev), text, prompts, a.seed, a.batch, **kw):
+            u8 = T.to_uint8(img[None])[0]  # (H, W, 3)
+            Image.fromarray(u8).save(out / f"{i:05d}.png")
+            lines.append(i)
+            if a.score or len(kept) < 64:
+                kept.append(u8)
+        T.save_grid(torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1, out / "grid.png", nrow=8)
     except OSError as e:  # e.g. a full disk
         T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
                "far are kept)")
-    print(f"{len(prompts)} images in {out}")
+    skipped = len(prompts) - len(lines)
+    print(f"{len(lines)} images in {out}" + (f" ({skipped} blank lines skipped; PNGs keep the line numbers)" if skipped
+                                                  else ""))
     if a.score:
         from data_prep import score_shapes
-        sc = score_shapes(list(T.to_uint8(images)), prompts)
+        sc = score_shapes(kept, [prompts[i] for i in lines])
         print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
 
 

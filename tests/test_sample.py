@@ -85,19 +85,41 @@ def test_same_seed_same_image_whatever_the_batch(run):
     assert not torch.allclose(a, c)
 
 
-def test_cli_writes_indexed_pngs(run, tmp_path):
-    d, hp, _ = run
-    pf = tmp_path / "p.txt"
-    pf.write_text("a small red circle in the top left\n\na large red circle in the top left\n")
-    S.main(["--ckpt", str(d), "--prompts", str(pf), "--out", str(tmp_path / "o"), "--steps", "2", "--size", "16"])
+def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, capsys):
+    d, hp, model = run
+    lines = ["a small red circle in the top left", "", "a large red circle in the top left", "  ",
+             "a small red circle", "a large red circle", ""]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--steps", "2",
+            "--size", "16", "--seed", "3", "--batch", "2"])  # batches: lines 0 and 2, then 4 and 5
+    printed = capsys.readouterr().out
+    assert "4 images in" in printed and "3 blank lines skipped" in printed
     from PIL import Image
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000.png", "00001.png", "grid.png"]
-    png = np.asarray(Image.open(tmp_path / "o" / "00001.png"))
-    # line 1 (the blank line does not count) is the second prompt, sampled from the noise of seed 0 + 1
+    kept = [i for i, line in enumerate(lines) if line.strip()]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"{i:05d}.png" for i in kept] + ["grid.png"]
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
-    ref = T.generate(S.load_model(d)[1], text, ["a large red circle in the top left"], (16, 16), 2, hp.cfg,
-                     hp.t_shift, hp.t_min_div, seed=1, amp=hp.amp)
-    assert np.array_equal(png, T.to_uint8(ref)[0])
+    refs = []
+    for i in kept:  # line i alone, from the noise of seed 3 + i
+        refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
+                               amp=hp.amp))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), T.to_uint8(refs[-1])[0]), i
+    T.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
+                                                                                                     "grid.png")))
+
+
+def test_cli_writes_each_batch_before_sampling_the_next(run, tmp_path, monkeypatch):
+    d, _, _ = run
+    out, seen, generate = tmp_path / "o", [], T.generate
+
+    def spy(*args, **kw):  # the PNGs on disk when each batch starts
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return generate(*args, **kw)
+    monkeypatch.setattr(T, "generate", spy)
+    (tmp_path / "p.txt").write_text("a small red circle\n" * 5)
+    S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--steps", "1", "--size",
+            "16", "--batch", "2"])
+    assert seen == [[f"{i:05d}.png" for i in range(n)] for n in (0, 2, 4)]
 
 
 @pytest.mark.parametrize("res,patch,aspect_max", [(64, 8, 2.0), (32, 8, 2.0), (1024, 32, 2.0), (64, 8, 1.0),
