@@ -448,3 +448,49 @@ def test_sdpa_constant_sets_the_gpu_kernel_order():
     for bad in ("cudnn,fast", ""):
         with pytest.raises(ValueError, match="sdpa="):
             T.parse_args([f"sdpa={bad}"], False)
+
+
+# ---------------------------------------------------------------- the demo's benchmark
+
+
+def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path):
+    """score_demo's figures per prompt set are score_shapes' on the sampled images: fully right and the accuracy of
+    colour, position, shape and size, in the log and in metrics.jsonl. The stand-in sampler renders each prompt
+    with one attribute changed on some objects, so that the five figures differ."""
+    import types
+
+    import numpy as np
+    from data_prep import parse_shapes_caption, render_shapes, score_shapes, shapes_prompts
+    sets = {k: v[:12] for k, v in shapes_prompts().items()}
+    for name, prompts in sets.items():
+        (tmp_path / f"prompts_{name}.txt").write_text("\n".join(prompts) + "\n")
+    swap = [lambda o: o, lambda o: (o[0], "red" if o[1] != "red" else "blue", *o[2:]),
+            lambda o: (*o[:3], "center" if o[3] != "center" else "top left"),
+            lambda o: (o[0], o[1], "square" if o[2] != "square" else "circle", o[3]),
+            lambda o: ("large" if o[0] == "small" else "small", *o[1:])]
+    change = [0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 0]  # prompt k gets swap[change[k]]: each attribute a different count
+
+    def sample(prompts, res, seed, batch):  # prompt k: every object with change[k] (0: as asked)
+        imgs = [np.asarray(render_shapes([swap[change[k]](o) for o in parse_shapes_caption(p)], res))
+                for k, p in enumerate(prompts)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
+
+    class Log(list):  # stands in for the trainer's Logger: log lines in the list, metrics.jsonl rows in .rows
+        rows = []
+
+        def __call__(self, msg):
+            self.append(msg)
+
+        def metrics(self, d):
+            self.rows.append(d)
+    lines, rows = Log(), Log.rows
+    tr = types.SimpleNamespace(hp=T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)]),
+                               sample=sample, save_grid=lambda *a, **k: None, log=lines, step=7, run_dir=tmp_path)
+    T.Trainer.score_demo(tr)
+    assert len(rows) == 1 and rows[0]["step"] == 7 and list(rows[0]["shapes"]) == list(sets)
+    for name, prompts in sets.items():
+        ref = score_shapes(list(T.to_uint8(sample(prompts, 48, 0, 0))), prompts)
+        assert rows[0]["shapes"][name] == {k: ref[k] for k in ("full", "color", "position", "shape", "size")}
+        assert f"shapes score {name}: " + " ".join(f"{k}:{ref[k]:.3f}" for k in ("full", "color", "position",
+                                                                                "shape", "size")) in lines
+        assert len(set(ref[k] for k in ("full", "color", "position", "shape", "size"))) == 5  # a mix-up shows
