@@ -328,8 +328,9 @@ def read_prompts(a):
         try:
             lines = [line.strip() for line in Path(a.prompts).read_text().splitlines()]
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompts {a.prompts} cannot be read ({e.strerror if isinstance(e, OSError) else 'not UTF-8'});"
-                             " give a text file with one prompt per line") from None
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8"
+            raise ValueError(f"--prompts {a.prompts} cannot be read ({why}); give a text file with one prompt per "
+                             "line") from None
         if not any(lines):
             raise ValueError(f"prompt file {a.prompts} is empty; give a text file with one prompt per line")
         return lines

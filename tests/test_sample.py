@@ -108,6 +108,22 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
                                                                                                      "grid.png")))
 
 
+def test_cli_defaults_are_the_checkpoints_steps_cfg_and_interval(run, tmp_path):
+    d, hp, model = run
+    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5)  # the fixture's run: 20 steps, CFG 3, [0, 1]
+    ck = tmp_path / "r" / "ckpt" / "step1"
+    ck.mkdir(parents=True)
+    (tmp_path / "r" / "demo_encoders").symlink_to(d / "demo_encoders")
+    torch.save(dict(ema=model.state_dict(), config=dataclasses.asdict(hp3)), ck / "ema.pt")
+    prompt = "a small red circle in the top left"
+    S.main(["--ckpt", str(tmp_path / "r"), "--prompt", prompt, "--out", str(tmp_path / "o"), "--size", "16"])
+    from PIL import Image
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    ref = T.generate(model, text, [prompt], (16, 16), 3, 2.0, hp.t_shift, hp.t_min_div, amp=hp.amp,
+                     cfg_interval=(0.5, 1.0))  # t = 1, 2/3 guided, 1/3 not
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), T.to_uint8(ref)[0])
+
+
 def test_cli_writes_each_batch_before_sampling_the_next(run, tmp_path, monkeypatch):
     d, _, _ = run
     out, seen, generate = tmp_path / "o", [], T.generate

@@ -234,6 +234,40 @@ def test_euler_sampler_with_perfect_denoiser_returns_guided_target():
         assert torch.allclose(out, u + 3.5 * (c - u), atol=1e-5)
 
 
+def test_heun_sampler_matches_a_written_out_heun_loop_on_a_denoiser_that_depends_on_x_and_t():
+    """x0(x_t, t) linear in x_t and t, different for the conditional and unconditional captions: Heun (the trapezoid
+    of the velocities at both ends, the last step plain Euler) written out step by step, guidance included."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(2, 3, 8, 8, generator=g) - 0.5
+    x1 = 0.3 * torch.randn(2, 3, 8, 8, generator=g)  # small: the final clamp to [-1, 1] cuts nothing
+    steps, cfg, shift, t_min_div = 6, 2.5, 3.0, 0.05
+
+    def x0_of(x, t, cond):  # cond: 1 for the caption, 0 for the empty caption; x: one or both halves
+        return (0.5 + 0.3 * cond) * x + t * (0.2 - 0.4 * cond) * c.repeat(len(x) // len(c), 1, 1, 1)
+
+    def denoiser(x, t, txt, mask):  # the sampler's batch: conditional half, then unconditional half
+        return x0_of(x, t.view(-1, 1, 1, 1), txt[:, :1, :1].view(-1, 1, 1, 1)), None
+
+    def reference(heun):
+        ts = [shift * s / (1 + (shift - 1) * s) for s in (1 - i / steps for i in range(steps + 1))]
+        vel = lambda x, t: (x - (x0_of(x, t, 0) + cfg * (x0_of(x, t, 1) - x0_of(x, t, 0)))) / max(t, t_min_div)
+        x = x1.double()
+        for i in range(steps):
+            h = ts[i + 1] - ts[i]
+            d = vel(x, ts[i])
+            if heun and i < steps - 1:
+                d = (d + vel(x + h * d, ts[i + 1])) / 2
+            x = x + h * d
+        return x.clamp(-1, 1)
+
+    txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    out = {s: T.sample_images(denoiser, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps, cfg, shift,
+                              t_min_div, sampler=s, x=x1.clone()) for s in ("euler", "heun")}
+    for s in out:
+        assert torch.allclose(out[s].double(), reference(s == "heun"), atol=1e-5), s
+    assert (out["heun"] - out["euler"]).abs().max() > 1e-2  # this denoiser tells the two apart
+
+
 # ---------------------------------------------------------------- REPA, perceptual
 
 
