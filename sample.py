@@ -417,7 +417,8 @@ def main(argv=None):
         m = run_eval(model.to(dev), text, hp, prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
-    out, kept, lines = Path(a.out), [], []  # kept: 8-bit copies of the first 64 images (of all with --score)
+    out, done, kept = Path(a.out), [], []  # done: line indices written; kept: 8-bit copies of the first 64 (all with
+    # --score, which judges the small shapes images)
     kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
               sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval, tread_guidance=a.tread_guidance,
               tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half the tokens routed
@@ -426,19 +427,19 @@ def main(argv=None):
         for i, img in sample_lines(model.to(dev), text, prompts, a.seed, a.batch, **kw):
             u8 = T.to_uint8(img[None])[0]  # (H, W, 3)
             Image.fromarray(u8).save(out / f"{i:05d}.png")
-            lines.append(i)
+            done.append(i)
             if a.score or len(kept) < 64:
                 kept.append(u8)
         T.save_grid(torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1, out / "grid.png", nrow=8)
     except OSError as e:  # e.g. a full disk
         T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
                "far are kept)")
-    skipped = len(prompts) - len(lines)
-    print(f"{len(lines)} images in {out}" + (f" ({skipped} blank lines skipped; PNGs keep the line numbers)" if skipped
-                                                  else ""))
+    skipped = len(prompts) - len(done)
+    note = f" ({skipped} blank lines skipped; PNGs keep the line numbers)" if skipped else ""
+    print(f"{len(done)} images in {out}{note}")
     if a.score:
         from data_prep import score_shapes
-        sc = score_shapes(kept, [prompts[i] for i in lines])
+        sc = score_shapes(kept, [prompts[i] for i in done])
         print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
 
 

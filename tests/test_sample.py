@@ -88,15 +88,18 @@ def test_same_seed_same_image_whatever_the_batch(run):
 def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, capsys):
     d, hp, model = run
     lines = ["a small red circle in the top left", "", "a large red circle in the top left", "  ",
-             "a small red circle", "a large red circle", ""]
+             "a small red circle in the center", "a large blue square in the bottom right", ""]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
     S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--steps", "2",
-            "--size", "16", "--seed", "3", "--batch", "2"])  # batches: lines 0 and 2, then 4 and 5
+            "--size", "16", "--seed", "3", "--batch", "2", "--score"])  # batches: lines 0 and 2, then 4 and 5
     printed = capsys.readouterr().out
     assert "4 images in" in printed and "3 blank lines skipped" in printed
+    from data_prep import score_shapes
     from PIL import Image
     kept = [i for i, line in enumerate(lines) if line.strip()]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"{i:05d}.png" for i in kept] + ["grid.png"]
+    sc = score_shapes([Image.open(tmp_path / "o" / f"{i:05d}.png") for i in kept], [lines[i] for i in kept])
+    assert "shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image") in printed
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
     refs = []
     for i in kept:  # line i alone, from the noise of seed 3 + i
