@@ -9,12 +9,14 @@ The model, the sampler and the text encoder come from train_gpt_style.py. EMA we
 """
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -181,30 +183,63 @@ def find_checkpoint(path):
     raise FileNotFoundError(f"checkpoint {p} does not exist")
 
 
+def one_line(e):  # an exception's first line, for messages that must stay on one
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def state_mismatch(want, got):
+    """Tensor shapes by name, from the config (want) and from the file (got) -> "" or a one-line summary."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    sized = [k for k in want if k in got and tuple(got[k]) != tuple(want[k])]
+    if not (missing or unexpected or sized):
+        return ""
+    first = f"{missing[0]} missing" if missing else f"{unexpected[0]} unexpected" if unexpected else \
+        f"{sized[0]} is {tuple(got[sized[0]])} in the file, {tuple(want[sized[0]])} from the config"
+    return f"{len(missing)} missing, {len(unexpected)} unexpected, {len(sized)} size-mismatched tensors ({first})"
+
+
 def load_model(path, ema=True):
     """-> (hp, model in eval mode, run folder). EMA weights from ema.pt; the raw ones (ema=False) from the sharded
-    torch.distributed.checkpoint files, read in one process. Refuses a folder that is not a prx-speedrun checkpoint."""
+    torch.distributed.checkpoint files, read in one process. Refuses a folder that is not a prx-speedrun checkpoint,
+    and weights that do not fit the architecture in its config, in one line."""
     ck_dir = find_checkpoint(path)
     try:
         ck = torch.load(ck_dir / "ema.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {e}") from None
-    if not isinstance(ck, dict) or "config" not in ck or "ema" not in ck:
+        raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {one_line(e)}") from None
+    if not isinstance(ck, dict) or "config" not in ck or not isinstance(ck.get("ema"), dict):
         raise ValueError(f"{ck_dir} is not a prx-speedrun checkpoint (no config/ema)")
     try:
         hp = T.hp_from_config(ck["config"])
-    except TypeError as e:  # a config from another version of the trainer
-        raise ValueError(f"{ck_dir}: its config does not fit this trainer ({e})") from None
+        T.check_config(hp)
+    except (TypeError, KeyError, ValueError) as e:  # a config from another version of the trainer, or edited
+        why = f"no {e}" if isinstance(e, KeyError) else one_line(e)
+        raise ValueError(f"{ck_dir}: its config does not fit this trainer ({why}); sample it with the trainer "
+                         "version that wrote it") from None
     model = T.PRXDiT(hp)
+    want = {k: v.shape for k, v in model.state_dict().items()}
     try:
         if ema:
+            got = {k: getattr(v, "shape", ()) for k, v in ck["ema"].items()}
+        else:  # the trainer saved {"model": {"model.<name>": ...}}: flattened to "model.model.<name>"
+            try:
+                meta = dcp.FileSystemReader(ck_dir).read_metadata().state_dict_metadata
+            except OSError as e:
+                raise FileNotFoundError(f"{ck_dir} has no raw weights ({one_line(e)}); drop --no-ema") from None
+            got = {k[len("model.model."):]: m.size for k, m in meta.items() if k.startswith("model.model.")}
+        if diff := state_mismatch(want, got):
+            raise ValueError(diff)
+        if ema:
             model.load_state_dict(ck["ema"])
-        else:  # DCP fills these tensors (the trainer saved {"model": {"model.<name>": ...}}) in place
+        else:  # DCP fills these tensors in place
             sd = model.state_dict()
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process: as meant
             dcp.load(dict(model={f"model.{k}": v for k, v in sd.items()}), checkpoint_id=ck_dir, no_dist=True)
-    except (RuntimeError, dcp.CheckpointException) as e:
-        raise ValueError(f"{ck_dir} does not match the architecture in its config: {str(e)[:200]}") from None
+    except (ValueError, RuntimeError, dcp.CheckpointException) as e:
+        raise ValueError(f"{ck_dir} does not match the architecture in its config: {one_line(e)}; its config was "
+                         "edited or its weights come from another run: use a checkpoint as the trainer wrote it") \
+            from None
     return hp, model.eval().requires_grad_(False), ck_dir.parents[1] if ck_dir.parent.name == "ckpt" \
         else ck_dir.parent
 
@@ -219,12 +254,12 @@ def text_encoder_path(hp, run_dir):
     return str(p)
 
 
-def snap_size(height, width, patch, aspect_max=2.0):
-    """The aspect bucket of a size: sides rounded to multiples of the patch, the longer side cut to aspect_max
-    times the shorter (the run's aspect range). -> (height, width)"""
-    h, w = (max(patch, round(s / patch) * patch) for s in (height, width))
-    cut = lambda a, b: min(a, int(aspect_max * b) // patch * patch)
-    return cut(h, w), cut(w, h)
+def snap_size(height, width, res, patch, aspect_max):
+    """The trainer's aspect bucket at resolution res nearest a size in log aspect ratio, as the data loader assigns
+    images: the token count of a res x res image (within 10 %), sides multiples of the patch. -> (height, width)"""
+    buckets = T.aspect_buckets(res, patch, aspect_max)
+    w, h = buckets[T.nearest_bucket(buckets, width, height)]
+    return h, w
 
 
 def parse_interval(text):
@@ -240,6 +275,9 @@ def parse_interval(text):
 
 def export_diffusers(model, hp, out_dir):
     """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # save_pretrained would only log a warning and write nothing
+        raise ValueError(f"--export-diffusers {out} is a file; give a folder (new or existing)")
     try:
         from diffusers import PRXTransformer2DModel
     except ImportError as e:
@@ -254,8 +292,51 @@ def export_diffusers(model, hp, out_dir):
     except RuntimeError as e:  # another diffusers version's layout
         raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({' '.join(str(e).split())[:200]}); "
                          "install the version in requirements.txt") from None
-    ref.save_pretrained(out_dir)
-    return out_dir
+    try:
+        ref.save_pretrained(out)
+    except OSError as e:  # a file in the path, no permission, a full disk
+        raise ValueError(f"--export-diffusers {out} cannot be written ({e.strerror or e}); choose another folder") \
+            from None
+    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+        raise ValueError(f"--export-diffusers {out}: diffusers wrote no config.json + safetensors there; choose "
+                         "another folder")
+    return out
+
+
+def sample_lines(model, text, lines, seed, batch, **kw):
+    """-> (line index, image (3, H, W) in [-1, 1]) for the non-blank lines, sampled `batch` at a time (the caller
+    writes each batch before the next is sampled). Line i starts from the noise of seed + i, as in T.generate, so
+    that a blank line moves neither the names nor the seeds of the others. kw: T.generate's sampling arguments."""
+    todo = [(i, p) for i, p in enumerate(lines) if p]
+    for b in range(0, len(todo), batch):
+        runs = []  # consecutive lines: one T.generate call each (its prompt j gets seed + first line + j)
+        for i, p in todo[b:b + batch]:
+            if runs and runs[-1][-1][0] == i - 1:
+                runs[-1].append((i, p))
+            else:
+                runs.append([(i, p)])
+        for r in runs:
+            images = T.generate(model, text, [p for _, p in r], seed=seed + r[0][0], batch=len(r), **kw)
+            yield from zip([i for i, _ in r], images)
+
+
+def read_prompts(a):
+    """--prompts FILE: its lines, stripped (blank ones kept as "", so that line i keeps index i); --prompt TEXT."""
+    if a.prompts and a.prompt is not None:
+        raise ValueError("give --prompts FILE or --prompt TEXT, not both")
+    if a.prompts:
+        try:
+            lines = [line.strip() for line in Path(a.prompts).read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8"
+            raise ValueError(f"--prompts {a.prompts} cannot be read ({why}); give a text file with one prompt per "
+                             "line") from None
+        if not any(lines):
+            raise ValueError(f"prompt file {a.prompts} is empty; give a text file with one prompt per line")
+        return lines
+    if a.prompt and a.prompt.strip():
+        return [a.prompt]
+    raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
 
 
 def main(argv=None):
@@ -267,9 +348,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's cfg)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution)")
-    ap.add_argument("--width", type=int, help="image width in px, snapped to the aspect buckets")
-    ap.add_argument("--height", type=int, help="image height in px, snapped to the aspect buckets")
+    ap.add_argument("--size", type=int, help="image side in px (default: the last stage's resolution); with "
+                    "--width/--height: the resolution whose aspect buckets they snap to")
+    ap.add_argument("--width", type=int, help="image width in px, snapped to the nearest aspect bucket")
+    ap.add_argument("--height", type=int, help="image height in px, snapped to the nearest aspect bucket")
     ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
                     "of CFG (no unconditional pass): x0 + S (x0 - x0 with tokens routed past the TREAD blocks)")
@@ -281,55 +363,53 @@ def main(argv=None):
     ap.add_argument("--eval", action="store_true", help="run the fixed evaluation of the run's config (README)")
     a = ap.parse_args(argv)
     T.quiet_transformers()
-    try:
+    try:  # the flags alone first: a bad one fails before the checkpoint is read
+        for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height),
+                        ("--steps", a.steps)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name, v in (("--cfg", a.cfg), ("--tread-guidance", a.tread_guidance)):
+            if v is not None and not math.isfinite(v):  # nan or inf: all-black images
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        if a.tread_guidance is not None and a.cfg is not None:
+            raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
+        if a.eval and (a.score or a.width or a.height or a.prompts or a.prompt is not None):
+            raise ValueError("--eval runs the fixed evaluation (square images, its own prompts): drop --score, "
+                             "--width, --height, --prompt and --prompts")
+        if a.score and (a.width or a.height):
+            raise ValueError("--score judges square images (the shapes benchmark): drop --width and --height")
+        interval = parse_interval(a.cfg_interval) if a.cfg_interval else None
+        prompts = None if a.eval or (a.export_diffusers and not (a.prompts or a.prompt)) else read_prompts(a)
+        if a.score:  # every prompt must be a shapes caption: know it before sampling
+            from data_prep import parse_shapes_caption
+            for p in filter(None, prompts):
+                parse_shapes_caption(p)
+        if prompts is not None and not a.out:
+            raise ValueError("give --out DIR")
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
         if a.export_diffusers:
             export_diffusers(model, hp, a.export_diffusers)
             print(f"exported to {a.export_diffusers}")
-            if not (a.prompts or a.prompt or a.eval):
+            if not (prompts or a.eval):
                 return
-        if a.tread_guidance is not None and a.cfg is not None:
-            raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
-        interval = parse_interval(a.cfg_interval) if a.cfg_interval else (hp.cfg_lo, hp.cfg_hi)
-        size = a.size or hp.stages[-1].res
-        want = (a.height or size, a.width or size)
-        h, w = snap_size(*want, hp.patch, hp.aspect_max) if a.width or a.height else want
-        if (h, w) != want:
-            print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (sides divisible by the patch {hp.patch}, "
-                  f"aspect ratio within {hp.aspect_max:g})")
-        if a.eval:
-            prompts = None
-        elif a.prompts:
-            prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
-            if not prompts:
-                raise ValueError(f"prompt file {a.prompts} is empty")
-        elif a.prompt:
-            prompts = [a.prompt]
-        else:
-            raise ValueError("give --prompts FILE or --prompt TEXT (or --export-diffusers DIR, or --eval)")
-        if not (a.out or a.eval):
-            raise ValueError("give --out DIR")
         try:  # before any sampling: an output folder that cannot be made fails now
             a.out and Path(a.out).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {a.out} cannot be created ({e.strerror}); choose another folder") from None
-        for name, v in (("--batch", a.batch), ("--size", size), ("--steps", a.steps)):
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if a.eval and (a.score or a.width or a.height):
-            raise ValueError("--eval runs the fixed evaluation (square images, its own prompts): drop --score, "
-                             "--width and --height")
-        if a.score:  # every prompt must be a shapes caption: know it before sampling
-            from data_prep import parse_shapes_caption
-            for p in prompts:
-                parse_shapes_caption(p)
+        interval = interval or (hp.cfg_lo, hp.cfg_hi)
+        size = a.size or hp.stages[-1].res
         if size % hp.patch:
-            raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}")
+            raise ValueError(f"--size {size} is not divisible by the patch size {hp.patch}; use a multiple of it")
+        want = (a.height or size, a.width or size)
+        h, w = snap_size(*want, size, hp.patch, hp.aspect_max) if a.width or a.height else want
+        if (h, w) != want:
+            print(f"size {want[1]}x{want[0]} snapped to {w}x{h} (the aspect bucket of {size} px nearest in aspect "
+                  "ratio: the token count the model was trained on)")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)
     except (FileNotFoundError, ValueError, OSError) as e:
-        T.fail(str(e))
+        T.fail(" ".join(str(e).split()))  # one line, whatever the message
     cfg = hp.cfg if a.cfg is None else a.cfg
     if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],
@@ -337,22 +417,29 @@ def main(argv=None):
         m = run_eval(model.to(dev), text, hp, prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
-    images = T.generate(model.to(dev), text, prompts, (h, w), a.steps or hp.sample_steps, cfg, hp.t_shift,
-                        hp.t_min_div, a.seed, a.batch, a.sampler, dev, amp=hp.amp, cfg_interval=interval,
-                        tread_guidance=a.tread_guidance, tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half
-    out = Path(a.out)
+    out, done, kept = Path(a.out), [], []  # done: line indices written; kept: 8-bit copies of the first 64 (all with
+    # --score, which judges the small shapes images)
+    kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
+              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval, tread_guidance=a.tread_guidance,
+              tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half the tokens routed
     from PIL import Image
-    try:
-        for i, img in enumerate(T.to_uint8(images)):
-            Image.fromarray(img).save(out / f"{i:05d}.png")
-        T.save_grid(images[:64], out / "grid.png", nrow=8)
+    try:  # each batch's PNGs are written as soon as it is sampled: a crash keeps them, memory stays one batch
+        for i, img in sample_lines(model.to(dev), text, prompts, a.seed, a.batch, **kw):
+            u8 = T.to_uint8(img[None])[0]  # (H, W, 3)
+            Image.fromarray(u8).save(out / f"{i:05d}.png")
+            done.append(i)
+            if a.score or len(kept) < 64:
+                kept.append(u8)
+        T.save_grid(torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1, out / "grid.png", nrow=8)
     except OSError as e:  # e.g. a full disk
         T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
                "far are kept)")
-    print(f"{len(prompts)} images in {out}")
+    skipped = len(prompts) - len(done)
+    note = f" ({skipped} blank lines skipped; PNGs keep the line numbers)" if skipped else ""
+    print(f"{len(done)} images in {out}{note}")
     if a.score:
         from data_prep import score_shapes
-        sc = score_shapes(list(T.to_uint8(images)), prompts)
+        sc = score_shapes(kept, [prompts[i] for i in done])
         print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
 
 

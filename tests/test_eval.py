@@ -81,6 +81,17 @@ def test_mmd_matches_double_loop(sigma, unbiased):
     assert abs(ref) > 1e-3  # a real difference, not noise around 0
 
 
+def test_cmmd_defaults_are_sigma_10_scale_1000_unbiased():
+    """run_eval calls mmd with its defaults: they must be CMMD's (RBF sigma = 10, x 1000, unbiased)."""
+    g = torch.Generator().manual_seed(2)
+    x, y = (F.normalize(torch.randn(6, 4, generator=g) + shift, dim=-1) * 8 for shift in (0.0, 0.7))  # |x| ~ sigma
+    ref = mmd_loops(x, y, 10.0, 1000.0, True)
+    assert S.mmd(x, y) == pytest.approx(ref, rel=1e-9)
+    others = [mmd_loops(x, y, sigma, scale, unb) for sigma, scale, unb in ((5.0, 1e3, True), (20.0, 1e3, True),
+                                                                           (10.0, 1.0, True), (10.0, 1e3, False))]
+    assert all(abs(o - ref) > 1e-3 * abs(ref) for o in others)  # each default changes the value
+
+
 def test_mmd_of_a_set_with_itself():
     x = F.normalize(torch.randn(9, 6, generator=torch.Generator().manual_seed(1)).double(), dim=-1)  # unit, like CLIP
     assert S.mmd(x, x, unbiased=False) == 0.0  # the V-statistic of a set against itself

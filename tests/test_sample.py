@@ -1,5 +1,6 @@
 """sample.py: checkpoint loading, deterministic sampling, bad input, and export checked against diffusers."""
 import dataclasses
+import math
 import subprocess
 import sys
 import warnings
@@ -37,6 +38,28 @@ def run(tmp_path_factory):
     return d, hp, model
 
 
+@pytest.fixture(scope="module")
+def bad(run, tmp_path_factory):
+    """Checkpoints whose weights do not fit their config: BAD/depth (config depth 3, weights depth 2), BAD/hidden
+    (config 64 wide, weights 32 wide), BAD/nostages (a config without stages), BAD/raw (no raw weights)."""
+    d, hp, model = run
+    root = tmp_path_factory.mktemp("bad")
+    config = dataclasses.asdict(hp)
+    weights = dict(depth=T.PRXDiT(dataclasses.replace(hp, depth=2, tread_end=1)).state_dict(),
+                   hidden=T.PRXDiT(dataclasses.replace(hp, hidden=32)).state_dict(), nostages=model.state_dict(),
+                   raw=model.state_dict())
+    for name, sd in weights.items():
+        (root / name).mkdir()
+        cfg = {k: v for k, v in config.items() if not (name == "nostages" and k == "stages")}
+        torch.save(dict(ema=sd, config=cfg), root / name / "ema.pt")
+    return root
+
+
+def cli(args, cwd):  # sample.py as users run it
+    return subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
 def test_load_model_roundtrip(run):
     d, hp, model = run
     hp2, m2, run_dir = S.load_model(d)
@@ -62,42 +85,93 @@ def test_same_seed_same_image_whatever_the_batch(run):
     assert not torch.allclose(a, c)
 
 
-def test_cli_writes_indexed_pngs(run, tmp_path):
-    d, hp, _ = run
-    pf = tmp_path / "p.txt"
-    pf.write_text("a small red circle in the top left\n\na large red circle in the top left\n")
-    S.main(["--ckpt", str(d), "--prompts", str(pf), "--out", str(tmp_path / "o"), "--steps", "2", "--size", "16"])
+def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, capsys):
+    d, hp, model = run
+    lines = ["a small red circle in the top left", "", "a large red circle in the top left", "  ",
+             "a small red circle in the center", "a large blue square in the bottom right", ""]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--steps", "2",
+            "--size", "16", "--seed", "3", "--batch", "2", "--score"])  # batches: lines 0 and 2, then 4 and 5
+    printed = capsys.readouterr().out
+    assert "4 images in" in printed and "3 blank lines skipped" in printed
+    from data_prep import score_shapes
     from PIL import Image
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000.png", "00001.png", "grid.png"]
-    png = np.asarray(Image.open(tmp_path / "o" / "00001.png"))
-    # line 1 (the blank line does not count) is the second prompt, sampled from the noise of seed 0 + 1
+    kept = [i for i, line in enumerate(lines) if line.strip()]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"{i:05d}.png" for i in kept] + ["grid.png"]
+    sc = score_shapes([Image.open(tmp_path / "o" / f"{i:05d}.png") for i in kept], [lines[i] for i in kept])
+    assert "shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image") in printed
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
-    ref = T.generate(S.load_model(d)[1], text, ["a large red circle in the top left"], (16, 16), 2, hp.cfg,
-                     hp.t_shift, hp.t_min_div, seed=1, amp=hp.amp)
-    assert np.array_equal(png, T.to_uint8(ref)[0])
+    refs = []
+    for i in kept:  # line i alone, from the noise of seed 3 + i
+        refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
+                               amp=hp.amp))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), T.to_uint8(refs[-1])[0]), i
+    T.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
+                                                                                                     "grid.png")))
 
 
-def test_snap_size_to_aspect_buckets():
-    for h, w in ((18, 70), (64, 64), (100, 20), (3, 3), (40, 79)):
-        sh, sw = S.snap_size(h, w, 8)
-        assert sh % 8 == 0 and sw % 8 == 0 and sh >= 8 and sw >= 8 and 0.5 <= sw / sh <= 2
-    assert S.snap_size(16, 32, 8) == (16, 32) and S.snap_size(18, 70, 8) == (16, 32)  # buckets stay; 72 cut to 32
-    assert S.snap_size(44, 60, 8) == (48, 64)  # sides rounded to the nearest multiple
+def test_cli_defaults_are_the_checkpoints_steps_cfg_and_interval(run, tmp_path):
+    d, hp, model = run
+    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5)  # the fixture's run: 20 steps, CFG 3, [0, 1]
+    ck = tmp_path / "r" / "ckpt" / "step1"
+    ck.mkdir(parents=True)
+    (tmp_path / "r" / "demo_encoders").symlink_to(d / "demo_encoders")
+    torch.save(dict(ema=model.state_dict(), config=dataclasses.asdict(hp3)), ck / "ema.pt")
+    prompt = "a small red circle in the top left"
+    S.main(["--ckpt", str(tmp_path / "r"), "--prompt", prompt, "--out", str(tmp_path / "o"), "--size", "16"])
+    from PIL import Image
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    ref = T.generate(model, text, [prompt], (16, 16), 3, 2.0, hp.t_shift, hp.t_min_div, amp=hp.amp,
+                     cfg_interval=(0.5, 1.0))  # t = 1, 2/3 guided, 1/3 not
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), T.to_uint8(ref)[0])
+
+
+def test_cli_writes_each_batch_before_sampling_the_next(run, tmp_path, monkeypatch):
+    d, _, _ = run
+    out, seen, generate = tmp_path / "o", [], T.generate
+
+    def spy(*args, **kw):  # the PNGs on disk when each batch starts
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return generate(*args, **kw)
+    monkeypatch.setattr(T, "generate", spy)
+    (tmp_path / "p.txt").write_text("a small red circle\n" * 5)
+    S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--steps", "1", "--size",
+            "16", "--batch", "2"])
+    assert seen == [[f"{i:05d}.png" for i in range(n)] for n in (0, 2, 4)]
+
+
+@pytest.mark.parametrize("res,patch,aspect_max", [(64, 8, 2.0), (32, 8, 2.0), (1024, 32, 2.0), (64, 8, 1.0),
+                                                   (96, 16, 3.0)])
+def test_snap_size_is_the_trained_bucket_nearest_in_aspect_ratio(res, patch, aspect_max):
+    buckets = T.aspect_buckets(res, patch, aspect_max)  # what the data loader trains on at this resolution
+    dist = lambda b, w, h: abs(math.log(b[0] / b[1]) - math.log(w / h))
+    for h, w in np.random.default_rng(0).integers(1, 4 * res, size=(300, 2)).tolist() + [[res, res], [7, 1000]]:
+        sh, sw = S.snap_size(h, w, res, patch, aspect_max)
+        assert (sw, sh) in buckets
+        assert dist((sw, sh), w, h) <= min(dist(b, w, h) for b in buckets) + 1e-12  # brute force: none nearer
+        # the trained token count, sides multiples of the patch, within the aspect range
+        assert sh % patch == 0 and sw % patch == 0 and abs(sw * sh / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert 1 / aspect_max <= sw / sh <= aspect_max
+    assert S.snap_size(res, res, res, patch, aspect_max) == (res, res)
 
 
 def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     d, hp, _ = run
-    S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--out", str(tmp_path / "o"),
-            "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance", "0.5"])
-    assert "size 70x18 snapped to 32x16" in capsys.readouterr().out
-    from PIL import Image
-    png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
-    assert png.shape == (16, 32, 3)
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
-    ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (16, 32), 3, hp.cfg,
-                     hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
-                     tread_frac=hp.tread_frac)
-    assert np.array_equal(png, T.to_uint8(ref)[0])
+    from PIL import Image
+    for extra, res in (([], hp.stages[-1].res), (["--size", "32"], 32)):  # buckets of the last stage, or of --size
+        S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--out", str(tmp_path / "o"),
+                "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance",
+                "0.5", *extra])
+        h, w = S.snap_size(18, 70, res, hp.patch, hp.aspect_max)
+        assert f"size 70x18 snapped to {w}x{h}" in capsys.readouterr().out
+        png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
+        assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (h, w), 3, hp.cfg,
+                         hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
+                         tread_frac=hp.tread_frac)
+        assert np.array_equal(png, T.to_uint8(ref)[0])
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -106,21 +180,39 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--cfg-interval", "0.8,0.2"], "0 <= LO <= HI <= 1"),
     (["--prompt", "a", "--out", "o", "--tread-guidance", "1", "--cfg", "2"], "replaces CFG"),
     (["--prompt", "a", "--out", "o", "--size", "18"], "not divisible"),
+    # with --width/--height, --size is the resolution of the buckets they snap to: it must fit the patch too
+    (["--prompt", "a", "--out", "o", "--size", "33", "--width", "64", "--height", "64"], "--size 33 is not divisible"),
     (["--prompts", "EMPTY", "--out", "o"], "is empty"),
     (["--prompt", "a red thing", "--out", "o", "--score"], "a red thing"),
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
     (["--eval", "--score"], "drop --score"),
+    (["--eval", "--prompt", "a"], "drop --score, --width, --height, --prompt and --prompts"),
+    (["--prompt", "a", "--out", "o", "--cfg", "nan"], "--cfg must be a finite number, got nan"),  # black PNGs
+    (["--prompt", "a", "--out", "o", "--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    (["--prompt", "a", "--out", "o", "--tread-guidance", "nan"], "--tread-guidance must be a finite number"),
+    (["--prompts", "nofile.txt", "--out", "o"], "--prompts nofile.txt cannot be read (No such file or directory)"
+                                                "; give a text file with one prompt per line"),
+    (["--prompts", "EMPTY", "--prompt", "a", "--out", "o"], "--prompts FILE or --prompt TEXT, not both"),
+    (["--prompt", "a small red circle in the top left", "--out", "o", "--score", "--width", "64"],
+     "--score judges square images"),
+    (["--ckpt", "BAD/depth", "--prompt", "a", "--out", "o"], "does not match the architecture in its config: "),
+    (["--ckpt", "BAD/hidden", "--prompt", "a", "--out", "o"], "0 missing, 0 unexpected"),
+    (["--ckpt", "BAD/nostages", "--prompt", "a", "--out", "o"], "config does not fit this trainer (no 'stages')"),
+    (["--ckpt", "BAD/raw", "--no-ema", "--prompt", "a", "--out", "o"], "has no raw weights"),
+    (["--export-diffusers", "EMPTY"], "EMPTY is a file; give a folder"),  # diffusers only logs a warning there
+    (["--export-diffusers", "EMPTY/x"], "EMPTY/x cannot be written (Not a directory); choose another folder"),
 ])
-def test_cli_bad_input_is_one_line(run, tmp_path, args, needle):
+def test_cli_bad_input_is_one_line(run, bad, tmp_path, args, needle):
     d, _, _ = run
+    args = [str(bad) + a[3:] if a.startswith("BAD") else a for a in args]
     (tmp_path / "EMPTY").write_text("\n\n")
     if "--ckpt" not in args:
         args = ["--ckpt", str(d)] + args
     args = [str(tmp_path) + "/" + a if a.startswith("EMPTY") else a for a in args]
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py")] + args, capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    r = cli(args, tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert (tmp_path / "EMPTY").read_text() == "\n\n"  # nothing written over
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):
@@ -136,7 +228,16 @@ def test_foreign_checkpoint_is_refused(tmp_path):
     bad = dict(ema=T.PRXDiT(hp).state_dict(), config=dataclasses.asdict(hp))
     bad["config"]["depth"] = 3
     torch.save(bad, tmp_path / "c" / "ema.pt")
-    with pytest.raises(ValueError, match="does not match"):
+    block2 = [k for k in T.PRXDiT(dataclasses.replace(hp, depth=3)).state_dict() if k.startswith("blocks.2.")]
+    with pytest.raises(ValueError, match=rf"does not match the architecture in its config: {len(block2)} missing, "
+                                         rf"0 unexpected, 0 size-mismatched tensors \({block2[0]} missing\)"):
+        S.load_model(tmp_path / "c")
+    wide = dict(bad, ema=T.PRXDiT(dataclasses.replace(hp, hidden=32)).state_dict())
+    wide["config"]["depth"] = 2
+    torch.save(wide, tmp_path / "c" / "ema.pt")
+    sized = [k for k, v in T.PRXDiT(hp).state_dict().items() if v.shape != wide["ema"][k].shape]
+    with pytest.raises(ValueError, match=rf": 0 missing, 0 unexpected, {len(sized)} size-mismatched tensors "
+                                         rf"\({sized[0]} is"):
         S.load_model(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         S.find_checkpoint(tmp_path)
@@ -164,6 +265,20 @@ def test_export_to_diffusers_gives_equal_outputs(tmp_path):
     assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
+def test_cli_export_loads_in_diffusers_with_equal_outputs(run, tmp_path):
+    from diffusers import PRXTransformer2DModel
+    d, hp, model = run
+    r = cli(["--ckpt", str(d), "--export-diffusers", "exp"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "exported to exp", r.stderr
+    ref = PRXTransformer2DModel.from_pretrained(tmp_path / "exp").eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, txt = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():  # the EMA weights of the fixture, not a fresh model
+        a, b = model.eval()(x, t, txt, mask)[0], ref(x, t, txt, attention_mask=mask).sample
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
 def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):
     hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
     model = T.PRXDiT(hp)
@@ -171,3 +286,11 @@ def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="PRXTransformer2DModel does not match .*extra"):
         S.export_diffusers(model, hp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_that_writes_nothing_is_refused(tmp_path, monkeypatch):
+    from diffusers import PRXTransformer2DModel
+    monkeypatch.setattr(PRXTransformer2DModel, "save_pretrained", lambda self, d: None)  # as diffusers on a file
+    hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
+    with pytest.raises(ValueError, match="wrote no config.json"):
+        S.export_diffusers(T.PRXDiT(hp), hp, tmp_path / "out")

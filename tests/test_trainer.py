@@ -234,6 +234,40 @@ def test_euler_sampler_with_perfect_denoiser_returns_guided_target():
         assert torch.allclose(out, u + 3.5 * (c - u), atol=1e-5)
 
 
+def test_heun_sampler_matches_a_written_out_heun_loop_on_a_denoiser_that_depends_on_x_and_t():
+    """x0(x_t, t) linear in x_t and t, different for the conditional and unconditional captions: Heun (the trapezoid
+    of the velocities at both ends, the last step plain Euler) written out step by step, guidance included."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(2, 3, 8, 8, generator=g) - 0.5
+    x1 = 0.3 * torch.randn(2, 3, 8, 8, generator=g)  # small: the final clamp to [-1, 1] cuts nothing
+    steps, cfg, shift, t_min_div = 6, 2.5, 3.0, 0.05
+
+    def x0_of(x, t, cond):  # cond: 1 for the caption, 0 for the empty caption; x: one or both halves
+        return (0.5 + 0.3 * cond) * x + t * (0.2 - 0.4 * cond) * c.repeat(len(x) // len(c), 1, 1, 1)
+
+    def denoiser(x, t, txt, mask):  # the sampler's batch: conditional half, then unconditional half
+        return x0_of(x, t.view(-1, 1, 1, 1), txt[:, :1, :1].view(-1, 1, 1, 1)), None
+
+    def reference(heun):
+        ts = [shift * s / (1 + (shift - 1) * s) for s in (1 - i / steps for i in range(steps + 1))]
+        vel = lambda x, t: (x - (x0_of(x, t, 0) + cfg * (x0_of(x, t, 1) - x0_of(x, t, 0)))) / max(t, t_min_div)
+        x = x1.double()
+        for i in range(steps):
+            h = ts[i + 1] - ts[i]
+            d = vel(x, ts[i])
+            if heun and i < steps - 1:
+                d = (d + vel(x + h * d, ts[i + 1])) / 2
+            x = x + h * d
+        return x.clamp(-1, 1)
+
+    txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    out = {s: T.sample_images(denoiser, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps, cfg, shift,
+                              t_min_div, sampler=s, x=x1.clone()) for s in ("euler", "heun")}
+    for s in out:
+        assert torch.allclose(out[s].double(), reference(s == "heun"), atol=1e-5), s
+    assert (out["heun"] - out["euler"]).abs().max() > 1e-2  # this denoiser tells the two apart
+
+
 # ---------------------------------------------------------------- REPA, perceptual
 
 
@@ -448,3 +482,49 @@ def test_sdpa_constant_sets_the_gpu_kernel_order():
     for bad in ("cudnn,fast", ""):
         with pytest.raises(ValueError, match="sdpa="):
             T.parse_args([f"sdpa={bad}"], False)
+
+
+# ---------------------------------------------------------------- the demo's benchmark
+
+
+def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path):
+    """score_demo's figures per prompt set are score_shapes' on the sampled images: fully right and the accuracy of
+    colour, position, shape and size, in the log and in metrics.jsonl. The stand-in sampler renders each prompt
+    with one attribute changed on some objects, so that the five figures differ."""
+    import types
+
+    import numpy as np
+    from data_prep import parse_shapes_caption, render_shapes, score_shapes, shapes_prompts
+    sets = {k: v[:12] for k, v in shapes_prompts().items()}
+    for name, prompts in sets.items():
+        (tmp_path / f"prompts_{name}.txt").write_text("\n".join(prompts) + "\n")
+    swap = [lambda o: o, lambda o: (o[0], "red" if o[1] != "red" else "blue", *o[2:]),
+            lambda o: (*o[:3], "center" if o[3] != "center" else "top left"),
+            lambda o: (o[0], o[1], "square" if o[2] != "square" else "circle", o[3]),
+            lambda o: ("large" if o[0] == "small" else "small", *o[1:])]
+    change = [0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 0]  # prompt k gets swap[change[k]]: each attribute a different count
+
+    def sample(prompts, res, seed, batch):  # prompt k: every object with change[k] (0: as asked)
+        imgs = [np.asarray(render_shapes([swap[change[k]](o) for o in parse_shapes_caption(p)], res))
+                for k, p in enumerate(prompts)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
+
+    class Log(list):  # stands in for the trainer's Logger: log lines in the list, metrics.jsonl rows in .rows
+        rows = []
+
+        def __call__(self, msg):
+            self.append(msg)
+
+        def metrics(self, d):
+            self.rows.append(d)
+    lines, rows = Log(), Log.rows
+    tr = types.SimpleNamespace(hp=T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)]),
+                               sample=sample, save_grid=lambda *a, **k: None, log=lines, step=7, run_dir=tmp_path)
+    T.Trainer.score_demo(tr)
+    assert len(rows) == 1 and rows[0]["step"] == 7 and list(rows[0]["shapes"]) == list(sets)
+    for name, prompts in sets.items():
+        ref = score_shapes(list(T.to_uint8(sample(prompts, 48, 0, 0))), prompts)
+        assert rows[0]["shapes"][name] == {k: ref[k] for k in ("full", "color", "position", "shape", "size")}
+        assert f"shapes score {name}: " + " ".join(f"{k}:{ref[k]:.3f}" for k in ("full", "color", "position",
+                                                                                "shape", "size")) in lines
+        assert len(set(ref[k] for k in ("full", "color", "position", "shape", "size"))) == 5  # a mix-up shows
