@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -975,22 +976,38 @@ def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (d
     return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
 
 
+def text_emb_meta(captions, text_encoder):
+    """What a sidecar encodes, kept in its Arrow schema metadata: the text encoder, and a digest of its shard's
+    captions (pyarrow strings): row count, total bytes (from the offsets alone), sha1 of 64 captions spread over the
+    shard. Cheap at every start, where hashing every caption of terabytes of shards is not; a re-conversion that
+    draws other captions (another --seed) changes it."""
+    import pyarrow.compute as pc
+    n = len(captions)
+    probe = "\n".join(c or "" for c in captions.take(np.linspace(0, n - 1, min(n, 64)).astype(int)).to_pylist())
+    digest = f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
+    return {"text_encoder": str(text_encoder), "captions": digest}
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
     path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step.
-    set_stage(res) assigns each row its aspect bucket (by the width/height columns; square without them)."""
+    set_stage(res) assigns each row its aspect bucket (by the width/height columns; square without them). Each
+    sidecar must record its shard's captions and, when text_encoder is given, that encoder (text_emb_meta)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, text_encoder=""):
         import datasets
+        import pyarrow as pa
         import pyarrow.parquet as pq
         root = Path(folder)
         skip = {"heldout", "text_emb"}  # evaluation split and embedding sidecars are not training shards
         files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
+        rows = []
         for f in files:  # footers only: a truncated or foreign file is named before any training
             try:
-                names = pq.read_schema(f).names
+                footer = pq.read_metadata(f)
+                names, rows = footer.schema.to_arrow_schema().names, rows + [footer.num_rows]
             except Exception as e:
                 raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
                                  "re-create it with data_prep.py or delete it") from None
@@ -1009,13 +1026,23 @@ class ShardDataset(torch.utils.data.Dataset):
         self.has_emb, self.emb = not missing, None
         if self.has_emb:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
             try:
-                self.emb = emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
+                parts = [datasets.Dataset.from_file(str(e)) for e in embs]
+                records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in embs]
             except Exception as e:
                 raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({str(e).splitlines()[0][:100]}); "
                                  "delete it and run data_prep.py encode-text again") from None
-            if len(emb) != len(ds):
-                raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
-                                 "rewrite text_emb/ so that it mirrors the shards row for row")
+            redo, caps = f"delete {root}/text_emb/ and run data_prep.py encode-text --shards {root} again", \
+                ds.data.column("caption")
+            for f, e, part, rec, a, n in zip(files, embs, parts, records, np.cumsum([0] + rows), rows):
+                have = {k.decode(): v.decode() for k, v in rec.items()}
+                if "captions" not in have:
+                    raise ValueError(f"{e} does not record which captions it encodes (an older encode-text); {redo}")
+                if len(part) != n or have["captions"] != text_emb_meta(caps.slice(a, n), "")["captions"]:
+                    raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+                if text_encoder and have.get("text_encoder") != text_encoder:
+                    raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
+                                     f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
+            self.emb = datasets.concatenate_datasets(parts)
         self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
 
     @staticmethod
@@ -1379,7 +1406,7 @@ class Trainer:
             except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
                 fail(f"{hp.data}: {e}")
         try:
-            self.dataset = ShardDataset(hp.data)
+            self.dataset = ShardDataset(hp.data, hp.text_encoder)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         text = "encoded every step (no text_emb/)"

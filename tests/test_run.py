@@ -85,15 +85,16 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
 def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path, capsys):
     import shutil
 
-    import datasets
+    import pyarrow.parquet as pq
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     hp = T.parse_args(["preset=cpu", f"data={data}"], False)
     enc_dir = build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
     text = T.TextEncoder(enc_dir, hp.text_len, torch.device("cpu"), torch.float32)
     for shard in sorted((data / "train").glob("*.parquet")):
-        captions = datasets.Dataset.from_parquet(str(shard))["caption"]
-        dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow", [T.pack_text_emb(*text(captions))])
+        column = pq.read_table(shard, columns=["caption"]).column("caption")
+        dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow",
+                          [T.pack_text_emb(*text(column.to_pylist()))], T.text_emb_meta(column, enc_dir))
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
@@ -114,8 +115,9 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     first.rename(first.with_suffix(".gone"))
     with pytest.raises(ValueError, match=r"1 of 2 text embedding files are missing"):
         T.ShardDataset(data)
-    dp.write_text_emb(first, [[(b"", 0)]])
-    with pytest.raises(ValueError, match="mirrors the shards row for row"):
+    shard = data / "train" / f"{first.stem}.parquet"
+    dp.write_text_emb(first, [[(b"", 0)]], T.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir))
+    with pytest.raises(ValueError, match=f"{first} does not mirror {shard} row for row"):
         T.ShardDataset(data)
     first.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="an embedding file is unreadable"):
