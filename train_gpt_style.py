@@ -50,6 +50,7 @@ class Stage:
     micro_batch: int  # per-device batch; grad accumulation = batch / (world * micro_batch)
     steps: int  # optimizer steps in this stage
     repa: bool  # REPA alignment on in this stage
+    data: str = ""  # this stage's shards (e.g. a conversion at its res: 3x less decoding); "": the run's data
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Hyperparameters:
     resume: str = "auto"  # "auto": continue from run_dir's newest checkpoint when there is one; "off"
     seed: int = 0
     # data and text
-    data: str = "data/shapes"  # folder of parquet shards written by data_prep.py
+    data: str = "data/shapes"  # folder of parquet shards written by data_prep.py; <data>/heldout: the eval reference
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
     text_len: int = 256  # tokens per caption (padded, masked)
     num_workers: int = 8  # image decoding processes per rank
@@ -279,8 +280,9 @@ def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block;
 def check_paths(hp):
     """Data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any model."""
     demo_data = hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]  # rendered on first use
-    if not (hp.bench or demo_data or Path(hp.data).is_dir()):
-        raise ValueError(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+    for name, d in [("data", hp.data)] + [(f"stage{i}.data", st.data) for i, st in enumerate(hp.stages, 1) if st.data]:
+        if not (hp.bench or demo_data and d == hp.data or Path(d).is_dir()):
+            raise ValueError(f"{name} folder {d} does not exist; create it with data_prep.py or set {name}=PATH")
     for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
         p = getattr(hp, name)
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
@@ -1405,19 +1407,23 @@ class Trainer:
                 self.on_master(make_shapes, hp.data)
             except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
                 fail(f"{hp.data}: {e}")
-        try:
-            self.dataset = ShardDataset(hp.data, hp.text_encoder)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        text = "encoded every step (no text_emb/)"
-        if self.dataset.has_emb:  # bf16 bytes of n tokens: the width follows
-            row = self.dataset.emb[0]
-            dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
-            if dim != hp.text_dim:
-                fail(f"{hp.data}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "
-                     "the run's text encoder (data_prep.py encode-text) or set text_dim")
-            text = "precomputed (text_emb/)"
-        self.log(f"data: {len(self.dataset)} images from {hp.data}; text embeddings {text}")
+        self.folders, self.datasets, self.bad_rows = [os.path.normpath(st.data or hp.data) for st in hp.stages], {}, {}
+        for d in dict.fromkeys(self.folders):  # one ShardDataset per folder, each checked before any model is built
+            try:
+                ds = self.datasets[d] = ShardDataset(d, hp.text_encoder)
+            except (FileNotFoundError, ValueError) as e:
+                fail(str(e))
+            ds.skipped = self.bad_rows  # the bad rows of every folder counted together, logged after each stage
+            text = "encoded every step (no text_emb/)"
+            if ds.has_emb:  # bf16 bytes of n tokens: the width follows
+                row = ds.emb[0]
+                dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
+                if dim != hp.text_dim:
+                    fail(f"{d}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "
+                         "the run's text encoder (data_prep.py encode-text) or set text_dim")
+                text = "precomputed (text_emb/)"
+            stages = ",".join(str(k) for k, f in enumerate(self.folders, 1) if f == d)
+            self.log(f"data: {len(ds)} images from {d} for stage {stages}; text embeddings {text}")
 
     def fixed_prompts(self):
         if self.hp.preset == "cpu":
@@ -1664,7 +1670,8 @@ class Trainer:
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
             if self.step >= s_first + stage.steps or stop:
                 continue  # a stage finished before the resume, or a stop
-            self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
+            ds = self.datasets[self.folders[self.stage_idx]]  # stageK.data, or the run's data
+            self.loader = make_loader(ds, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
             step_flops = dit_train_flops(hp, stage.res, self.repa_dim(stage)) * stage.batch  # DiT, all devices
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
@@ -1726,9 +1733,9 @@ class Trainer:
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
                     self.tick = time.monotonic()  # and time_limit's step time leaves them out too
-            bad = [self.dataset.skipped] * self.world  # counted per rank: summed over all
+            bad = [self.bad_rows] * self.world  # counted per rank (all folders together): summed over all
             if self.distributed:
-                dist.all_gather_object(bad, self.dataset.skipped)
+                dist.all_gather_object(bad, self.bad_rows)
             bad = {c: sum(b.get(c, 0) for b in bad) for c in sorted(set().union(*bad))}
             self.log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
         for sig, h in handlers.items():
