@@ -697,12 +697,13 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
 # ----------------------------------------------------------------------------------------------
 # Text embeddings, precomputed (`encode-text`): one process per GPU, disjoint shard files
 
-def write_text_emb(path, batches):
+def write_text_emb(path, batches, meta):
     """Batches of packed embeddings [(bf16 bytes, n_tokens)] -> one Arrow IPC stream file, the format that
-    datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically.
-    -> (its size in bytes, tokens written)."""
+    datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically;
+    meta (the trainer's text_emb_meta: encoder and caption digest of the shard) goes into its schema metadata, which
+    the trainer checks. -> (its size in bytes, tokens written)."""
     import pyarrow as pa
-    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())])
+    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())], metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two writers of one file never share a temporary
     tokens = 0
@@ -716,13 +717,15 @@ def write_text_emb(path, batches):
 
 def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
     """Run the trainer's TextEncoder over every caption of DIR's shards (train and held-out) and write
-    DIR/text_emb/<same path>.arrow (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically.
+    DIR/text_emb/<same path>.arrow (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically,
+    recording the encoder and the shard's caption digest (text_emb_meta).
     Rank r of `world` (torchrun's RANK / WORLD_SIZE by default) takes files r, r + world, ...; files already
     done are skipped. Returns this rank's {files, captions, tokens, bytes}."""
     import pyarrow.parquet as pq
     import torch
 
-    from train_gpt_style import Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers, text_emb_path
+    from train_gpt_style import (Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers, text_emb_meta,
+                                 text_emb_path)
     hp = Hyperparameters()
     text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -747,10 +750,11 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
                          "with a hub id or a local folder") from None
     t0 = time.time()
     for i, f in enumerate(todo):
-        captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+        column = pq.read_table(f, columns=["caption"]).column("caption")
+        captions = column.to_pylist()
         packed = (pack_text_emb(*(t.cpu() for t in enc([c or "" for c in captions[j:j + batch]])))
                   for j in range(0, len(captions), batch))
-        size, tokens = write_text_emb(text_emb_path(root, f), packed)
+        size, tokens = write_text_emb(text_emb_path(root, f), packed, text_emb_meta(column, text_encoder))
         stats["bytes"] += size
         stats["tokens"] += tokens
         stats["captions"] += len(captions)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -49,6 +50,7 @@ class Stage:
     micro_batch: int  # per-device batch; grad accumulation = batch / (world * micro_batch)
     steps: int  # optimizer steps in this stage
     repa: bool  # REPA alignment on in this stage
+    data: str = ""  # this stage's shards (e.g. a conversion at its res: 3x less decoding); "": the run's data
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Hyperparameters:
     resume: str = "auto"  # "auto": continue from run_dir's newest checkpoint when there is one; "off"
     seed: int = 0
     # data and text
-    data: str = "data/shapes"  # folder of parquet shards written by data_prep.py
+    data: str = "data/shapes"  # folder of parquet shards written by data_prep.py; <data>/heldout: the eval reference
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
     text_len: int = 256  # tokens per caption (padded, masked)
     num_workers: int = 8  # image decoding processes per rank
@@ -278,8 +280,9 @@ def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block;
 def check_paths(hp):
     """Data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any model."""
     demo_data = hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]  # rendered on first use
-    if not (hp.bench or demo_data or Path(hp.data).is_dir()):
-        raise ValueError(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+    for name, d in [("data", hp.data)] + [(f"stage{i}.data", st.data) for i, st in enumerate(hp.stages, 1) if st.data]:
+        if not (hp.bench or demo_data and d == hp.data or Path(d).is_dir()):
+            raise ValueError(f"{name} folder {d} does not exist; create it with data_prep.py or set {name}=PATH")
     for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
         p = getattr(hp, name)
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
@@ -975,22 +978,38 @@ def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (d
     return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
 
 
+def text_emb_meta(captions, text_encoder):
+    """What a sidecar encodes, kept in its Arrow schema metadata: the text encoder, and a digest of its shard's
+    captions (pyarrow strings): row count, total bytes (from the offsets alone), sha1 of 64 captions spread over the
+    shard. Cheap at every start, where hashing every caption of terabytes of shards is not; a re-conversion that
+    draws other captions (another --seed) changes it."""
+    import pyarrow.compute as pc
+    n = len(captions)
+    probe = "\n".join(c or "" for c in captions.take(np.linspace(0, n - 1, min(n, 64)).astype(int)).to_pylist())
+    digest = f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
+    return {"text_encoder": str(text_encoder), "captions": digest}
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
     path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step.
-    set_stage(res) assigns each row its aspect bucket (by the width/height columns; square without them)."""
+    set_stage(res) assigns each row its aspect bucket (by the width/height columns; square without them). Each
+    sidecar must record its shard's captions and, when text_encoder is given, that encoder (text_emb_meta)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, text_encoder=""):
         import datasets
+        import pyarrow as pa
         import pyarrow.parquet as pq
         root = Path(folder)
         skip = {"heldout", "text_emb"}  # evaluation split and embedding sidecars are not training shards
         files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
+        rows = []
         for f in files:  # footers only: a truncated or foreign file is named before any training
             try:
-                names = pq.read_schema(f).names
+                footer = pq.read_metadata(f)
+                names, rows = footer.schema.to_arrow_schema().names, rows + [footer.num_rows]
             except Exception as e:
                 raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
                                  "re-create it with data_prep.py or delete it") from None
@@ -1009,13 +1028,23 @@ class ShardDataset(torch.utils.data.Dataset):
         self.has_emb, self.emb = not missing, None
         if self.has_emb:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
             try:
-                self.emb = emb = datasets.concatenate_datasets([datasets.Dataset.from_file(str(e)) for e in embs])
+                parts = [datasets.Dataset.from_file(str(e)) for e in embs]
+                records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in embs]
             except Exception as e:
                 raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({str(e).splitlines()[0][:100]}); "
                                  "delete it and run data_prep.py encode-text again") from None
-            if len(emb) != len(ds):
-                raise ValueError(f"{root}/text_emb holds {len(emb)} rows but the shards {len(ds)}; "
-                                 "rewrite text_emb/ so that it mirrors the shards row for row")
+            redo, caps = f"delete {root}/text_emb/ and run data_prep.py encode-text --shards {root} again", \
+                ds.data.column("caption")
+            for f, e, part, rec, a, n in zip(files, embs, parts, records, np.cumsum([0] + rows), rows):
+                have = {k.decode(): v.decode() for k, v in rec.items()}
+                if "captions" not in have:
+                    raise ValueError(f"{e} does not record which captions it encodes (an older encode-text); {redo}")
+                if len(part) != n or have["captions"] != text_emb_meta(caps.slice(a, n), "")["captions"]:
+                    raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+                if text_encoder and have.get("text_encoder") != text_encoder:
+                    raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
+                                     f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
+            self.emb = datasets.concatenate_datasets(parts)
         self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
 
     @staticmethod
@@ -1378,19 +1407,23 @@ class Trainer:
                 self.on_master(make_shapes, hp.data)
             except ValueError as e:  # e.g. a data/shapes folder rendered with other settings
                 fail(f"{hp.data}: {e}")
-        try:
-            self.dataset = ShardDataset(hp.data)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        text = "encoded every step (no text_emb/)"
-        if self.dataset.has_emb:  # bf16 bytes of n tokens: the width follows
-            row = self.dataset.emb[0]
-            dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
-            if dim != hp.text_dim:
-                fail(f"{hp.data}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "
-                     "the run's text encoder (data_prep.py encode-text) or set text_dim")
-            text = "precomputed (text_emb/)"
-        self.log(f"data: {len(self.dataset)} images from {hp.data}; text embeddings {text}")
+        self.folders, self.datasets, self.bad_rows = [os.path.normpath(st.data or hp.data) for st in hp.stages], {}, {}
+        for d in dict.fromkeys(self.folders):  # one ShardDataset per folder, each checked before any model is built
+            try:
+                ds = self.datasets[d] = ShardDataset(d, hp.text_encoder)
+            except (FileNotFoundError, ValueError) as e:
+                fail(str(e))
+            ds.skipped = self.bad_rows  # the bad rows of every folder counted together, logged after each stage
+            text = "encoded every step (no text_emb/)"
+            if ds.has_emb:  # bf16 bytes of n tokens: the width follows
+                row = ds.emb[0]
+                dim = len(row["text_emb"]) // (2 * max(1, row["n_tokens"]))
+                if dim != hp.text_dim:
+                    fail(f"{d}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with "
+                         "the run's text encoder (data_prep.py encode-text) or set text_dim")
+                text = "precomputed (text_emb/)"
+            stages = ",".join(str(k) for k, f in enumerate(self.folders, 1) if f == d)
+            self.log(f"data: {len(ds)} images from {d} for stage {stages}; text embeddings {text}")
 
     def fixed_prompts(self):
         if self.hp.preset == "cpu":
@@ -1637,7 +1670,8 @@ class Trainer:
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
             if self.step >= s_first + stage.steps or stop:
                 continue  # a stage finished before the resume, or a stop
-            self.loader = make_loader(self.dataset, stage.res, stage, self.data_pos, hp, self.rank, self.world)
+            ds = self.datasets[self.folders[self.stage_idx]]  # stageK.data, or the run's data
+            self.loader = make_loader(ds, stage.res, stage, self.data_pos, hp, self.rank, self.world)
             accum = stage.batch // (self.world * stage.micro_batch)
             step_flops = dit_train_flops(hp, stage.res, self.repa_dim(stage)) * stage.batch  # DiT, all devices
             self.log(f"stage {self.stage_idx + 1}/{len(hp.stages)}: {stage.res} px, batch {stage.batch} "
@@ -1699,9 +1733,9 @@ class Trainer:
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
                     self.tick = time.monotonic()  # and time_limit's step time leaves them out too
-            bad = [self.dataset.skipped] * self.world  # counted per rank: summed over all
+            bad = [self.bad_rows] * self.world  # counted per rank (all folders together): summed over all
             if self.distributed:
-                dist.all_gather_object(bad, self.dataset.skipped)
+                dist.all_gather_object(bad, self.bad_rows)
             bad = {c: sum(b.get(c, 0) for b in bad) for c in sorted(set().union(*bad))}
             self.log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
         for sig, h in handlers.items():

@@ -518,6 +518,53 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     log = (run / "log.txt").read_text()
     assert "text embeddings precomputed (text_emb/)" in log and "step:3/3" in log
 
+
+def test_text_emb_digest_sees_other_captions_of_the_same_row_count():
+    import pyarrow as pa
+    caps = [f"caption {i}" for i in range(200)]
+    probed = set(np.linspace(0, 199, 64).astype(int))
+    digest = lambda c: T.text_emb_meta(pa.chunked_array([c]), "enc")["captions"]  # noqa: E731
+    assert digest(caps) == digest(list(caps)) and digest(caps).startswith(f"200:{sum(map(len, caps))}:")
+    assert 1 not in probed and 3 in probed
+    assert digest(caps[:1] + ["caption 1!"] + caps[2:]) != digest(caps)  # not probed: the byte total sees it
+    assert digest(caps[:3] + ["caption 9"] + caps[4:]) != digest(caps)  # same length, probed: the hash sees it
+
+
+def test_stale_text_emb_sidecars_are_one_line_before_training(tmp_path, capsys):
+    """Sidecars written for a shard that was converted again with another seed (same row count, other captions),
+    by an older encode-text (no record), or by another text encoder: refused by name, before any model."""
+    import pyarrow as pa
+    data = dp.make_shapes(tmp_path / "data", n=64, size=32, shard_rows=32)
+    other = dp.make_shapes(tmp_path / "seed1", n=64, size=32, shard_rows=32, seed=1)  # the same rows, re-drawn
+    hp = T.Hyperparameters(text_len=16, text_dim=32)
+    enc_dir = dp.build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
+    dp.encode_text(data, enc_dir, 16)
+    assert T.ShardDataset(data, str(enc_dir)).has_emb
+    shard, sidecar = data / "train" / "shard-00001.parquet", data / "text_emb" / "train" / "shard-00001.arrow"
+    kept = tmp_path / "kept.parquet"
+    shutil.copy(shard, kept)
+    shutil.copy(other / "train" / shard.name, shard)
+    redo = f"delete {data}/text_emb/ and run data_prep.py encode-text --shards {data} again"
+    with pytest.raises(ValueError) as e:
+        T.ShardDataset(data, str(enc_dir))
+    assert str(e.value) == f"{sidecar} does not mirror {shard} row for row (other captions: re-converted?); {redo}"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the trainer: one line, exit code 2
+        T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run", "text_dim=32", "text_len=16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: {sidecar} does not mirror {shard} row for row (other captions: "
+                                         f"re-converted?); {redo}"]
+    shutil.copy(kept, shard)
+    with pytest.raises(ValueError) as e:
+        T.ShardDataset(data, "google/another-encoder")
+    assert str(e.value) == (f"{data}/text_emb/train/shard-00000.arrow holds embeddings of text encoder {enc_dir}, "
+                            f"not of text_encoder=google/another-encoder; set text_encoder to that one, or {redo}")
+    table = pa.ipc.open_stream(pa.memory_map(str(sidecar))).read_all()
+    dp.write_text_emb(sidecar, [list(zip(table["text_emb"].to_pylist(), table["n_tokens"].to_pylist()))], None)
+    with pytest.raises(ValueError) as e:
+        T.ShardDataset(data, str(enc_dir))
+    assert str(e.value) == f"{sidecar} does not record which captions it encodes (an older encode-text); {redo}"
+
 # ---------------------------------------------------------------------------------------------
 # decode benchmark
 

@@ -233,6 +233,8 @@ def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes,
                       f"set {name}=PATH or ID"
     assert one_line_error(capsys, run, tmp_path / "nope", tmp_path / "r").startswith(
         f"error: data folder {tmp_path}/nope does not exist")
+    assert one_line_error(capsys, run, shapes, tmp_path / "r", f"stage1.data={tmp_path}/nope") == \
+        f"error: stage1.data folder {tmp_path}/nope does not exist; create it with data_prep.py or set stage1.data=PATH"
     assert not (tmp_path / "r").exists()
     # a hub id that cannot be downloaded here (offline), and a folder that holds no model
     (tmp_path / "empty").mkdir()
@@ -240,6 +242,13 @@ def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes,
         msg = one_line_error(capsys, run, shapes, tmp_path / "r", f"text_encoder={value}")
         assert msg.startswith(f"error: cannot load text_encoder {value} (") and msg.endswith(
             "set text_encoder to a folder holding the model or a hub id that can be downloaded")
+
+
+def test_a_stage_folder_without_shards_is_one_line_before_any_model(shapes, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(T, "PRXDiT", None)  # never reached
+    msg = one_line_error(capsys, run, shapes, tmp_path / "r", f"stage1.data={tmp_path}/empty")
+    assert msg == f"error: no parquet shards under {tmp_path}/empty; run data_prep.py first"
 
 
 def test_run_dir_that_is_not_writable_is_one_line(shapes, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """End to end: a tiny CPU run through the real code path (data, encoders, both stages, logs, samples, checkpoints)."""
+import ast
 import dataclasses
 import json
 import os
@@ -82,18 +83,70 @@ def test_missing_data_folder_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: data folder")
 
 
+@pytest.mark.slow
+def test_each_stage_reads_its_own_data_and_resumes_across_the_switch(shapes, tmp_path, monkeypatch):
+    """stage2.data: stage 2 draws its batches from its own folder (the shapes with every caption marked, some rows
+    damaged), stage 1 from the run's data; the bad-row counts logged after each stage are those of the rows each
+    stage drew; a run stopped in stage 2 and resumed logs every step's losses of the uninterrupted run."""
+    import shutil
+    import signal
+
+    import pyarrow.parquet as pq
+    marked, other = tmp_path / "marked", tmp_path / "other"
+    shutil.copytree(shapes, marked)
+    for shard in (marked / "train").glob("*.parquet"):
+        rows = pq.read_table(shard).to_pylist()
+        dp.write_rows(shard, {c: [r[c] + " at 64 px" if c == "caption" else r[c] for r in rows] for c in rows[0]})
+    damage = conftest.corrupt_copy(marked, other, seed=1)
+    args = ["preset=cpu", f"data={shapes}", f"stage2.data={other}", "stage1.steps=2", "stage1.batch=8",
+            "stage1.micro_batch=4", "stage2.steps=3", "stage2.batch=8", "stage2.micro_batch=8", "log_every=1",
+            "ckpt_every=0", "sample_steps=1", "warmup=2"]
+    drawn, make_loader = [], T.make_loader
+
+    def spy(ds, res, stage, start, hp, rank, world):  # records the captions of each batch the run takes
+        for batch in make_loader(ds, res, stage, start, hp, rank, world):
+            drawn.append((stage.res, batch[1]))
+            yield batch
+    monkeypatch.setattr(T, "make_loader", spy)
+    T.main(args + [f"run_dir={tmp_path}/ref"])
+    ref_drawn, log = drawn[:], (tmp_path / "ref" / "log.txt").read_text()
+    assert [r for r, _ in ref_drawn] == [32] * 4 + [64] * 3
+    assert not any(c.endswith(" at 64 px") for _, b in ref_drawn[:4] for c in b)
+    assert all(c.endswith(" at 64 px") for _, b in ref_drawn[4:] for c in b)
+    assert f"data: 512 images from {shapes} for stage 1; " in log
+    assert f"data: 512 images from {other} for stage 2; " in log
+    it = iter(T.StreamSampler(512, 0, 16, 8, 8, 0, 1))  # the rows stage 2 drew: its stream starts at image 16
+    want = conftest.expected_skips([i for _ in range(3) for i in next(it)], damage, 512)
+    bad = [line.split("(all ranks): ", 1)[1] for line in log.splitlines() if line.startswith("data: bad rows")]
+    assert want and bad[0] == "none" and ast.literal_eval(bad[1]) == want and len(bad) == 2
+    # stopped by a signal during step 3 (stage 2's first), then resumed with the same command
+    train_step = T.Trainer.train_step
+    monkeypatch.setattr(T.Trainer, "train_step", lambda tr, st: (tr.step == 2 and os.kill(os.getpid(), signal.SIGINT))
+                        or train_step(tr, st))
+    drawn.clear()
+    assert T.main(args + [f"run_dir={tmp_path}/run"]).step == 3
+    monkeypatch.setattr(T.Trainer, "train_step", train_step)
+    T.main(args + [f"run_dir={tmp_path}/run"])
+    assert drawn == ref_drawn  # the same batches in both runs, none repeated or skipped
+    a, b = dict(_logged(tmp_path / "ref")), _logged(tmp_path / "run")
+    assert [s for s, _ in b] == [1, 2, 3, 4, 5] and "resumed from" in (tmp_path / "run" / "log.txt").read_text()
+    for step, values in b:
+        assert values == pytest.approx(a[step], rel=1e-6), step
+
+
 def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path, capsys):
     import shutil
 
-    import datasets
+    import pyarrow.parquet as pq
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     hp = T.parse_args(["preset=cpu", f"data={data}"], False)
     enc_dir = build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
     text = T.TextEncoder(enc_dir, hp.text_len, torch.device("cpu"), torch.float32)
     for shard in sorted((data / "train").glob("*.parquet")):
-        captions = datasets.Dataset.from_parquet(str(shard))["caption"]
-        dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow", [T.pack_text_emb(*text(captions))])
+        column = pq.read_table(shard, columns=["caption"]).column("caption")
+        dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow",
+                          [T.pack_text_emb(*text(column.to_pylist()))], T.text_emb_meta(column, enc_dir))
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
@@ -114,8 +167,9 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     first.rename(first.with_suffix(".gone"))
     with pytest.raises(ValueError, match=r"1 of 2 text embedding files are missing"):
         T.ShardDataset(data)
-    dp.write_text_emb(first, [[(b"", 0)]])
-    with pytest.raises(ValueError, match="mirrors the shards row for row"):
+    shard = data / "train" / f"{first.stem}.parquet"
+    dp.write_text_emb(first, [[(b"", 0)]], T.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir))
+    with pytest.raises(ValueError, match=f"{first} does not mirror {shard} row for row"):
         T.ShardDataset(data)
     first.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="an embedding file is unreadable"):
