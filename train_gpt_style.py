@@ -94,7 +94,7 @@ class Hyperparameters:
     lr: float = 1e-4  # Muon and Adam alike
     warmup: int = 1000  # linear warm-up steps, then constant
     cooldown: float = 0.0  # fraction of each stage's final steps with linear decay to 0
-    grad_clip: float = 0.2  # global gradient-norm clip (PRX)
+    grad_clip: float = 0.2  # global gradient-norm clip (PRX); inf: none
     ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation
     ema_every: int = 10  # steps between EMA updates
     # systems
@@ -221,20 +221,26 @@ def hp_from_config(config):
 
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
+    for f in dataclasses.fields(hp):  # nan would pass every range below; inf is allowed where it means something
+        v = getattr(hp, f.name)
+        if f.type is float and not (math.isfinite(v) or f.name == "grad_clip" and v == math.inf):
+            raise ValueError(f"{f.name} must be a finite number, got {v}")
     for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
                  "ema_every", "sample_steps", "eval_n", "max_bad_steps",
                  "pdino_res", "bench_devices"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
     for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size",
-                 "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight"):
+                 "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight", "cfg"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
-    for name in ("lr", "grad_clip", "t_shift", "t_min_div", "mlp_ratio", "peak_tflops"):
+    for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops", "mem_budget"):
         if not getattr(hp, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
         raise ValueError(f"resume must be auto or off, got {hp.resume!r}")
+    if not 0 < hp.t_min_div < 1:
+        raise ValueError(f"t_min_div must be in (0, 1), got {hp.t_min_div}")
     if not all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)):
         raise ValueError("cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
     if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
@@ -251,6 +257,9 @@ def check_config(hp):
         raise ValueError(f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
     if not 0 < hp.perc_frac <= 1:
         raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
+    if hp.pdino_weight > 0 and hp.pdino_res < 14:
+        raise ValueError(f"pdino_res={hp.pdino_res} is less than one 14-px DINOv2 patch; set pdino_res=224 or "
+                         "pdino_weight=0")
     for i, st in enumerate(hp.stages, 1):
         if st.res < hp.patch or st.res % hp.patch:
             raise ValueError(f"stage{i}.res={st.res} is not divisible by patch={hp.patch}")
@@ -259,6 +268,10 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+        side = min(min(b) for b in aspect_buckets(st.res, hp.patch, hp.aspect_max))  # VGG pools half of it 4 times
+        if hp.lpips_weight > 0 and side < 32:
+            raise ValueError(f"lpips_weight>0 needs images of 32 px a side or more, but stage{i}'s aspect buckets have "
+                             f"{side}-px sides; raise stage{i}.res, set aspect_max=1 or lpips_weight=0")
     block_set(hp.recompute, hp.depth)
     if not hp.sdpa or not set(hp.sdpa.split(",")) <= {"flash", "efficient", "cudnn", "math"}:
         raise ValueError(f"sdpa={hp.sdpa!r}: list kernels from flash, efficient, cudnn, math, e.g. cudnn,efficient")

@@ -219,11 +219,43 @@ def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch)
 
 def test_new_constants_are_checked():
     for bad in (["keep_ckpts=-1"], ["time_limit=-5"], ["max_bad_steps=0"], ["lr=0"], ["grad_clip=-1"],
-                ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"]):
+                ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"],
+                # not a number, or infinite, where a range check alone lets it through
+                ["aspect_max=nan"], ["aspect_max=inf"], ["repa_weight=nan"], ["lpips_weight=nan"], ["pdino_weight=inf"],
+                ["time_limit=nan"], ["time_limit=inf"], ["lr=inf"], ["lr=nan"], ["grad_clip=nan"], ["grad_clip=-inf"],
+                ["cfg=nan"], ["t_shift=inf"], ["ema_decay=nan"], ["mem_budget=inf"], ["peak_tflops=nan"],
+                # out of range
+                ["cfg=-3"], ["t_min_div=5"], ["t_min_div=1"], ["mem_budget=-1"], ["mem_budget=0"],
+                # impossible combinations: P-DINO below one 14-px patch, LPIPS below 32 px a side (stage 1 of the CPU
+                # preset is 32 px, and its aspect buckets at aspect_max=2 include 40 x 24)
+                ["pdino_res=13", "pdino_weight=0.01"], ["lpips_weight=0.1", "aspect_max=1", "stage1.res=24"],
+                ["lpips_weight=0.1", "aspect_max=2"]):
         with pytest.raises(ValueError, match=bad[0].split("=")[0]):  # the message names the constant
-            T.parse_args(bad, cuda_available=False)
-    hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1"], cuda_available=False)
-    assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps) == (0, 3600.0, 1)
+            T.parse_args(["preset=cpu"] + bad, cuda_available=False)
+    hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1", "grad_clip=inf", "cfg=0",
+                       "pdino_res=14", "lpips_weight=0.1", "aspect_max=1"], cuda_available=False)
+    assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps, hp.grad_clip) == (0, 3600.0, 1, float("inf"))
+
+
+def test_lpips_minimum_side_is_what_lpips_can_run():
+    """check_config refuses lpips_weight > 0 exactly when some aspect bucket of a stage is too small for LPIPS."""
+    lp = T.load_lpips("cpu", pretrained=False)
+    for res in (16, 24, 32, 40, 64):
+        for aspect_max in (1.0, 2.0):
+            args = ["preset=cpu", "stages=1", f"stage1.res={res}", f"aspect_max={aspect_max}", "lpips_weight=0.1"]
+            try:
+                T.parse_args(args, cuda_available=False)
+                accepted = True
+            except ValueError as e:
+                assert str(e).startswith("lpips_weight>0 needs"), e
+                accepted = False
+            runs = True
+            for w, h in T.aspect_buckets(res, 8, aspect_max):
+                try:
+                    T.lpips_loss(lp, torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
+                except RuntimeError:
+                    runs = False
+            assert accepted == runs, (res, aspect_max)
 
 
 def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes, tmp_path, capsys):
