@@ -969,7 +969,9 @@ def nearest_bucket(buckets, w, h):  # image sizes -> index of the (sorted) bucke
 
 def decode_image(raw, draft=None):
     """Image bytes -> (RGB image, cause): cause None, or 'mode_<M>' when converted (alpha composited on white), or
-    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it."""
+    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it.
+    16/32-bit grey becomes 8 bits by its range: I;16 0..65535; I 0..255 or 0..65535 (beyond: 0..max) by its maximum;
+    F 0..1 when its maximum is at most 1, else 0..255."""
     from PIL import Image
     try:
         img = Image.open(io.BytesIO(raw or b""))
@@ -977,6 +979,11 @@ def decode_image(raw, draft=None):
         if draft:
             img.draft("RGB", draft)
         img.load()
+        if mode in ("I", "F") or mode.startswith("I;16"):  # PIL's own conversion clips them at 255: all white
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            m = a.max(initial=0)
+            top = (1 if m <= 1 else 255) if mode == "F" else 255 if mode == "I" and m <= 255 else max(m, 65535)
+            img = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
         if img.mode != "RGB":
             img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError on bad bytes

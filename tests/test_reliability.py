@@ -274,6 +274,26 @@ def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes,
             "set text_encoder to a folder holding the model or a hub id that can be downloaded")
 
 
+def test_16_and_32_bit_grey_images_become_their_8_bit_version():
+    """A grey ramp stored as 16-bit PNG (I;16), 32-bit integer TIFF (I) at 8-, 16- and 20-bit range, and float TIFF
+    (F) in [0, 1] and [0, 255] decodes to the 8-bit ramp (to 1 level), counted as a converted mode."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))  # (4, 256)
+    for arr, fmt, mode in ((ramp.astype(np.uint16) * 257, "PNG", "I;16"), (ramp.astype(np.uint16) << 8, "PNG", "I;16"),
+                           (ramp.astype(np.int32), "TIFF", "I"), (ramp.astype(np.int32) * 257, "TIFF", "I"),
+                           (ramp.astype(np.int32) << 12, "TIFF", "I"), (ramp / np.float32(255), "TIFF", "F"),
+                           (ramp.astype(np.float32), "TIFF", "F")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        img, cause = T.decode_image(buf.getvalue())
+        assert cause == f"mode_{mode}" and img.mode == "RGB", (mode, cause)
+        got = np.asarray(img).astype(int)
+        assert (got == got[..., :1]).all() and np.abs(got[..., 0] - ramp).max() <= 1, (mode, arr.max())
+
+
 def test_run_dir_that_is_not_writable_is_one_line(shapes, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     msg = one_line_error(capsys, run, shapes, tmp_path / "file" / "run")
