@@ -293,6 +293,10 @@ def check_paths(hp):
     demo_data = hp.preset == "cpu" and hp.data == PRESETS["cpu"]["data"]  # rendered on first use
     if not (hp.bench or demo_data or Path(hp.data).is_dir()):
         raise ValueError(f"data folder {hp.data} does not exist; create it with data_prep.py or set data=PATH")
+    missing = [n for n in ("seen", "heldout", "two") if not Path(hp.data, f"prompts_{n}.txt").is_file()]
+    if hp.preset == "cpu" and not (hp.bench or demo_data) and missing:  # its vocabulary, sample grid and score
+        raise ValueError(f"{hp.data}/prompts_{missing[0]}.txt is missing: preset=cpu (the shapes demo) needs the "
+                         "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record")
     for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
         p = getattr(hp, name)
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))

@@ -274,6 +274,15 @@ def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes,
             "set text_encoder to a folder holding the model or a hub id that can be downloaded")
 
 
+def test_cpu_preset_needs_the_shapes_prompt_files(shapes, tmp_path, capsys):
+    import shutil
+    shutil.copytree(shapes / "train", tmp_path / "data" / "train")  # shards as data_prep.py writes from the hub
+    msg = one_line_error(capsys, run, tmp_path / "data", tmp_path / "r", "stage1.steps=1")
+    assert msg == f"error: {tmp_path}/data/prompts_seen.txt is missing: preset=cpu (the shapes demo) needs the " \
+                  "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record"
+    assert not (tmp_path / "r").exists()
+
+
 def test_16_and_32_bit_grey_images_become_their_8_bit_version():
     """A grey ramp stored as 16-bit PNG (I;16), 32-bit integer TIFF (I) at 8-, 16- and 20-bit range, and float TIFF
     (F) in [0, 1] and [0, 255] decodes to the 8-bit ramp (to 1 level), counted as a converted mode."""
