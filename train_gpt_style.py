@@ -1261,6 +1261,14 @@ FIXED_PROMPTS = [  # the record configuration's sample grid (fixed prompts and s
 ]
 
 
+def fsync(path):  # a file or a folder (its entries) to disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomic(write, path, keep):
     """write(tmp) writes a checkpoint (file or folder) that becomes `path` once complete; then only the newest `keep`
     step* checkpoints are kept (0: all). On any error (a full disk) the temporary is removed, the older checkpoints
@@ -1270,6 +1278,7 @@ def save_atomic(write, path, keep):
     try:
         write(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)  # the rename, on disk
     except Exception as e:
         rm(tmp)
         return f"{type(e).__name__}: {e}"
@@ -1281,6 +1290,7 @@ def save_atomic(write, path, keep):
 class Trainer:
     def __init__(self, hp):
         self.hp, self.t0 = hp, time.monotonic()  # time_limit counts from here
+        self.bad_rows = {}  # bad-row counts saved before a resume
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -1294,16 +1304,40 @@ class Trainer:
             if st.batch % (self.world * st.micro_batch):
                 fail(f"stage{i}.batch={st.batch} is not divisible by world size {self.world} x "
                      f"micro_batch {st.micro_batch}; change stage{i}.micro_batch")
-        run_dir = [hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        run_dir = [hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}", os.urandom(8).hex()]
         if self.distributed:  # rank 0's clock names the run for everyone
             dist.broadcast_object_list(run_dir, 0)
-        self.run_dir = Path(run_dir[0])
-        try:
+        self.run_dir, probe = Path(run_dir[0]), Path(run_dir[0], "ckpt", f".probe{run_dir[1]}.tmp")
+        try:  # rank 0 writes log.txt and a probe file in ckpt/, which every rank must then see
             self.log = Logger(self.run_dir, self.master)
             if self.master:
-                (self.run_dir / "ckpt").mkdir(exist_ok=True)
+                probe.parent.mkdir(exist_ok=True)
+                probe.touch()
         except OSError as e:
             fail(f"run_dir {self.run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder")
+        if self.distributed:  # else rank 0 would rename checkpoint folders that lack the other nodes' shards
+            dist.barrier(group=self.cpu_group)
+            seen = torch.tensor(float(probe.exists()))
+            dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            if not seen:
+                fail(f"run_dir {self.run_dir} must be on a file system every node sees (a rank does not see rank 0's "
+                     "files); put it on shared storage")
+        if self.master:
+            probe.unlink()
+        self.cks = [] if hp.bench else sorted((self.run_dir / "ckpt").glob("step*"))  # to resume from, oldest first
+        if self.cks and hp.resume == "off":
+            fail(f"run_dir {self.run_dir} holds checkpoints of an earlier run; use a new run_dir, or resume=auto to "
+                 "continue it")
+        for path in reversed(self.cks):  # the newest readable one's architecture, before any model is built
+            try:
+                saved = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)["config"]
+            except Exception:
+                continue  # resume_from names the unreadable ones
+            diff = [f"{k}={saved.get(k)}, not {getattr(hp, k)}" for k in ("hidden", "depth", "heads", "mlp_ratio",
+                    "patch", "bottleneck", "text_dim") if saved.get(k) != getattr(hp, k)]
+            if diff:
+                fail(f"{path} is a checkpoint of another architecture ({'; '.join(diff)}); use a new run_dir")
+            break
         torch.manual_seed(hp.seed + self.rank)
         random.seed(hp.seed + self.rank)
         np.random.seed(hp.seed + self.rank)
@@ -1566,14 +1600,13 @@ class Trainer:
         data position, per-rank RNG, clock, config). Written to ckpt/.<tag>.tmp and renamed: complete or absent."""
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        rngs = [rng] * self.world
+        rngs, bad_rows = [rng] * self.world, self.bad_row_counts()
         if self.distributed:
             dist.all_gather_object(rngs, rng)
         ck = self.run_dir / "ckpt"
         tmp, err = ck / f".{tag}.tmp", None
-        if self.master:
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that crashed
-            tmp.mkdir(parents=True)
+        if self.master:  # the remains of a save that crashed; DCP makes the folder (an error there is caught below)
+            shutil.rmtree(tmp, ignore_errors=True)
         if self.distributed:
             dist.barrier()
         model, optim = get_state_dict(self.trainable, self.optimizers)
@@ -1588,7 +1621,9 @@ class Trainer:
             torch.save(dict(ema=self.ema.state_dict(), config=dataclasses.asdict(self.hp)), tmp / "ema.pt")
             torch.save(dict(step=self.step, stage=self.stage_idx, data_pos=self.data_pos, train_time=self.train_time,
                             timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp),
-                            skipped=int(self.skipped)), tmp / "extra.pt")
+                            skipped=int(self.skipped), bad_rows=bad_rows), tmp / "extra.pt")
+            for f in (tmp / "ema.pt", tmp / "extra.pt", tmp):  # on disk before the rename makes them the checkpoint
+                fsync(f)  # (DCP syncs its own files)
             shutil.rmtree(ck / tag, ignore_errors=True)  # only where this very step was saved before
         if self.master:
             err = err or save_atomic(finish, ck / tag, self.hp.keep_ckpts)
@@ -1600,40 +1635,42 @@ class Trainer:
             if final:
                 fail(msg)
 
+    def bad_row_counts(self):  # bad rows met so far by cause, summed over ranks, those before a resume included
+        seen = [self.dataset.skipped] * self.world
+        if self.distributed:
+            dist.all_gather_object(seen, self.dataset.skipped)
+        seen.append(self.bad_rows)
+        return {c: sum(b.get(c, 0) for b in seen) for c in sorted(set().union(*seen))}
+
     def last_checkpoint(self):
         return ([str(p) for p in sorted((self.run_dir / "ckpt").glob("step*"))] or ["none"])[-1]
 
     def resume_from(self, paths):
-        """Continue exactly where the newest readable checkpoint of `paths` (oldest first) left off: weights, EMA,
-        optimizers, step, data position, RNG; the sharded state is resharded to this run's world size. One whose
-        extra.pt is truncated or corrupt is passed over with a warning."""
+        """Continue exactly where the newest loadable checkpoint of `paths` (oldest first) left off: weights, EMA,
+        optimizers, step, data position, RNG, bad-row counts; the sharded state is resharded to this run's world size.
+        One with any damaged file is passed over with a warning (the one before is loaded over what it filled in)."""
+        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the warning is one line
         for path in reversed(paths):
             try:
                 ck = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+                model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
+                state = dict(model=model, optim=optim)
+                dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
+                set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
+                self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
                 break
-            except Exception as e:
-                err = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
-                self.log(f"warning: checkpoint {path} is unreadable ({err}); trying the one before")
+            except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception; it holds each rank's
+                e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+                self.log(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); trying the one before")
         else:
-            fail(f"no readable checkpoint in {path.parent}; move them away, or set resume=off or a new run_dir")
-        arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
-        saved = {k: ck["config"].get(k) for k in arch}
-        if saved != {k: getattr(self.hp, k) for k in arch}:
-            fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
-        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the error below is one line
-        try:
-            model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
-            state = dict(model=model, optim=optim)
-            dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
-            set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
-        except (RuntimeError, ValueError, KeyError, OSError, dcp.CheckpointException) as e:
-            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): its files are damaged, or a constant "
-                 "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or resume=off")
+            fail(f"no checkpoint in {path.parent} can be loaded: their files are damaged, or a constant that changes "
+                 "the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them away")
         logging.disable(logging.NOTSET)
         self.step, self.data_pos = ck["step"], ck["data_pos"]
         self.skipped.fill_(ck.get("skipped", 0))
+        self.bad_rows = ck.get("bad_rows", {})
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
             rng = ck["rng"][self.rank]
@@ -1650,9 +1687,8 @@ class Trainer:
         hp = self.hp
         self.setup()
         self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
-        cks = sorted(p.parent for p in (self.run_dir / "ckpt").glob("step*/extra.pt"))
-        if hp.resume == "auto" and cks:
-            self.resume_from(cks)
+        if self.cks:  # resume=auto (with resume=off, __init__ refused them)
+            self.resume_from(self.cks)
         total = sum(st.steps for st in hp.stages)
         # a checkpoint takes 2 min (~15 GB at the record size) or a tenth of the time_limit until one is measured
         stop, self.stop_signal, self.ckpt_s, self.tick = None, None, min(120.0, hp.time_limit / 10), time.monotonic()
@@ -1723,11 +1759,7 @@ class Trainer:
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
                     self.tick = time.monotonic()  # and time_limit's step time leaves them out too
-            bad = [self.dataset.skipped] * self.world  # counted per rank: summed over all
-            if self.distributed:
-                dist.all_gather_object(bad, self.dataset.skipped)
-            bad = {c: sum(b.get(c, 0) for b in bad) for c in sorted(set().union(*bad))}
-            self.log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
+            self.log(f"data: bad rows replaced or converted so far (all ranks): {self.bad_row_counts() or 'none'}")
         for sig, h in handlers.items():
             signal.signal(sig, h)
         if stop:
