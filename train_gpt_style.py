@@ -1290,7 +1290,9 @@ def save_atomic(write, path, keep):
 class Trainer:
     def __init__(self, hp):
         self.hp, self.t0 = hp, time.monotonic()  # time_limit counts from here
-        self.bad_rows = {}  # bad-row counts saved before a resume
+        self.stop_signal, self.scoring, self.bad_rows = None, False, {}  # bad_rows: counts saved before a resume
+        for sig in () if hp.bench else (signal.SIGTERM, signal.SIGINT):  # main gives the old handlers back
+            signal.signal(sig, self.on_signal)
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -1691,8 +1693,8 @@ class Trainer:
             self.resume_from(self.cks)
         total = sum(st.steps for st in hp.stages)
         # a checkpoint takes 2 min (~15 GB at the record size) or a tenth of the time_limit until one is measured
-        stop, self.stop_signal, self.ckpt_s, self.tick = None, None, min(120.0, hp.time_limit / 10), time.monotonic()
-        handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.ckpt_s, self.tick = min(120.0, hp.time_limit / 10), time.monotonic()
+        stop = self.stop_reason()  # a signal during setup: no step at all
         for self.stage_idx, stage in enumerate(hp.stages):
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
             if self.step >= s_first + stage.steps or stop:
@@ -1760,23 +1762,27 @@ class Trainer:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
                     self.tick = time.monotonic()  # and time_limit's step time leaves them out too
             self.log(f"data: bad rows replaced or converted so far (all ranks): {self.bad_row_counts() or 'none'}")
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
         if stop:
             self.log(f"stopped after step {self.step}/{total} ({stop}); the checkpoint is {self.last_checkpoint()}; "
                      "run the same command to resume")
         else:
             self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
-            if hp.preset == "cpu":
-                self.score_demo()
+            try:  # training is done and saved: a signal from here on ends the scoring at once
+                self.scoring = True
+                if hp.preset == "cpu" and not self.stop_signal:
+                    self.score_demo()
+            except KeyboardInterrupt:
+                self.log(f"scoring stopped ({self.stop_signal}); the checkpoint is {self.last_checkpoint()}")
         if self.distributed:
             dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
             dist.destroy_process_group()
         return self
 
-    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: only a flag; a second one ends the process at once
-        self.stop_signal = signal.Signals(signum).name
+    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: a flag, read after setup and after each step; a second
+        self.stop_signal = signal.Signals(signum).name  # one ends the process at once
         signal.signal(signum, signal.SIG_DFL)
+        if self.scoring:  # after training: stop the scoring now
+            raise KeyboardInterrupt
 
     def stop_reason(self):
         """A signal, or the time_limit would pass within two steps (the host may run one ahead of the device) and a
@@ -1833,7 +1839,12 @@ def main(argv):
         check_paths(hp)
     except ValueError as e:
         fail(str(e))
-    return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # the trainer takes SIGTERM and SIGINT (Trainer.on_signal) and gives them back, however it ends
+        return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

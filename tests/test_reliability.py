@@ -183,6 +183,36 @@ def test_sigint_finishes_the_step_checkpoints_and_returns(shapes, tmp_path, monk
     assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2]
 
 
+def test_signal_during_setup_or_the_final_scoring_stops_cleanly(shapes, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the run loads data and builds models: no step, no traceback, one message. SIGINT during the
+    final scoring (training done and saved): the scoring ends there, one message. The test's own handlers stand in
+    for the default ones (which would end the test process): the run must take the signals from them."""
+    got = []
+    mine = lambda signum, frame: got.append(signum)
+    old = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        setup = T.Trainer.setup
+        monkeypatch.setattr(T.Trainer, "setup", lambda tr: os.kill(os.getpid(), signal.SIGTERM) or setup(tr))
+        capsys.readouterr()
+        tr = run(shapes, tmp_path / "a", "stage1.steps=3")
+        out = capsys.readouterr()
+        assert tr.step == 0 and got == [] and out.err == ""
+        assert out.out.splitlines()[-1] == "stopped after step 0/3 (SIGTERM); the checkpoint is none; run the same " \
+                                           "command to resume"
+        assert not (tmp_path / "a" / "metrics.jsonl").read_text() and not os.listdir(tmp_path / "a" / "ckpt")
+        monkeypatch.setattr(T.Trainer, "setup", setup)
+        score_demo = T.Trainer.score_demo
+        monkeypatch.setattr(T.Trainer, "score_demo", lambda tr: os.kill(os.getpid(), signal.SIGINT) or score_demo(tr))
+        tr = run(shapes, tmp_path / "b", "stage1.steps=1")
+        out = capsys.readouterr()
+        assert tr.step == 1 and got == [] and out.err == "" and "shapes score" not in out.out
+        assert out.out.splitlines()[-1] == f"scoring stopped (SIGINT); the checkpoint is {tmp_path}/b/ckpt/step0000001"
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine  # given back
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def test_time_limit_stops_with_a_checkpoint_before_the_deadline(shapes, tmp_path, monkeypatch):
     """A fake clock: each step takes 10 s, nothing else takes time. With time_limit=50 the checkpoint reserve is
     50 / 10 = 5 s until one is measured; after step k the run goes on while 10 k + 2 * 10 + 5 <= 50, so it stops
