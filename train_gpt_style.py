@@ -1261,14 +1261,6 @@ FIXED_PROMPTS = [  # the record configuration's sample grid (fixed prompts and s
 ]
 
 
-def fsync(path):  # a file or a folder (its entries) to disk
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(write, path, keep):
     """write(tmp) writes a checkpoint (file or folder) that becomes `path` once complete; then only the newest `keep`
     step* checkpoints are kept (0: all). On any error (a full disk) the temporary is removed, the older checkpoints
@@ -1278,7 +1270,6 @@ def save_atomic(write, path, keep):
     try:
         write(tmp)
         os.replace(tmp, path)
-        fsync(path.parent)  # the rename, on disk
     except Exception as e:
         rm(tmp)
         return f"{type(e).__name__}: {e}"
@@ -1625,7 +1616,9 @@ class Trainer:
                             timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp),
                             skipped=int(self.skipped), bad_rows=bad_rows), tmp / "extra.pt")
             for f in (tmp / "ema.pt", tmp / "extra.pt", tmp):  # on disk before the rename makes them the checkpoint
-                fsync(f)  # (DCP syncs its own files)
+                fd = os.open(f, os.O_RDONLY)  # (DCP syncs its own files; a folder's fsync writes its entries)
+                os.fsync(fd)
+                os.close(fd)
             shutil.rmtree(ck / tag, ignore_errors=True)  # only where this very step was saved before
         if self.master:
             err = err or save_atomic(finish, ck / tag, self.hp.keep_ckpts)
