@@ -96,7 +96,7 @@ class Hyperparameters:
     lr: float = 1e-4  # Muon and Adam alike
     warmup: int = 1000  # linear warm-up steps, then constant
     cooldown: float = 0.0  # fraction of each stage's final steps with linear decay to 0
-    grad_clip: float = 0.2  # global gradient-norm clip (PRX)
+    grad_clip: float = 0.2  # global gradient-norm clip (PRX); inf: none
     ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation
     ema_every: int = 10  # steps between EMA updates
     # systems
@@ -223,20 +223,26 @@ def hp_from_config(config):
 
 def check_config(hp):
     """Impossible combinations, caught before any model is built."""
+    for f in dataclasses.fields(hp):  # nan would pass every range below; inf is allowed where it means something
+        v = getattr(hp, f.name)
+        if f.type is float and not (math.isfinite(v) or f.name == "grad_clip" and v == math.inf):
+            raise ValueError(f"{f.name} must be a finite number, got {v}")
     for name in ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
                  "ema_every", "sample_steps", "eval_n", "max_bad_steps",
                  "pdino_res", "bench_devices"):
         if getattr(hp, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(hp, name)}")
     for name in ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every", "shard_size",
-                 "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight"):
+                 "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight", "cfg"):
         if getattr(hp, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(hp, name)}")
-    for name in ("lr", "grad_clip", "t_shift", "t_min_div", "mlp_ratio", "peak_tflops"):
+    for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops", "mem_budget"):
         if not getattr(hp, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(hp, name)}")
     if hp.resume not in ("auto", "off"):
         raise ValueError(f"resume must be auto or off, got {hp.resume!r}")
+    if not 0 < hp.t_min_div < 1:
+        raise ValueError(f"t_min_div must be in (0, 1), got {hp.t_min_div}")
     if not all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)):
         raise ValueError("cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
     if hp.hidden % hp.heads or (hp.hidden // hp.heads) % 4:
@@ -253,6 +259,9 @@ def check_config(hp):
         raise ValueError(f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
     if not 0 < hp.perc_frac <= 1:
         raise ValueError(f"perc_frac must be in (0, 1], got {hp.perc_frac}")
+    if hp.pdino_weight > 0 and hp.pdino_res < 14:
+        raise ValueError(f"pdino_res={hp.pdino_res} is less than one 14-px DINOv2 patch; set pdino_res=224 or "
+                         "pdino_weight=0")
     for i, st in enumerate(hp.stages, 1):
         if st.res < hp.patch or st.res % hp.patch:
             raise ValueError(f"stage{i}.res={st.res} is not divisible by patch={hp.patch}")
@@ -261,6 +270,10 @@ def check_config(hp):
                              f"stage{i}.micro_batch={st.micro_batch}")
         if st.steps < 1:
             raise ValueError(f"stage{i}.steps must be >= 1, got {st.steps}")
+        side = min(min(b) for b in aspect_buckets(st.res, hp.patch, hp.aspect_max))  # VGG pools half of it 4 times
+        if hp.lpips_weight > 0 and side < 32:
+            raise ValueError(f"lpips_weight>0 needs images of 32 px a side or more, but stage{i}'s aspect buckets have "
+                             f"{side}-px sides; raise stage{i}.res, set aspect_max=1 or lpips_weight=0")
     block_set(hp.recompute, hp.depth)
     if not hp.sdpa or not set(hp.sdpa.split(",")) <= {"flash", "efficient", "cudnn", "math"}:
         raise ValueError(f"sdpa={hp.sdpa!r}: list kernels from flash, efficient, cudnn, math, e.g. cudnn,efficient")
@@ -283,6 +296,10 @@ def check_paths(hp):
     for name, d in [("data", hp.data)] + [(f"stage{i}.data", st.data) for i, st in enumerate(hp.stages, 1) if st.data]:
         if not (hp.bench or demo_data and d == hp.data or Path(d).is_dir()):
             raise ValueError(f"{name} folder {d} does not exist; create it with data_prep.py or set {name}=PATH")
+    missing = [n for n in ("seen", "heldout", "two") if not Path(hp.data, f"prompts_{n}.txt").is_file()]
+    if hp.preset == "cpu" and not (hp.bench or demo_data) and missing:  # its vocabulary, sample grid and score
+        raise ValueError(f"{hp.data}/prompts_{missing[0]}.txt is missing: preset=cpu (the shapes demo) needs the "
+                         "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record")
     for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
         p = getattr(hp, name)
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
@@ -959,7 +976,9 @@ def nearest_bucket(buckets, w, h):  # image sizes -> index of the (sorted) bucke
 
 def decode_image(raw, draft=None):
     """Image bytes -> (RGB image, cause): cause None, or 'mode_<M>' when converted (alpha composited on white), or
-    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it."""
+    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it.
+    16/32-bit grey becomes 8 bits by its range: I;16 0..65535; I 0..255 or 0..65535 (beyond: 0..max) by its maximum;
+    F 0..1 when its maximum is at most 1, else 0..255."""
     from PIL import Image
     try:
         img = Image.open(io.BytesIO(raw or b""))
@@ -967,6 +986,11 @@ def decode_image(raw, draft=None):
         if draft:
             img.draft("RGB", draft)
         img.load()
+        if mode in ("I", "F") or mode.startswith("I;16"):  # PIL's own conversion clips them at 255: all white
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            m = a.max(initial=0)
+            top = (1 if m <= 1 else 255) if mode == "F" else 255 if mode == "I" and m <= 255 else max(m, 65535)
+            img = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
         if img.mode != "RGB":
             img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError on bad bytes
@@ -1286,6 +1310,9 @@ def save_atomic(write, path, keep):
 class Trainer:
     def __init__(self, hp):
         self.hp, self.t0 = hp, time.monotonic()  # time_limit counts from here
+        self.stop_signal, self.scoring, self.bad_rows_before = None, False, {}  # bad rows counted before a resume
+        for sig in () if hp.bench else (signal.SIGTERM, signal.SIGINT):  # main gives the old handlers back
+            signal.signal(sig, self.on_signal)
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -1299,16 +1326,40 @@ class Trainer:
             if st.batch % (self.world * st.micro_batch):
                 fail(f"stage{i}.batch={st.batch} is not divisible by world size {self.world} x "
                      f"micro_batch {st.micro_batch}; change stage{i}.micro_batch")
-        run_dir = [hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        run_dir = [hp.run_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}", os.urandom(8).hex()]
         if self.distributed:  # rank 0's clock names the run for everyone
             dist.broadcast_object_list(run_dir, 0)
-        self.run_dir = Path(run_dir[0])
-        try:
+        self.run_dir, probe = Path(run_dir[0]), Path(run_dir[0], "ckpt", f".probe{run_dir[1]}.tmp")
+        try:  # rank 0 writes log.txt and a probe file in ckpt/, which every rank must then see
             self.log = Logger(self.run_dir, self.master)
             if self.master:
-                (self.run_dir / "ckpt").mkdir(exist_ok=True)
+                probe.parent.mkdir(exist_ok=True)
+                probe.touch()
         except OSError as e:
             fail(f"run_dir {self.run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder")
+        if self.distributed:  # else rank 0 would rename checkpoint folders that lack the other nodes' shards
+            dist.barrier(group=self.cpu_group)
+            seen = torch.tensor(float(probe.exists()))
+            dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            if not seen:
+                fail(f"run_dir {self.run_dir} must be on a file system every node sees (a rank does not see rank 0's "
+                     "files); put it on shared storage")
+        if self.master:
+            probe.unlink()
+        self.cks = [] if hp.bench else sorted((self.run_dir / "ckpt").glob("step*"))  # to resume from, oldest first
+        if self.cks and hp.resume == "off":
+            fail(f"run_dir {self.run_dir} holds checkpoints of an earlier run; use a new run_dir, or resume=auto to "
+                 "continue it")
+        for path in reversed(self.cks):  # the newest readable one's architecture, before any model is built
+            try:
+                saved = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)["config"]
+            except Exception:
+                continue  # resume_from names the unreadable ones
+            diff = [f"{k}={saved.get(k)}, not {getattr(hp, k)}" for k in ("hidden", "depth", "heads", "mlp_ratio",
+                    "patch", "bottleneck", "text_dim") if saved.get(k) != getattr(hp, k)]
+            if diff:
+                fail(f"{path} is a checkpoint of another architecture ({'; '.join(diff)}); use a new run_dir")
+            break
         torch.manual_seed(hp.seed + self.rank)
         random.seed(hp.seed + self.rank)
         np.random.seed(hp.seed + self.rank)
@@ -1575,14 +1626,13 @@ class Trainer:
         data position, per-rank RNG, clock, config). Written to ckpt/.<tag>.tmp and renamed: complete or absent."""
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        rngs = [rng] * self.world
+        rngs, bad_rows = [rng] * self.world, self.bad_row_counts()
         if self.distributed:
             dist.all_gather_object(rngs, rng)
         ck = self.run_dir / "ckpt"
         tmp, err = ck / f".{tag}.tmp", None
-        if self.master:
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that crashed
-            tmp.mkdir(parents=True)
+        if self.master:  # the remains of a save that crashed; DCP makes the folder (an error there is caught below)
+            shutil.rmtree(tmp, ignore_errors=True)
         if self.distributed:
             dist.barrier()
         model, optim = get_state_dict(self.trainable, self.optimizers)
@@ -1597,7 +1647,11 @@ class Trainer:
             torch.save(dict(ema=self.ema.state_dict(), config=dataclasses.asdict(self.hp)), tmp / "ema.pt")
             torch.save(dict(step=self.step, stage=self.stage_idx, data_pos=self.data_pos, train_time=self.train_time,
                             timed_steps=self.timed_steps, rng=rngs, config=dataclasses.asdict(self.hp),
-                            skipped=int(self.skipped)), tmp / "extra.pt")
+                            skipped=int(self.skipped), bad_rows=bad_rows), tmp / "extra.pt")
+            for f in (tmp / "ema.pt", tmp / "extra.pt", tmp):  # on disk before the rename makes them the checkpoint
+                fd = os.open(f, os.O_RDONLY)  # (DCP syncs its own files; a folder's fsync writes its entries)
+                os.fsync(fd)
+                os.close(fd)
             shutil.rmtree(ck / tag, ignore_errors=True)  # only where this very step was saved before
         if self.master:
             err = err or save_atomic(finish, ck / tag, self.hp.keep_ckpts)
@@ -1609,40 +1663,42 @@ class Trainer:
             if final:
                 fail(msg)
 
+    def bad_row_counts(self):  # bad rows met so far by cause, summed over ranks, those before a resume included
+        seen = [self.bad_rows] * self.world
+        if self.distributed:
+            dist.all_gather_object(seen, self.bad_rows)
+        seen.append(self.bad_rows_before)
+        return {c: sum(b.get(c, 0) for b in seen) for c in sorted(set().union(*seen))}
+
     def last_checkpoint(self):
         return ([str(p) for p in sorted((self.run_dir / "ckpt").glob("step*"))] or ["none"])[-1]
 
     def resume_from(self, paths):
-        """Continue exactly where the newest readable checkpoint of `paths` (oldest first) left off: weights, EMA,
-        optimizers, step, data position, RNG; the sharded state is resharded to this run's world size. One whose
-        extra.pt is truncated or corrupt is passed over with a warning."""
+        """Continue exactly where the newest loadable checkpoint of `paths` (oldest first) left off: weights, EMA,
+        optimizers, step, data position, RNG, bad-row counts; the sharded state is resharded to this run's world size.
+        One with any damaged file is passed over with a warning (the one before is loaded over what it filled in)."""
+        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the warning is one line
         for path in reversed(paths):
             try:
                 ck = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+                model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
+                state = dict(model=model, optim=optim)
+                dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
+                set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
+                self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
                 break
-            except Exception as e:
-                err = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
-                self.log(f"warning: checkpoint {path} is unreadable ({err}); trying the one before")
+            except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception; it holds each rank's
+                e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+                self.log(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); trying the one before")
         else:
-            fail(f"no readable checkpoint in {path.parent}; move them away, or set resume=off or a new run_dir")
-        arch = ("hidden", "depth", "heads", "mlp_ratio", "patch", "bottleneck", "text_dim")
-        saved = {k: ck["config"].get(k) for k in arch}
-        if saved != {k: getattr(self.hp, k) for k in arch}:
-            fail(f"{path} is a checkpoint of another architecture ({saved}); use a new run_dir or resume=off")
-        logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the error below is one line
-        try:
-            model, optim = get_state_dict(self.trainable, self.optimizers)  # this run's layout, filled in place
-            state = dict(model=model, optim=optim)
-            dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
-            set_state_dict(self.trainable, self.optimizers, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
-        except (RuntimeError, ValueError, KeyError, OSError, dcp.CheckpointException) as e:
-            fail(f"cannot resume from {path} ({str(e).splitlines()[0][:150]}): its files are damaged, or a constant "
-                 "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or resume=off")
+            fail(f"no checkpoint in {path.parent} can be loaded: their files are damaged, or a constant that changes "
+                 "the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them away")
         logging.disable(logging.NOTSET)
         self.step, self.data_pos = ck["step"], ck["data_pos"]
         self.skipped.fill_(ck.get("skipped", 0))
+        self.bad_rows_before = ck.get("bad_rows", {})
         self.train_time, self.timed_steps = ck["train_time"], ck["timed_steps"]
         if len(ck["rng"]) == self.world:  # same world size: each rank continues its own random stream
             rng = ck["rng"][self.rank]
@@ -1659,13 +1715,12 @@ class Trainer:
         hp = self.hp
         self.setup()
         self.train_time, self.timed_steps = 0.0, 0  # the training clock: no sampling, evaluation, checkpoints
-        cks = sorted(p.parent for p in (self.run_dir / "ckpt").glob("step*/extra.pt"))
-        if hp.resume == "auto" and cks:
-            self.resume_from(cks)
+        if self.cks:  # resume=auto (with resume=off, __init__ refused them)
+            self.resume_from(self.cks)
         total = sum(st.steps for st in hp.stages)
         # a checkpoint takes 2 min (~15 GB at the record size) or a tenth of the time_limit until one is measured
-        stop, self.stop_signal, self.ckpt_s, self.tick = None, None, min(120.0, hp.time_limit / 10), time.monotonic()
-        handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.ckpt_s, self.tick = min(120.0, hp.time_limit / 10), time.monotonic()
+        stop = self.stop_reason()  # a signal during setup: no step at all
         for self.stage_idx, stage in enumerate(hp.stages):
             s_first = sum(st.steps for st in hp.stages[:self.stage_idx])
             if self.step >= s_first + stage.steps or stop:
@@ -1733,28 +1788,28 @@ class Trainer:
                 if pending == 0:
                     clock = time.perf_counter()  # restart after logging, sampling, checkpointing
                     self.tick = time.monotonic()  # and time_limit's step time leaves them out too
-            bad = [self.bad_rows] * self.world  # counted per rank (all folders together): summed over all
-            if self.distributed:
-                dist.all_gather_object(bad, self.bad_rows)
-            bad = {c: sum(b.get(c, 0) for b in bad) for c in sorted(set().union(*bad))}
-            self.log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+            self.log(f"data: bad rows replaced or converted so far (all ranks): {self.bad_row_counts() or 'none'}")
         if stop:
             self.log(f"stopped after step {self.step}/{total} ({stop}); the checkpoint is {self.last_checkpoint()}; "
                      "run the same command to resume")
         else:
             self.log(f"done: {self.step} steps, train_time {self.train_time:.1f}s")
-            if hp.preset == "cpu":
-                self.score_demo()
+            try:  # training is done and saved: a signal from here on ends the scoring at once
+                self.scoring = True
+                if hp.preset == "cpu" and not self.stop_signal:
+                    self.score_demo()
+            except KeyboardInterrupt:
+                self.log(f"scoring stopped ({self.stop_signal}); the checkpoint is {self.last_checkpoint()}")
         if self.distributed:
             dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
             dist.destroy_process_group()
         return self
 
-    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: only a flag; a second one ends the process at once
-        self.stop_signal = signal.Signals(signum).name
+    def on_signal(self, signum, frame):  # SIGTERM, SIGINT: a flag, read after setup and after each step; a second
+        self.stop_signal = signal.Signals(signum).name  # one ends the process at once
         signal.signal(signum, signal.SIG_DFL)
+        if self.scoring:  # after training: stop the scoring now
+            raise KeyboardInterrupt
 
     def stop_reason(self):
         """A signal, or the time_limit would pass within two steps (the host may run one ahead of the device) and a
@@ -1812,7 +1867,12 @@ def main(argv):
         check_paths(hp)
     except ValueError as e:
         fail(str(e))
-    return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # the trainer takes SIGTERM and SIGINT (Trainer.on_signal) and gives them back, however it ends
+        return Trainer(hp).bench() if hp.bench else Trainer(hp).run()
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

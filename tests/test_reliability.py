@@ -3,6 +3,7 @@ input. Each test runs the real trainer in-process at toy size and checks what ha
 import errno
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -182,6 +183,36 @@ def test_sigint_finishes_the_step_checkpoints_and_returns(shapes, tmp_path, monk
     assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2]
 
 
+def test_signal_during_setup_or_the_final_scoring_stops_cleanly(shapes, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the run loads data and builds models: no step, no traceback, one message. SIGINT during the
+    final scoring (training done and saved): the scoring ends there, one message. The test's own handlers stand in
+    for the default ones (which would end the test process): the run must take the signals from them."""
+    got = []
+    mine = lambda signum, frame: got.append(signum)
+    old = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        setup = T.Trainer.setup
+        monkeypatch.setattr(T.Trainer, "setup", lambda tr: os.kill(os.getpid(), signal.SIGTERM) or setup(tr))
+        capsys.readouterr()
+        tr = run(shapes, tmp_path / "a", "stage1.steps=3")
+        out = capsys.readouterr()
+        assert tr.step == 0 and got == [] and out.err == ""
+        assert out.out.splitlines()[-1] == "stopped after step 0/3 (SIGTERM); the checkpoint is none; run the same " \
+                                           "command to resume"
+        assert not (tmp_path / "a" / "metrics.jsonl").read_text() and not os.listdir(tmp_path / "a" / "ckpt")
+        monkeypatch.setattr(T.Trainer, "setup", setup)
+        score_demo = T.Trainer.score_demo
+        monkeypatch.setattr(T.Trainer, "score_demo", lambda tr: os.kill(os.getpid(), signal.SIGINT) or score_demo(tr))
+        tr = run(shapes, tmp_path / "b", "stage1.steps=1")
+        out = capsys.readouterr()
+        assert tr.step == 1 and got == [] and out.err == "" and "shapes score" not in out.out
+        assert out.out.splitlines()[-1] == f"scoring stopped (SIGINT); the checkpoint is {tmp_path}/b/ckpt/step0000001"
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine  # given back
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def test_time_limit_stops_with_a_checkpoint_before_the_deadline(shapes, tmp_path, monkeypatch):
     """A fake clock: each step takes 10 s, nothing else takes time. With time_limit=50 the checkpoint reserve is
     50 / 10 = 5 s until one is measured; after step k the run goes on while 10 k + 2 * 10 + 5 <= 50, so it stops
@@ -219,11 +250,43 @@ def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch)
 
 def test_new_constants_are_checked():
     for bad in (["keep_ckpts=-1"], ["time_limit=-5"], ["max_bad_steps=0"], ["lr=0"], ["grad_clip=-1"],
-                ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"]):
+                ["ema_decay=1.5"], ["t_min_div=0"], ["lpips_weight=-0.1"], ["time_limit=soon"],
+                # not a number, or infinite, where a range check alone lets it through
+                ["aspect_max=nan"], ["aspect_max=inf"], ["repa_weight=nan"], ["lpips_weight=nan"], ["pdino_weight=inf"],
+                ["time_limit=nan"], ["time_limit=inf"], ["lr=inf"], ["lr=nan"], ["grad_clip=nan"], ["grad_clip=-inf"],
+                ["cfg=nan"], ["t_shift=inf"], ["ema_decay=nan"], ["mem_budget=inf"], ["peak_tflops=nan"],
+                # out of range
+                ["cfg=-3"], ["t_min_div=5"], ["t_min_div=1"], ["mem_budget=-1"], ["mem_budget=0"],
+                # impossible combinations: P-DINO below one 14-px patch, LPIPS below 32 px a side (stage 1 of the CPU
+                # preset is 32 px, and its aspect buckets at aspect_max=2 include 40 x 24)
+                ["pdino_res=13", "pdino_weight=0.01"], ["lpips_weight=0.1", "aspect_max=1", "stage1.res=24"],
+                ["lpips_weight=0.1", "aspect_max=2"]):
         with pytest.raises(ValueError, match=bad[0].split("=")[0]):  # the message names the constant
-            T.parse_args(bad, cuda_available=False)
-    hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1"], cuda_available=False)
-    assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps) == (0, 3600.0, 1)
+            T.parse_args(["preset=cpu"] + bad, cuda_available=False)
+    hp = T.parse_args(["keep_ckpts=0", "time_limit=3600", "max_bad_steps=1", "grad_clip=inf", "cfg=0",
+                       "pdino_res=14", "lpips_weight=0.1", "aspect_max=1"], cuda_available=False)
+    assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps, hp.grad_clip) == (0, 3600.0, 1, float("inf"))
+
+
+def test_lpips_minimum_side_is_what_lpips_can_run():
+    """check_config refuses lpips_weight > 0 exactly when some aspect bucket of a stage is too small for LPIPS."""
+    lp = T.load_lpips("cpu", pretrained=False)
+    for res in (16, 24, 32, 40, 64):
+        for aspect_max in (1.0, 2.0):
+            args = ["preset=cpu", "stages=1", f"stage1.res={res}", f"aspect_max={aspect_max}", "lpips_weight=0.1"]
+            try:
+                T.parse_args(args, cuda_available=False)
+                accepted = True
+            except ValueError as e:
+                assert str(e).startswith("lpips_weight>0 needs"), e
+                accepted = False
+            runs = True
+            for w, h in T.aspect_buckets(res, 8, aspect_max):
+                try:
+                    T.lpips_loss(lp, torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
+                except RuntimeError:
+                    runs = False
+            assert accepted == runs, (res, aspect_max)
 
 
 def test_missing_encoder_folders_are_one_line_before_anything_is_written(shapes, tmp_path, capsys):
@@ -251,30 +314,168 @@ def test_a_stage_folder_without_shards_is_one_line_before_any_model(shapes, tmp_
     assert msg == f"error: no parquet shards under {tmp_path}/empty; run data_prep.py first"
 
 
-def test_run_dir_that_is_not_writable_is_one_line(shapes, tmp_path, capsys):
+def test_cpu_preset_needs_the_shapes_prompt_files(shapes, tmp_path, capsys):
+    import shutil
+    shutil.copytree(shapes / "train", tmp_path / "data" / "train")  # shards as data_prep.py writes from the hub
+    msg = one_line_error(capsys, run, tmp_path / "data", tmp_path / "r", "stage1.steps=1")
+    assert msg == f"error: {tmp_path}/data/prompts_seen.txt is missing: preset=cpu (the shapes demo) needs the " \
+                  "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record"
+    assert not (tmp_path / "r").exists()
+
+
+def test_16_and_32_bit_grey_images_become_their_8_bit_version():
+    """A grey ramp stored as 16-bit PNG (I;16), 32-bit integer TIFF (I) at 8-, 16- and 20-bit range, and float TIFF
+    (F) in [0, 1] and [0, 255] decodes to the 8-bit ramp (to 1 level), counted as a converted mode."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))  # (4, 256)
+    for arr, fmt, mode in ((ramp.astype(np.uint16) * 257, "PNG", "I;16"), (ramp.astype(np.uint16) << 8, "PNG", "I;16"),
+                           (ramp.astype(np.int32), "TIFF", "I"), (ramp.astype(np.int32) * 257, "TIFF", "I"),
+                           (ramp.astype(np.int32) << 12, "TIFF", "I"), (ramp / np.float32(255), "TIFF", "F"),
+                           (ramp.astype(np.float32), "TIFF", "F")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        img, cause = T.decode_image(buf.getvalue())
+        assert cause == f"mode_{mode}" and img.mode == "RGB", (mode, cause)
+        got = np.asarray(img).astype(int)
+        assert (got == got[..., :1]).all() and np.abs(got[..., 0] - ramp).max() <= 1, (mode, arr.max())
+
+
+def test_run_dir_that_is_not_writable_is_one_line(shapes, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     msg = one_line_error(capsys, run, shapes, tmp_path / "file" / "run")
     assert msg == f"error: run_dir {tmp_path}/file/run is not writable (Not a directory: {tmp_path}/file/run); " \
                   "set run_dir to another folder"
+    # ckpt/ not writable (root ignores permissions: the probe file in ckpt/ is refused instead)
+    touch = T.Path.touch
+
+    def read_only(path, *a, **k):
+        if path.parent.name == "ckpt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return touch(path, *a, **k)
+    monkeypatch.setattr(T.Path, "touch", read_only)
+    msg = one_line_error(capsys, run, shapes, tmp_path / "ro", "stage1.steps=1")
+    assert re.fullmatch(rf"error: run_dir {tmp_path}/ro is not writable \(Permission denied: {tmp_path}/ro/ckpt/"
+                        r"\.probe[0-9a-f]{16}\.tmp\); set run_dir to another folder", msg), msg
+    assert "model:" not in (tmp_path / "ro" / "log.txt").read_text()
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_path, capsys):
+def test_run_dir_that_other_nodes_cannot_see_is_one_line(shapes, tmp_path, capsys, monkeypatch):
+    """Multi-node with run_dir on a node-local disk: a rank that does not see rank 0's probe file stops the run before
+    any checkpoint (rank 0 would rename checkpoint folders lacking the other nodes' shards). A 1-process group where
+    the probe vanishes at the barrier, as it would for a rank on another node."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    barrier = T.dist.barrier
+
+    def other_node(*a, **k):
+        for p in (tmp_path / "ckpt").glob(".probe*"):
+            p.unlink()
+        return barrier(*a, **k)
+    monkeypatch.setattr(T.dist, "barrier", other_node)
+    try:
+        msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=1")
+    finally:
+        T.dist.destroy_process_group()
+    assert msg == f"error: run_dir {tmp_path} must be on a file system every node sees (a rank does not see rank " \
+                  "0's files); put it on shared storage"
+
+
+@pytest.mark.parametrize("damaged", ["extra.pt", "__0_0.distcp", "ema.pt"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_path, capsys, damaged):
+    """Any damaged file of the newest checkpoint (step, RNG and data position; the DCP weights and optimizer
+    states; the EMA): the run resumes from the one before, and redoes the step with the same loss and grad norm."""
     args = ["stage1.steps=2", "ckpt_every=1"]
     run(shapes, tmp_path, *args)
-    first = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r}
+    first = {r["step"]: r for r in metrics(tmp_path) if "loss" in r}
     newest = tmp_path / "ckpt" / "step0000002"
-    (newest / "extra.pt").write_bytes((newest / "extra.pt").read_bytes()[:500])  # truncated, as by a crash of the file system
+    raw = (newest / damaged).read_bytes()  # truncated, as by a crash of the file system, or garbage
+    (newest / damaged).write_bytes(raw[:len(raw) // 2] if damaged != "ema.pt" else os.urandom(len(raw)))
     capsys.readouterr()
     run(shapes, tmp_path, *args)
     out = capsys.readouterr().out
     assert f"warning: checkpoint {newest} is unreadable (" in out and "trying the one before" in out
     assert f"resumed from {tmp_path}/ckpt/step0000001 at step 1" in out
     redone = [r for r in metrics(tmp_path) if "loss" in r][-1]
-    assert redone["step"] == 2 and redone["loss"] == pytest.approx(first[2], rel=1e-6)
+    assert redone["step"] == 2
+    for key in ("loss", "grad_norm"):
+        assert redone[key] == pytest.approx(first[2][key], rel=1e-6)
     assert torch.load(newest / "extra.pt", weights_only=False)["step"] == 2  # written again, complete
+    if damaged != "extra.pt":
+        return
     # nothing readable at all: refuse rather than start over on top of them
     for p in (tmp_path / "ckpt").iterdir():
         (p / "extra.pt").write_bytes(b"garbage")
     msg = one_line_error(capsys, run, shapes, tmp_path, *args)
-    assert msg == f"error: no readable checkpoint in {tmp_path}/ckpt; move them away, or set resume=off or a new " \
-                  "run_dir"
+    assert msg == f"error: no checkpoint in {tmp_path}/ckpt can be loaded: their files are damaged, or a constant " \
+                  "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them " \
+                  "away"
+
+
+def test_resume_off_refuses_an_earlier_runs_checkpoints(shapes, tmp_path, capsys):
+    run(shapes, tmp_path, "stage1.steps=1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "step0000001").iterdir()}
+    msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=1", "resume=off")
+    assert msg == f"error: run_dir {tmp_path} holds checkpoints of an earlier run; use a new run_dir, or resume=auto " \
+                  "to continue it"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "step0000001").iterdir()} == before
+
+
+def test_checkpoint_of_another_architecture_is_refused_before_any_model(shapes, tmp_path, capsys):
+    import dataclasses
+    ck = tmp_path / "ckpt" / "step0000002"
+    ck.mkdir(parents=True)
+    other = T.parse_args(["preset=cpu", "hidden=64", "heads=2"], False)
+    torch.save(dict(config=dataclasses.asdict(other)), ck / "extra.pt")
+    msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=1")
+    assert msg == f"error: {ck} is a checkpoint of another architecture (hidden=64, not 128; heads=2, not 4); " \
+                  "use a new run_dir"
+    assert (tmp_path / "log.txt").read_text() == ""  # no data loaded, no encoder or model built
+
+
+def test_checkpoint_folder_that_cannot_be_made_costs_that_checkpoint_only(shapes, tmp_path, monkeypatch):
+    """The first checkpoint's temporary folder cannot be made (no permission, full disk): one log line, and the run
+    goes on to write the next one. ema.pt, extra.pt and the folder reach the disk before the rename."""
+    mkdir, fsync, synced = T.Path.mkdir, os.fsync, []
+
+    def refused(path, *a, **k):
+        if path.name == ".step0000001.tmp":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return mkdir(path, *a, **k)
+    monkeypatch.setattr(T.Path, "mkdir", refused)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    tr = run(shapes, tmp_path, "stage1.steps=2", "ckpt_every=1")
+    assert tr.step == 2 and os.listdir(tmp_path / "ckpt") == ["step0000002"]
+    assert f"checkpoint {tmp_path}/ckpt/step0000001 not written (PermissionError: [Errno 13] Permission denied: " \
+           f"'{tmp_path}/ckpt/.step0000001.tmp'); the last good one is none; training continues" in \
+           (tmp_path / "log.txt").read_text()
+    tmp = f"{tmp_path}/ckpt/.step0000002.tmp"  # the paths of the synced descriptors: before the rename
+    assert {f"{tmp}/ema.pt", f"{tmp}/extra.pt", tmp} <= set(synced)
+
+
+def test_bad_row_counts_survive_a_resume(shapes, tmp_path, monkeypatch):
+    """The bad-row summary of a run stopped (SIGINT after step 2) and resumed equals the uninterrupted run's: the
+    counts of the first part are saved with the checkpoint."""
+    from conftest import corrupt_copy
+    data = tmp_path / "data"
+    corrupt_copy(shapes, data, seed=0)
+    bad_rows = lambda d: [line for line in (d / "log.txt").read_text().splitlines() if line.startswith("data: bad")]
+    T.main(TINY + [f"data={data}", f"run_dir={tmp_path}/a", "stage1.steps=4"])
+    train_step = T.Trainer.train_step
+
+    def interrupted_step(tr, stage):
+        if tr.step == 1:  # during step 2 (the resumed part starts at step 2)
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(tr, stage)
+    monkeypatch.setattr(T.Trainer, "train_step", interrupted_step)
+    for _ in range(2):
+        T.main(TINY + [f"data={data}", f"run_dir={tmp_path}/b", "stage1.steps=4"])
+    first, final = bad_rows(tmp_path / "b")
+    assert first != "data: bad rows replaced or converted so far (all ranks): none"  # some before the stop
+    assert final == bad_rows(tmp_path / "a")[0] != first  # and some after it
