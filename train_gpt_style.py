@@ -1014,6 +1014,10 @@ def text_emb_meta(captions, text_encoder):
     return {"text_encoder": str(text_encoder), "captions": digest}
 
 
+class NoUsableRow(RuntimeError):  # a whole bucket damaged; a loader worker's comes back as its traceback's text
+    pass
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Image shards, plus precomputed text embeddings when `<data>/text_emb/` mirrors them row for row (<shard
     path>.arrow, columns text_emb, n_tokens as written by pack_text_emb): then nothing is encoded per step.
@@ -1029,16 +1033,27 @@ class ShardDataset(torch.utils.data.Dataset):
         files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
-        rows = []
+        rows, first = [], None
         for f in files:  # footers only: a truncated or foreign file is named before any training
             try:
                 footer = pq.read_metadata(f)
-                names, rows = footer.schema.to_arrow_schema().names, rows + [footer.num_rows]
+                schema, rows = footer.schema.to_arrow_schema(), rows + [footer.num_rows]
             except Exception as e:
                 raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
                                  "re-create it with data_prep.py or delete it") from None
+            names, cols = schema.names, {c.name: str(c.type) for c in schema}
             if not {"image", "caption"} <= set(names):
                 raise ValueError(f"{f} has columns {names}, not image and caption; convert it with data_prep.py")
+            img, is_bin = schema.field("image").type, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            want = {"image": is_bin(img) or pa.types.is_struct(img) and img.get_field_index("bytes") >= 0
+                    and is_bin(img.field("bytes").type), "caption": cols["caption"] in ("string", "large_string"),
+                    **{c: pa.types.is_integer(schema.field(c).type) for c in ("width", "height") if c in cols}}
+            for c in (c for c, ok in want.items() if not ok):  # the first column of the wrong type, named
+                raise ValueError(f"{f}: column {c} holds {cols[c]}, not " + dict(image="image bytes", caption="text")
+                                 .get(c, "integers") + "; re-create the shard with data_prep.py or delete it")
+            if cols != (first := first or cols):  # the shards are read as one table: one schema
+                raise ValueError(f"{f} has columns {cols}, but {files[0]} has {first}; re-create the one that "
+                                 "differs with data_prep.py or delete it")
         datasets.disable_progress_bars()
         ds = self.load_parquet(files)
         ds = ds.cast_column("image", datasets.Image(decode=False))
@@ -1069,7 +1084,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
                                      f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
             self.emb = datasets.concatenate_datasets(parts)
-        self.ds, self.skipped = ds, {}  # bad rows met, by cause (counted in the main process by make_loader)
+        self.ds, self.skipped, self.root = ds, {}, root  # skipped: bad rows met by cause (make_loader counts them)
 
     @staticmethod
     def load_parquet(files):  # a garbled data page behind a valid footer is found here: named, one line
@@ -1108,7 +1123,9 @@ class ShardDataset(torch.utils.data.Dataset):
             causes += [] if img is None else ["empty_caption"]
             i = group[(np.searchsorted(group, i) + 1) % len(group)]  # deterministic: the bucket's next row
         else:
-            raise RuntimeError(f"no row of the {w}x{h} bucket has a decodable image and a caption")
+            met = ", ".join(f"{c}: {causes.count(c)}" for c in dict.fromkeys(causes))
+            raise NoUsableRow(f"no row of the {w}x{h} bucket of {self.root} has a decodable image and a caption "
+                              f"({met}); check the shards with data_prep.py or remove them")
         W, H = img.size
         s = min(W / w, H / h)  # the centred box of the bucket's aspect ratio, resized to (w, h)
         box = ((W - w * s) / 2, (H - h * s) / 2, (W + w * s) / 2, (H + h * s) / 2)
@@ -1193,14 +1210,17 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
     first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
     sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first)
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
-    for imgs, captions, emb, causes in torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
-            generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
-            prefetch_factor=4 if hp.num_workers else None):
-        for c in causes:  # counted as batches are consumed: the same counts for any num_workers
-            ds.skipped[c] = ds.skipped.get(c, 0) + 1
-        yield imgs, captions, emb
+    try:
+        for imgs, captions, emb, causes in torch.utils.data.DataLoader(
+                ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
+                pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
+                generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
+                prefetch_factor=4 if hp.num_workers else None):
+            for c in causes:  # counted as batches are consumed: the same counts for any num_workers
+                ds.skipped[c] = ds.skipped.get(c, 0) + 1
+            yield imgs, captions, emb
+    except NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
+        fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
