@@ -314,6 +314,77 @@ def test_a_stage_folder_without_shards_is_one_line_before_any_model(shapes, tmp_
     assert msg == f"error: no parquet shards under {tmp_path}/empty; run data_prep.py first"
 
 
+def damaged_copy(shapes, dst, change, shards=None):
+    """A copy of the shapes data whose shards (all, or those numbered in `shards`) are rewritten by change(table)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    shutil.copytree(shapes, dst)
+    files = sorted((dst / "train").glob("*.parquet"))
+    for k, f in enumerate(files):
+        if shards is None or k in shards:
+            pq.write_table(change(pq.read_table(f)), f)
+    return [str(f) for f in files]
+
+
+def set_col(name, values, typ=None):  # -> change(table): column `name` replaced by values(table)
+    import pyarrow as pa
+    return lambda t: t.set_column(t.schema.get_field_index(name), name, pa.array(values(t), typ))
+
+
+def rows_changed(fn):  # -> change(table): fn(row) applied to every row
+    import pyarrow as pa
+    return lambda t: pa.Table.from_pylist([fn(r) or r for r in t.to_pylist()], schema=t.schema)
+
+
+WRONG_COLUMNS = {  # name: (change, shards changed, the message with {0}, {1}: the first and second shard)
+    "caption int, every shard": (set_col("caption", lambda t: list(range(len(t)))), None,
+                                 "{0}: column caption holds int64, not text"),
+    "caption int, second shard": (set_col("caption", lambda t: list(range(len(t)))), [1],
+                                  "{1}: column caption holds int64, not text"),
+    "image int": (set_col("image", lambda t: list(range(len(t)))), None, "{0}: column image holds int64, not image "),
+    "image paths as strings": (set_col("image", lambda t: [f"/x/{i}.png" for i in range(len(t))]), None,
+                               "{0}: column image holds string, not image bytes"),
+    "image struct without bytes": (set_col("image", lambda t: [{"path": "/x.png"}] * len(t)), None,
+                                   "{0}: column image holds struct<path: string>, not image bytes"),
+    "width float": (set_col("width", lambda t: [32.0] * len(t)), None, "{0}: column width holds double, not integers"),
+    "no width/height in one shard": (lambda t: t.drop(["width", "height"]), [0], "{1} has columns {{'image': "
+                                     "'struct<bytes: binary, path: string>', 'caption': 'string', 'width': 'int32', "
+                                     "'height': 'int32'}}, but {0} has {{'image': 'struct<bytes: binary, path: "
+                                     "string>', 'caption': 'string'}}; re-create the one that differs"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_COLUMNS)
+def test_shard_columns_of_the_wrong_type_are_one_line_naming_the_file(shapes, tmp_path, capsys, monkeypatch, case):
+    change, shards, want = WRONG_COLUMNS[case]
+    files = damaged_copy(shapes, tmp_path / "data", change, shards)
+    monkeypatch.setattr(T, "PRXDiT", None)  # never reached: found in the shard footers
+    msg = one_line_error(capsys, run, tmp_path / "data", tmp_path / "r")
+    assert msg.startswith("error: " + want.format(*files)) and msg.endswith("with data_prep.py or delete it"), msg
+
+
+def test_raw_binary_image_column_is_accepted(shapes, tmp_path):
+    files = damaged_copy(shapes, tmp_path / "data", set_col("image", lambda t: [
+        r["bytes"] for r in t.column("image").to_pylist()], "binary"))
+    ds = T.ShardDataset(tmp_path / "data")
+    ds.set_stage(32, 8, 2.0)
+    assert len(files) == 2 and len(ds) == 64 and ds[5][3] == [] and ds[5][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("change, cause, workers", [
+    (rows_changed(lambda r: r.update(caption="  ")), "empty_caption", 0),
+    (rows_changed(lambda r: r["image"].update(bytes=b"garbage")), "undecodable", 2),  # raised in a loader worker
+    (rows_changed(lambda r: r["image"].update(bytes=None, path="/x.png")), "undecodable", 0)],  # paths, no bytes
+    ids=["blank captions", "garbage images in a worker", "image paths only"])
+def test_a_bucket_without_a_usable_row_is_one_line_with_the_causes(shapes, tmp_path, capsys, change, cause, workers):
+    damaged_copy(shapes, tmp_path / "data", change)
+    msg = one_line_error(capsys, run, tmp_path / "data", tmp_path / "r", "stage1.steps=2", f"num_workers={workers}")
+    # the 64 rows all fall in the 32x32 bucket: each is tried once, and counted once
+    assert msg == f"error: no row of the 32x32 bucket of {tmp_path}/data has a decodable image and a caption " \
+                  f"({cause}: 64); check the shards with data_prep.py or remove them"
+
+
 def test_cpu_preset_needs_the_shapes_prompt_files(shapes, tmp_path, capsys):
     import shutil
     shutil.copytree(shapes / "train", tmp_path / "data" / "train")  # shards as data_prep.py writes from the hub
