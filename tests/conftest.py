@@ -25,9 +25,9 @@ def global_batches(samplers, world, micro, batch, steps):
     return out
 
 
-def corrupt_copy(src, dst, seed):
-    """Copy a shard folder, then damage random rows of its first shard: garbage or truncated image bytes, other
-    modes, empty or missing captions. -> {row: [causes the loader must count]} for the damaged rows."""
+def corrupt_copy(src, dst, seed, every_shard=False):
+    """Copy a shard folder, then damage random rows of its first shard (or of each shard): garbage or truncated image
+    bytes, other modes, empty or missing captions. -> {row of the folder: [causes the loader must count]}."""
     import io
     import shutil
 
@@ -37,25 +37,24 @@ def corrupt_copy(src, dst, seed):
 
     import data_prep as dp
     shutil.copytree(src, dst)
-    first = sorted((dst / "train").glob("*.parquet"))[0]
-    rows = pq.read_table(first).to_pylist()
-    rng = np.random.default_rng(seed)
-    damage = {}
-    for j, i in enumerate(rng.choice(len(rows), len(rows) // 4, replace=False)):
-        kind = j % 6
-        raw = rows[i]["image"]["bytes"]
-        if kind == 0:
-            rows[i]["image"]["bytes"], damage[i] = rng.bytes(50), ["undecodable"]
-        elif kind == 1:
-            rows[i]["image"]["bytes"], damage[i] = raw[:len(raw) // 2], ["truncated"]
-        elif kind in (2, 3):
-            mode = ("L", "RGBA")[kind - 2]
-            buf = io.BytesIO()
-            Image.open(io.BytesIO(raw)).convert(mode).save(buf, format="PNG")
-            rows[i]["image"]["bytes"], damage[i] = buf.getvalue(), [f"mode_{mode}"]
-        else:
-            rows[i]["caption"], damage[i] = ("", None)[kind - 4], ["empty_caption"]
-    dp.write_rows(first, {c: [r[c] for r in rows] for c in rows[0]})
+    rng, damage, offset = np.random.default_rng(seed), {}, 0
+    for shard in sorted((dst / "train").glob("*.parquet"))[:None if every_shard else 1]:
+        rows = pq.read_table(shard).to_pylist()
+        for j, i in enumerate(rng.choice(len(rows), len(rows) // 4, replace=False)):
+            kind, raw, at = j % 6, rows[i]["image"]["bytes"], offset + i
+            if kind == 0:
+                rows[i]["image"]["bytes"], damage[at] = rng.bytes(50), ["undecodable"]
+            elif kind == 1:
+                rows[i]["image"]["bytes"], damage[at] = raw[:len(raw) // 2], ["truncated"]
+            elif kind in (2, 3):
+                mode = ("L", "RGBA")[kind - 2]
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(raw)).convert(mode).save(buf, format="PNG")
+                rows[i]["image"]["bytes"], damage[at] = buf.getvalue(), [f"mode_{mode}"]
+            else:
+                rows[i]["caption"], damage[at] = ("", None)[kind - 4], ["empty_caption"]
+        dp.write_rows(shard, {c: [r[c] for r in rows] for c in rows[0]})
+        offset += len(rows)
     return damage
 
 
