@@ -9,6 +9,7 @@ DINOv3, LPIPS and DINOv2 perceptual losses, Muon, and a two-stage schedule (512 
 
 Time convention, once for the whole file: x_t = (1 - t) * x0 + t * noise, so t = 1 is pure noise.
 """
+import atexit
 import copy
 import dataclasses
 import datetime
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1204,18 +1206,25 @@ def own_session(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+LIVE_LOADERS = weakref.WeakSet()  # loader iterators whose workers (deaf to SIGTERM) must be stopped at any exit:
+atexit.register(lambda: [it._shutdown_workers() for it in list(LIVE_LOADERS)])  # before multiprocessing joins them
+
+
 def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)
     groups = ds.set_stage(res, hp.patch, hp.aspect_max)
     k = next(i for i, st in enumerate(hp.stages) if st is stage)
     first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
     sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first)
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
+    it = iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
+        generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
+        prefetch_factor=4 if hp.num_workers else None))
+    if hp.num_workers:
+        LIVE_LOADERS.add(it)
     try:
-        for imgs, captions, emb, causes in torch.utils.data.DataLoader(
-                ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
-                pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
-                generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
-                prefetch_factor=4 if hp.num_workers else None):
+        for imgs, captions, emb, causes in it:
             for c in causes:  # counted as batches are consumed: the same counts for any num_workers
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
             yield imgs, captions, emb
