@@ -1229,6 +1229,8 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
             yield imgs, captions, emb
     except NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
+        if hp.num_workers:
+            it._shutdown_workers()
         fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
 
 
