@@ -9,7 +9,6 @@ DINOv3, LPIPS and DINOv2 perceptual losses, Muon, and a two-stage schedule (512 
 
 Time convention, once for the whole file: x_t = (1 - t) * x0 + t * noise, so t = 1 is pure noise.
 """
-import atexit
 import copy
 import dataclasses
 import datetime
@@ -19,6 +18,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import platform
 import random
@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1206,8 +1205,10 @@ def own_session(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-LIVE_LOADERS = weakref.WeakSet()  # loader iterators whose workers (deaf to SIGTERM) must be stopped at any exit:
-atexit.register(lambda: [it._shutdown_workers() for it in list(LIVE_LOADERS)])  # before multiprocessing joins them
+# Loading workers ignore SIGTERM (own_session), and at exit multiprocessing terminates its daemonic children and then
+# joins them: any still running (an exit from inside the loop) would be waited on forever. Its exit finalizers run
+# first, so this one kills them.
+mp.util.Finalize(None, lambda: [p.kill() for p in mp.active_children() if p.daemon], exitpriority=100)
 
 
 def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)
@@ -1216,21 +1217,16 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
     first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
     sampler = StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first)
     collate = functools.partial(collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
-    it = iter(torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
-        generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
-        prefetch_factor=4 if hp.num_workers else None))
-    if hp.num_workers:
-        LIVE_LOADERS.add(it)
     try:
-        for imgs, captions, emb, causes in it:
+        for imgs, captions, emb, causes in torch.utils.data.DataLoader(
+                ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
+                pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=own_session,
+                generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
+                prefetch_factor=4 if hp.num_workers else None):
             for c in causes:  # counted as batches are consumed: the same counts for any num_workers
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
             yield imgs, captions, emb
     except NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
-        if hp.num_workers:
-            it._shutdown_workers()
         fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
 
 
