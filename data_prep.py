@@ -638,7 +638,9 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     stream = stream.select_columns([image_col, *caption_cols])
     if progress["state"] is not None:
         stream.load_state_dict(progress["state"])
-    workers = max(1, workers or min(os.cpu_count(), 32))  # each holds a shard of raw images (~280 MB at 2,000 rows)
+    # each worker holds a shard of raw images (~280 MB at 2,000 rows) and workers + 1 shards wait: 32 keeps that
+    # near 9 GB on a many-core node
+    workers = max(1, workers or min(os.cpu_count(), 32))
     done0, t0, pending = progress["shards"], time.time(), collections.deque()
     total = (f"/{-(-n_rows // shard_rows)}", f"/{n_rows}") if n_rows else ("", "")  # when the row count is known
     with worker_pool(workers) as pool, _end_progress_line():  # before the stream opens: no files, sockets in workers
@@ -882,7 +884,7 @@ def main(argv=None):
     p.add_argument("--max-rows", type=int, default=None, help="convert only the first N input rows")
     p.add_argument("--split", default="train", help="hub split")
     p.add_argument("--config", default=None, help="hub config name, for a data set with several")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the cores, at most 32)")
     p.add_argument("--seed", type=int, default=0, help="caption choice")
     p = sub.add_parser("encode-text", help="precompute text embeddings (run under torchrun for several GPUs)")
     p.add_argument("--shards", required=True, help="folder written by hf or shapes")
