@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 import train_gpt_style as T
 
+FLAGS = dict(sample_steps="--steps", cfg="--cfg")  # the trainer's constants these flags set
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: fixed prompts and seeds, generated in slices across ranks, features all-gathered, compared with the
@@ -364,13 +366,16 @@ def main(argv=None):
     a = ap.parse_args(argv)
     T.quiet_transformers()
     try:  # the flags alone first: a bad one fails before the checkpoint is read
-        for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height),
-                        ("--steps", a.steps)):
+        for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        for name, v in (("--cfg", a.cfg), ("--tread-guidance", a.tread_guidance)):
-            if v is not None and not math.isfinite(v):  # nan or inf: all-black images
-                raise ValueError(f"{name} must be a finite number, got {v}")
+        try:  # --steps and --cfg obey the trainer's rules for its sample_steps and cfg (nan, inf: all-black images)
+            T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=1 if a.steps is None else a.steps,
+                                               cfg=1.0 if a.cfg is None else a.cfg))
+        except ValueError as e:
+            raise ValueError(re.sub(r"^(sample_steps|cfg)\b", lambda m: FLAGS[m[1]], str(e))) from None
+        if a.tread_guidance is not None and not math.isfinite(a.tread_guidance):
+            raise ValueError(f"--tread-guidance must be a finite number, got {a.tread_guidance}")
         if a.tread_guidance is not None and a.cfg is not None:
             raise ValueError("--tread-guidance replaces CFG (no unconditional pass): drop --cfg")
         if a.eval and (a.score or a.width or a.height or a.prompts or a.prompt is not None):

@@ -190,6 +190,7 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--eval", "--prompt", "a"], "drop --score, --width, --height, --prompt and --prompts"),
     (["--prompt", "a", "--out", "o", "--cfg", "nan"], "--cfg must be a finite number, got nan"),  # black PNGs
     (["--prompt", "a", "--out", "o", "--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    (["--prompt", "a", "--out", "o", "--cfg", "-3"], "--cfg must be >= 0, got -3.0"),  # the trainer refuses it too
     (["--prompt", "a", "--out", "o", "--tread-guidance", "nan"], "--tread-guidance must be a finite number"),
     (["--prompts", "nofile.txt", "--out", "o"], "--prompts nofile.txt cannot be read (No such file or directory)"
                                                 "; give a text file with one prompt per line"),
