@@ -509,7 +509,8 @@ def open_source(dataset, split="train", config=None):
     """Hub id (with its config name, if it has several) or local parquet folder/file -> (streaming IterableDataset,
     row count or None, column names)."""
     import datasets
-    import pyarrow.parquet as pq
+
+    from train_gpt_style import parquet_footers
     datasets.disable_progress_bars()
     path = Path(dataset)
     try:
@@ -517,17 +518,9 @@ def open_source(dataset, split="train", config=None):
             files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
             if not files:
                 raise ValueError(f"no parquet files under {path}; pass a folder of *.parquet files or a hub id")
-            n, names = 0, None
-            for f in files:  # footers: a truncated file, or one of other columns, is named here, not in a worker
-                try:
-                    footer = pq.ParquetFile(f)
-                except Exception as e:
-                    raise ValueError(f"{f} is not a readable parquet file ({_first_line(e)})") from None
-                n += footer.metadata.num_rows
-                names = names or (files[0], footer.schema_arrow.names)
-                if set(footer.schema_arrow.names) != set(names[1]):
-                    raise ValueError(f"{f} has columns {footer.schema_arrow.names}, but {names[0]} has {names[1]}; "
-                                     "pass a folder whose parquet files have the same columns")
+            # footers: a truncated file, or one of other columns, is named here, not in a worker
+            n = sum(rows for _, _, rows in parquet_footers(
+                files, lambda f, schema: None, "pass a folder whose parquet files have the same columns", types=False))
             ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
         else:
             ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
@@ -570,14 +563,14 @@ def check_column_types(dataset, features, image_col, caption_cols):
     """Before any row is read: an image column that holds no bytes (paths, URLs) or a caption column that is not
     text would otherwise drop every row, found out only at the end."""
     import datasets
-    img, text = features.get(image_col), ("string", "large_string")
-    if img is not None and not (isinstance(img, datasets.Image) or getattr(img, "dtype", None) in ("binary",
-                                "large_binary") or (isinstance(img, dict) and "bytes" in img)):
-        raise ValueError(f"{dataset}: column {image_col} holds {img}, not image bytes; pass --image-col with an "
-                         "image column")
-    bad = {c: features[c] for c in caption_cols if c in features and getattr(features[c], "dtype", None) not in text}
-    if bad:
-        raise ValueError(f"{dataset}: caption columns must hold text, but {bad}; pass --caption-cols with text columns")
+
+    from train_gpt_style import column_type_error
+    keep = [c for c in (image_col, *caption_cols) if c in features]
+    err = column_type_error(datasets.Features({c: features[c] for c in keep}).arrow_schema, image_col,
+                              caption_cols, sizes=())
+    if err:
+        raise ValueError(f"{dataset}: {err}; pass --image-col with an image column and --caption-cols with text "
+                         "columns")
 
 
 def _raw_bytes(cell):  # an image cell: {bytes, path} (the Image feature) or raw bytes -> bytes or None

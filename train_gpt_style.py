@@ -999,6 +999,46 @@ def decode_image(raw, draft=None):
     return img, None if mode == "RGB" else f"mode_{mode}"
 
 
+def parquet_footers(files, check, fix, types=True):
+    """Each file's footer, no data read -> [(file, Arrow schema, rows)]. One line, ending in `fix`, names the first
+    file that is no readable parquet or whose columns (names, and types unless types=False: a column of nulls in
+    one source file is typed null) differ from the first's; check(file, schema) may refuse one too. The files are
+    read as one table later: a bad one found there costs a traceback, or hours of work."""
+    import pyarrow.parquet as pq
+    out = []
+    for f in files:
+        try:
+            meta = pq.read_metadata(f)
+        except Exception as e:
+            raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); {fix}") from None
+        schema = meta.schema.to_arrow_schema()
+        check(f, schema)
+        cols, first = ({c.name: str(c.type) for c in sc} if types else sorted(sc.names)
+                       for sc in (schema, out[0][1] if out else schema))
+        if cols != first:
+            raise ValueError(f"{f} has columns {cols}, but {files[0]} has {first}; {fix}")
+        out.append((f, schema, meta.num_rows))
+    return out
+
+
+def column_type_error(schema, image="image", captions=("caption",), sizes=("width", "height")):
+    """The first column of an Arrow schema that cannot hold what it should -> 'column c holds <type>, not <what>',
+    or None. Image: bytes (binary, or a struct with binary `bytes`: the datasets Image feature); captions: text;
+    sizes: integers."""
+    import pyarrow as pa
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+    for c in schema.names:
+        t = schema.field(c).type
+        if c == image and not (binary(t) or pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+                               and binary(t.field("bytes").type)):
+            return f"column {c} holds {t}, not image bytes"
+        if c in captions and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            return f"column {c} holds {t}, not text"
+        if c in sizes and not pa.types.is_integer(t):
+            return f"column {c} holds {t}, not integers"
+    return None
+
+
 def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (data_prep.py encode-text writes it)
     return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
 
@@ -1028,33 +1068,18 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder, text_encoder=""):
         import datasets
         import pyarrow as pa
-        import pyarrow.parquet as pq
         root = Path(folder)
         skip = {"heldout", "text_emb"}  # evaluation split and embedding sidecars are not training shards
         files = sorted(p for p in root.rglob("*.parquet") if not skip & set(p.relative_to(root).parts))
         if not files:
             raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
-        rows, first = [], None
-        for f in files:  # footers only: a truncated or foreign file is named before any training
-            try:
-                footer = pq.read_metadata(f)
-                schema, rows = footer.schema.to_arrow_schema(), rows + [footer.num_rows]
-            except Exception as e:
-                raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
-                                 "re-create it with data_prep.py or delete it") from None
-            names, cols = schema.names, {c.name: str(c.type) for c in schema}
-            if not {"image", "caption"} <= set(names):
-                raise ValueError(f"{f} has columns {names}, not image and caption; convert it with data_prep.py")
-            img, is_bin = schema.field("image").type, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
-            want = {"image": is_bin(img) or pa.types.is_struct(img) and img.get_field_index("bytes") >= 0
-                    and is_bin(img.field("bytes").type), "caption": cols["caption"] in ("string", "large_string"),
-                    **{c: pa.types.is_integer(schema.field(c).type) for c in ("width", "height") if c in cols}}
-            for c in (c for c, ok in want.items() if not ok):  # the first column of the wrong type, named
-                raise ValueError(f"{f}: column {c} holds {cols[c]}, not " + dict(image="image bytes", caption="text")
-                                 .get(c, "integers") + "; re-create the shard with data_prep.py or delete it")
-            if cols != (first := first or cols):  # the shards are read as one table: one schema
-                raise ValueError(f"{f} has columns {cols}, but {files[0]} has {first}; re-create the one that "
-                                 "differs with data_prep.py or delete it")
+
+        def columns_ok(f, schema):  # an image and a caption column of the right types
+            if not {"image", "caption"} <= set(schema.names):
+                raise ValueError(f"{f} has columns {schema.names}, not image and caption; convert it with data_prep.py")
+            if err := column_type_error(schema):
+                raise ValueError(f"{f}: {err}; re-create the shard with data_prep.py or delete it")
+        rows = [n for _, _, n in parquet_footers(files, columns_ok, "re-create it with data_prep.py or delete it")]
         datasets.disable_progress_bars()
         ds = self.load_parquet(files)
         ds = ds.cast_column("image", datasets.Image(decode=False))

@@ -351,7 +351,7 @@ WRONG_COLUMNS = {  # name: (change, shards changed, the message with {0}, {1}: t
     "no width/height in one shard": (lambda t: t.drop(["width", "height"]), [0], "{1} has columns {{'image': "
                                      "'struct<bytes: binary, path: string>', 'caption': 'string', 'width': 'int32', "
                                      "'height': 'int32'}}, but {0} has {{'image': 'struct<bytes: binary, path: "
-                                     "string>', 'caption': 'string'}}; re-create the one that differs"),
+                                     "string>', 'caption': 'string'}}; re-create it with data_prep.py or delete it"),
 }
 
 
