@@ -342,6 +342,50 @@ def test_a_conversion_that_keeps_no_training_rows_is_one_line(tmp_path):
         convert(src, tmp_path / "o3", heldout=1, shard_rows=6, workers=1)
 
 
+def hf_cli_error(capsys, src, out, *args):
+    """data_prep.py hf as users run it -> its error line, after exit code 2; before it on stderr only the \\r progress
+    line (empty when the first shard stops it), ended by a newline."""
+    capsys.readouterr()  # not what came before (the source's writing)
+    with pytest.raises(SystemExit) as e:
+        dp.main(["hf", "--dataset", str(src), "--out", str(out), "--res", str(RES), "--workers", "1", *args])
+    err = capsys.readouterr().err
+    progress, _, line = err.removesuffix("\n").rpartition("\n")
+    assert e.value.code == 2 and err.endswith("\n") and "\n" not in progress, err
+    return line
+
+
+def test_no_training_rows_from_garbage_images_or_only_held_out_rows_are_one_line(tmp_path, capsys, monkeypatch):
+    """The other two causes of no training rows, as the CLI reports them: an image column of garbage bytes (stopped
+    after the first shard, or at the end when only the held-out row was usable), and a source whose only kept rows
+    are held out (a hub stream of unknown length, so every 100th row is held out, shorter than 100 rows)."""
+    good, junk = {"bytes": encoded(96, 96), "path": None}, {"bytes": b"not an image at all" * 5, "path": None}
+    fix = "column image holds no usable images: pass another --image-col and a new --out"
+    src = write_source(tmp_path / "junk", dict(image=[junk] * 6, caption=["c"] * 6),
+                       dict(image="image", caption="string"), files=1)
+    err = hf_cli_error(capsys, src, tmp_path / "o1", "--heldout", "0", "--shard-rows", "4")
+    assert err == (f"error: {src}: no training rows kept from 4 input rows (4 skipped as undecodable); {fix} "
+                   f"({tmp_path / 'o1'} holds these settings)")
+    assert json.loads((tmp_path / "o1" / "progress.json").read_text())["shards"] == 1  # stopped at the first shard
+    src = write_source(tmp_path / "junk_but_0", dict(image=[good] + [junk] * 5, caption=["c"] * 6),
+                       dict(image="image", caption="string"), files=1)  # row 0, held out, is the only usable one
+    err = hf_cli_error(capsys, src, tmp_path / "o2", "--heldout", "1", "--shard-rows", "4")
+    assert err == (f"error: {src}: no training rows kept from 6 input rows (5 skipped as undecodable); {fix} "
+                   f"({tmp_path / 'o2'} holds these settings)")
+    assert json.loads((tmp_path / "o2" / "progress.json").read_text())["shards"] == 2  # found at the end
+    real = dp.open_source
+
+    def unknown_length(*args):  # a hub stream whose split has no row count
+        stream, _, columns = real(*args)
+        return stream, None, columns
+    monkeypatch.setattr(dp, "open_source", unknown_length)
+    src = write_source(tmp_path / "one", dict(image=[good], caption=["c"]), dict(image="image", caption="string"),
+                       files=1)
+    err = hf_cli_error(capsys, src, tmp_path / "o3", "--heldout", "5")
+    assert err == (f"error: {src}: no training rows kept from 1 input rows; every kept row is held out: pass a "
+                   f"smaller --heldout and a new --out ({tmp_path / 'o3'} holds these settings)")
+    assert json.loads((tmp_path / "o3" / "progress.json").read_text())["counts"] == dict(rows_in=1, heldout=1)
+
+
 def test_local_parquet_files_of_other_columns_are_named_before_anything_is_written(tmp_path):
     src, _ = make_schema("flux_generated", tmp_path / "src", n_good=4)
     odd = src / "train-00001.parquet"
@@ -569,9 +613,10 @@ def test_stale_text_emb_sidecars_are_one_line_before_training(tmp_path, capsys):
 # decode benchmark
 
 
-def test_bench_decode_reports_rates_and_cores(tmp_path, capsys):
+def test_bench_decode_reports_rates_and_cores(tmp_path, capsys, monkeypatch):
     import re
-    shards = tmp_path / "bench"
+    shards, returned, real = tmp_path / "bench", [], dp.bench_decode
+    monkeypatch.setattr(dp, "bench_decode", lambda *a: returned.append(real(*a)) or returned[-1])  # what main gets
     dp.main(["bench-decode", "--shards", str(shards), "--synthetic", "3", "--res", "128", "--workers", "1", "--n", "4",
              "--steps-per-s", "0.5"])
     src = dp.synthetic_source_path(shards)  # beside the shards: the trainer pointed at them never reads it
@@ -582,10 +627,13 @@ def test_bench_decode_reports_rates_and_cores(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"bench-decode res:128 workers:1 img/s/worker:([\d.]+) \(.*\) cores_for_8_gpus@1024x0\.5steps/s:"
                      r"([\d.]+) \(([\d.]+) per GPU\)", line)
-    rate, cores, per_gpu = map(float, m.groups())
-    # cores = 512 / rate, each printed to 0.1: apart by at most the rounding of both
-    assert rate > 0.05 and abs(cores - 512 / rate) <= 0.05 + 512 * 0.05 / (rate * (rate - 0.05)) + 1e-9
-    assert abs(per_gpu - cores / 8) <= 0.005 + 0.05 / 8 + 1e-9
+    # the returned figures: need = batch_per_step x steps_per_s = 1024 x 0.5 images/s, one core per rate of a worker
+    (got,) = returned
+    assert list(got) == [128]
+    rate, cores = got[128]
+    assert rate > 0.05 and cores == 512 / rate
+    # and the printed line shows exactly those, rounded
+    assert m.groups() == (f"{rate:.1f}", f"{cores:.1f}", f"{512 / 8 / rate:.2f}"), line
 
 
 def test_bench_decode_bad_input_is_one_line(tmp_path, capsys):

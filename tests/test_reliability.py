@@ -271,7 +271,8 @@ def test_new_constants_are_checked():
 def test_lpips_minimum_side_is_what_lpips_can_run():
     """check_config refuses lpips_weight > 0 exactly when some aspect bucket of a stage is too small for LPIPS."""
     lp = T.load_lpips("cpu", pretrained=False)
-    for res in (16, 24, 32, 40, 64):
+    patch = T.parse_args(["preset=cpu"], cuda_available=False).patch  # the patch check_config sees below
+    for res in (2 * patch, 3 * patch, 4 * patch, 5 * patch, 8 * patch):  # 16, 24, 32, 40, 64 at patch 8
         for aspect_max in (1.0, 2.0):
             args = ["preset=cpu", "stages=1", f"stage1.res={res}", f"aspect_max={aspect_max}", "lpips_weight=0.1"]
             try:
@@ -281,7 +282,7 @@ def test_lpips_minimum_side_is_what_lpips_can_run():
                 assert str(e).startswith("lpips_weight>0 needs"), e
                 accepted = False
             runs = True
-            for w, h in T.aspect_buckets(res, 8, aspect_max):
+            for w, h in T.aspect_buckets(res, patch, aspect_max):
                 try:
                     T.lpips_loss(lp, torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
                 except RuntimeError:

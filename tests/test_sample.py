@@ -165,7 +165,11 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
                 "--steps", "3", "--width", "70", "--height", "18", "--cfg-interval", "0.2,0.9", "--tread-guidance",
                 "0.5", *extra])
         h, w = S.snap_size(18, 70, res, hp.patch, hp.aspect_max)
-        assert f"size 70x18 snapped to {w}x{h}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"size 70x18 snapped to {w}x{h}" in out
+        if not extra:  # the README's worked example, on the CPU demo's setup that this checkpoint has
+            assert (res, hp.patch, hp.aspect_max) == (64, 8, 2.0), "the README's example (Sampling) needs updating"
+            assert "size 70x18 snapped to 88x48" in out and (w, h) == (88, 48)
         png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
         assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= T.BUCKET_AREA_TOL
         ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (h, w), 3, hp.cfg,
