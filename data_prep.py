@@ -501,16 +501,12 @@ def _write_json(path, obj):  # atomically
     os.replace(tmp, path)
 
 
-def _first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-
-
 def open_source(dataset, split="train", config=None):
     """Hub id (with its config name, if it has several) or local parquet folder/file -> (streaming IterableDataset,
     row count or None, column names)."""
     import datasets
 
-    from train_gpt_style import parquet_footers
+    from train_gpt_style import brief, parquet_footers
     datasets.disable_progress_bars()
     path = Path(dataset)
     try:
@@ -530,7 +526,7 @@ def open_source(dataset, split="train", config=None):
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"cannot open {dataset} ({_first_line(e)}); pass a hub id (and --config if it names "
+        raise ValueError(f"cannot open {dataset} ({brief(e)}); pass a hub id (and --config if it names "
                          "several) or a local parquet folder/file") from None
     return ds, n, columns
 
@@ -719,7 +715,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     import pyarrow.parquet as pq
     import torch
 
-    from train_gpt_style import (Hyperparameters, TextEncoder, pack_text_emb, quiet_transformers, text_emb_meta,
+    from train_gpt_style import (Hyperparameters, TextEncoder, brief, pack_text_emb, quiet_transformers, text_emb_meta,
                                  text_emb_path)
     hp = Hyperparameters()
     text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
@@ -741,7 +737,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     try:
         enc = TextEncoder(text_encoder, text_len, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     except Exception as e:
-        raise ValueError(f"cannot load the text encoder {text_encoder} ({_first_line(e)}); pass --text-encoder "
+        raise ValueError(f"cannot load the text encoder {text_encoder} ({brief(e)}); pass --text-encoder "
                          "with a hub id or a local folder") from None
     t0 = time.time()
     for i, f in enumerate(todo):

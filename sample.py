@@ -89,7 +89,7 @@ def load_eval_models(hp, device):
     except ImportError as e:
         T.fail(f"evaluation: {e}; pip install it (timm: FID's Inception), or set eval_inception= to skip FID")
     except (OSError, ValueError) as e:
-        T.fail(f"cannot load evaluation model {name}: {str(e).splitlines()[0][:200]}")
+        T.fail(f"cannot load evaluation model {name}: {T.brief(e, 200)}")
     return fns
 
 
@@ -292,7 +292,7 @@ def export_diffusers(model, hp, out_dir):
     try:
         ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
     except RuntimeError as e:  # another diffusers version's layout
-        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({' '.join(str(e).split())[:200]}); "
+        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({T.brief(e, 200)}); "
                          "install the version in requirements.txt") from None
     try:
         ref.save_pretrained(out)
@@ -414,7 +414,7 @@ def main(argv=None):
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)
     except (FileNotFoundError, ValueError, OSError) as e:
-        T.fail(" ".join(str(e).split()))  # one line, whatever the message
+        T.fail(e)
     cfg = hp.cfg if a.cfg is None else a.cfg
     if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],

@@ -161,8 +161,13 @@ PRESETS = {
 
 def fail(msg):
     """One clear line, no traceback: for bad input found before any GPU time is spent."""
-    print(f"error: {msg}", file=sys.stderr)
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # one line, whatever the message holds
     sys.exit(2)
+
+
+def brief(e, n=160):  # an exception as one short line, "Type: message" (DCP's: that of its first failing rank)
+    e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
 
 
 def _convert(text, typ, name):
@@ -751,7 +756,7 @@ def load_encoder(name, fn, path, *args):  # fn(path, *args), or one line when pa
     try:
         return fn(path, *args)
     except (OSError, ValueError) as e:
-        fail(f"cannot load {name} {path} ({' '.join(str(e).split())[:160]}); set {name} to a folder holding "
+        fail(f"cannot load {name} {path} ({brief(e)}); set {name} to a folder holding "
              "the model or a hub id that can be downloaded")
 
 
@@ -1010,7 +1015,7 @@ def parquet_footers(files, check, fix, types=True):
         try:
             meta = pq.read_metadata(f)
         except Exception as e:
-            raise ValueError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); {fix}") from None
+            raise ValueError(f"{f} is not a readable parquet file ({brief(e, 100)}); {fix}") from None
         schema = meta.schema.to_arrow_schema()
         check(f, schema)
         cols, first = ({c.name: str(c.type) for c in sc} if types else sorted(sc.names)
@@ -1096,7 +1101,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 parts = [datasets.Dataset.from_file(str(e)) for e in embs]
                 records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in embs]
             except Exception as e:
-                raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({str(e).splitlines()[0][:100]}); "
+                raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({brief(e, 100)}); "
                                  "delete it and run data_prep.py encode-text again") from None
             redo, caps = f"delete {root}/text_emb/ and run data_prep.py encode-text --shards {root} again", \
                 ds.data.column("caption")
@@ -1123,7 +1128,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 try:
                     pq.read_table(f)
                 except Exception as bad:
-                    raise ValueError(f"{f} is corrupt ({type(bad).__name__}: {str(bad).splitlines()[0][:100]}); "
+                    raise ValueError(f"{f} is corrupt ({brief(bad, 100)}); "
                                      "re-create it with data_prep.py or delete it") from None
             raise ValueError(f"cannot load the shards ({e.__cause__ or e})") from None
 
@@ -1690,10 +1695,8 @@ class Trainer:
         model, optim = get_state_dict(self.trainable, self.optimizers)
         try:  # every rank writes its shards into tmp
             dcp.save(dict(model=model, optim=optim), checkpoint_id=tmp, no_dist=not self.distributed)
-        except (Exception, dcp.CheckpointException) as e:  # a full disk (DCP raises on every rank)
-            if isinstance(e, dcp.CheckpointException):  # the first failing rank's own error, (exception, traceback)
-                e = next(iter(e.failures.values()))[0]
-            err = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        except (Exception, dcp.CheckpointException) as e:  # a full disk (DCP raises on every rank; no Exception)
+            err = brief(e, 200)
 
         def finish(tmp):  # rank 0 adds the replicated parts; save_atomic renames and keeps the newest keep_ckpts
             torch.save(dict(ema=self.ema.state_dict(), config=dataclasses.asdict(self.hp)), tmp / "ema.pt")
@@ -1740,10 +1743,8 @@ class Trainer:
                                optim_state_dict=state["optim"])
                 self.ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.device)["ema"])
                 break
-            except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception; it holds each rank's
-                e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
-                self.log(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}); trying the one before")
+            except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
+                self.log(f"warning: checkpoint {path} is unreadable ({brief(e, 120)}); trying the one before")
         else:
             fail(f"no checkpoint in {path.parent} can be loaded: their files are damaged, or a constant that changes "
                  "the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them away")
