@@ -26,11 +26,9 @@ import contextlib
 import copy
 import datetime
 import io
-import itertools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -39,97 +37,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-# ----------------------------------------------------------------------------------------------
-# Shapes spec: the constants are the data set's definition (the trainer imports them)
+import support
+from evals import MIN_SIZE, SHAPES_HELDOUT, render_shapes, sample_shapes_objects, shapes_caption, shapes_prompts
 
-SHAPES_COLORS = {  # name -> RGB, chosen far apart (closest pair: orange/yellow, 71 apart)
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 40), "purple": (140, 60, 190), "orange": (240, 130, 30),
-}
-SHAPES_SHAPES = ("circle", "square", "triangle")  # filled; triangle isosceles, apex up, base = height
-SHAPES_SIZES = {"small": 1 / 6, "large": 1 / 3}  # side (circle: diameter) as a fraction of S
-SHAPES_POSITIONS = {  # object centre (bounding-box centre) as fractions (fx, fy) of S
-    "top left": (1 / 4, 1 / 4), "top right": (3 / 4, 1 / 4),
-    "bottom left": (1 / 4, 3 / 4), "bottom right": (3 / 4, 3 / 4), "center": (1 / 2, 1 / 2),
-}
-SHAPES_CORNERS = tuple(p for p in SHAPES_POSITIONS if p != "center")  # two-object images use these
-SHAPES_HELDOUT = {("purple", "triangle"), ("orange", "circle"), ("green", "square")}  # never trained on
-SHAPES_SEEN = [(c, s) for c in SHAPES_COLORS for s in SHAPES_SHAPES if (c, s) not in SHAPES_HELDOUT]
-SHAPES_JITTER = 1 / 16  # centre jitter, uniform in [-S/16, S/16] per axis (large corner objects never touch)
-WHITE = (255, 255, 255)  # background
-SUPERSAMPLE = 4  # draw at 4x and box-downsample: exact area anti-aliasing, exact colours inside
 SHARD_ROWS = 10_000  # images per parquet shard
-N_PROMPTS_TWO = 100  # lines in prompts_two.txt
-PROMPT_SEED = 1234  # fixed seed of prompts_two.txt: the evaluation never depends on --seed
-MIN_SIZE = 16  # smallest side S at which small objects (S/6 px) stay recognisable
-
-# ----------------------------------------------------------------------------------------------
-# Captions and rendering
-
-def shapes_caption(objects):
-    """[(size_name, color, shape, position), ...] -> 'a small red circle in the top left and ...'"""
-    return " and ".join(f"a {sz} {c} {sh} in the {p}" for sz, c, sh, p in objects)
-
-
-_OBJECT_RE = re.compile("a ({}) ({}) ({}) in the ({})".format(
-    *("|".join(names) for names in (SHAPES_SIZES, SHAPES_COLORS, SHAPES_SHAPES, SHAPES_POSITIONS))))
-
-
-def parse_shapes_caption(text):
-    """Inverse of shapes_caption for one or two objects; ValueError outside the grammar."""
-    matches = [_OBJECT_RE.fullmatch(part) for part in text.strip().split(" and ")]
-    if not 1 <= len(matches) <= 2 or not all(matches):
-        raise ValueError(f"not a shapes caption: {text!r}")
-    return [m.groups() for m in matches]
-
-
-def render_shapes(objects, size, rng=None):
-    """Draw objects [(size_name, color, shape, position), ...] on an (S, S) white RGB image.
-    rng (np.random.Generator) jitters each centre by up to S/16 per axis; None draws on the anchors."""
-    ss = SUPERSAMPLE
-    img = Image.new("RGB", (size * ss, size * ss), WHITE)
-    draw = ImageDraw.Draw(img)
-    for size_name, color, shape, position in objects:
-        d = SHAPES_SIZES[size_name] * size  # side in output pixels
-        jx, jy = (0.0, 0.0) if rng is None else rng.uniform(-1, 1, 2) * SHAPES_JITTER * size
-        cx, cy = (f * size + j for f, j in zip(SHAPES_POSITIONS[position], (jx, jy)))
-        # supersampled pixel box [x0, x1) x [y0, y1) of one fixed side per size; PIL boxes include
-        # their last pixel, hence the -1s below
-        side = round(d * ss)
-        x0, y0 = (round(c * ss - side / 2) for c in (cx, cy))
-        x1, y1 = x0 + side, y0 + side
-        fill = SHAPES_COLORS[color]
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:  # apex at top centre, base along the bottom edge
-            draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
-    return img.resize((size, size), Image.Resampling.BOX)
-
-
-def sample_shapes_objects(rng, n_objects):
-    """One object anywhere, or two at distinct corners; only seen colour/shape combinations."""
-    positions = (rng.choice(list(SHAPES_POSITIONS), 1) if n_objects == 1
-                 else rng.choice(SHAPES_CORNERS, n_objects, replace=False))
-    objects = []
-    for p in positions:
-        color, shape = SHAPES_SEEN[rng.integers(len(SHAPES_SEEN))]
-        objects.append((str(rng.choice(list(SHAPES_SIZES))), color, shape, str(p)))
-    return objects
-
-
-def shapes_prompts():
-    """The fixed evaluation prompts: {'seen': 150, 'heldout': 30, 'two': 100 lines}."""
-    def singles(combos):
-        return [shapes_caption([(sz, c, sh, p)]) for c, sh in combos for sz in SHAPES_SIZES
-                for p in SHAPES_POSITIONS]
-    rng, two = np.random.default_rng(PROMPT_SEED), {}  # dict: unique lines in drawing order
-    while len(two) < N_PROMPTS_TWO:
-        two[shapes_caption(sample_shapes_objects(rng, 2))] = None
-    return {"seen": singles(SHAPES_SEEN), "heldout": singles(sorted(SHAPES_HELDOUT)), "two": list(two)}
 
 # ----------------------------------------------------------------------------------------------
 # Shards
@@ -240,155 +153,6 @@ def make_shapes(out_dir, n=50000, size=64, seed=0, workers=None, shard_rows=SHAR
     return out
 
 # ----------------------------------------------------------------------------------------------
-# The demo's encoders: tiny random models of the real classes (no download), loaded by the trainer through
-# the code path of the real checkpoints
-
-DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in the top left")
-def build_demo_encoders(folder, hp, vocab_text, vits=None):
-    """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
-    through exactly the code path of the real checkpoints. Returns the three folder paths."""
-    import torch
-    from train_gpt_style import TINY_VIT
-    vits, folder = vits or (TINY_VIT, TINY_VIT), Path(folder)
-    paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
-    if all((p / "config.json").exists() for p in paths):
-        return [str(p) for p in paths]
-    with torch.random.fork_rng(devices=[]):  # leaves the run's random stream as it was
-        torch.manual_seed(0)
-        _write_random_encoders(paths, hp, vocab_text, vits)
-    return [str(p) for p in paths]
-
-
-def _write_random_encoders(paths, hp, vocab_text, vits):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
-                              PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(vocab_text, trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-                                  bos_token="<bos>")
-    # A random encoder attends almost uniformly; local (sliding-window) attention makes each word's output the
-    # average of its own phrase, so a colour stays bound to its shape and position in two-object captions.
-    mod = dict(vocab_size=tok.vocab_size, hidden_size=hp.text_dim, intermediate_size=2 * hp.text_dim,
-               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hp.text_dim // 2,
-               query_pre_attn_scalar=hp.text_dim // 2, sliding_window=DEMO_TEXT_WINDOW,
-               layer_types=["sliding_attention"] * 2)
-    T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=tok.vocab_size)).save_pretrained(paths[0])
-    tok.save_pretrained(paths[0])
-    regs = dict(num_register_tokens=4)  # the real checkpoints have 4 registers
-    # the real checkpoints' patch sizes (16, 14); image_size only sizes the position table (DINOv3 uses RoPE)
-    DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, image_size=64, **vits[0], **regs)).save_pretrained(paths[1])
-    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=hp.pdino_res, **vits[1], **regs)
-                             ).save_pretrained(paths[2])
-
-
-# ----------------------------------------------------------------------------------------------
-# Scorer: find each named object by colour, then judge position, shape and size from its pixels
-
-COLOR_TOL = 60  # max RGB distance of a pixel from the white->colour line to count as that colour
-MIN_AREA = 0.15  # a colour blob must cover >= 15 % of (named side)^2 (a triangle covers 50 %)
-SQUARE_FILL = 0.89  # area / (width * height) above this is a square (ideal 1; circle pi/4 = 0.785)
-TRIANGLE_SKEW = -0.25  # rows' coverage skewness below this is an apex-up triangle (ideal -0.57; else 0)
-SIZE_SPLIT = 1 / 4  # extent above S/4 is large (between small S/6 and large S/3)
-
-
-def _blend(img, color):
-    """Read (H, W, 3) float pixels as `color` blended over white: returns the (H, W) fraction of
-    colour (0 where the pixel lies more than COLOR_TOL off the white->colour line) and that distance."""
-    v = np.subtract(color, WHITE, dtype=np.float64)  # (3,)
-    d = img - np.array(WHITE, dtype=np.float64)  # (H, W, 3)
-    alpha = np.clip(d @ v / (v @ v), 0, 1)  # (H, W)
-    resid = np.linalg.norm(d - alpha[..., None] * v, axis=-1)  # (H, W)
-    return np.where(resid < COLOR_TOL, alpha, 0.0), resid
-
-
-def _grow(mask):
-    """Dilate an (H, W) bool mask by one pixel (4-neighbourhood)."""
-    p = np.pad(mask, 1)
-    return mask | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-
-
-def _components(mask):
-    """4-connected components of an (H, W) bool mask, as a list of bool masks, largest first."""
-    h, w = mask.shape
-    none = h * w
-    lab = np.where(mask, np.arange(h * w).reshape(h, w), none)
-    while True:  # propagate the smallest label through each component
-        pad = np.pad(lab, 1, constant_values=none)
-        new = np.minimum.reduce([lab, pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]])
-        new = np.where(mask, new, none)
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    ids, counts = np.unique(lab[mask], return_counts=True)
-    return [lab == i for i in ids[np.argsort(-counts, kind="stable")]]
-
-
-def _measure(weights):
-    """Coverage weights (H, W) of one blob -> area, extent, centroid, fill ratio, row skewness."""
-    rows, cols = weights.sum(1), weights.sum(0)  # (H,), (W,)
-    area = weights.sum()
-    width, height = rows.max(), cols.max()  # widest row, tallest column (in pixels)
-    y = np.arange(len(rows)) + 0.5
-    cy = rows @ y / area
-    cx = cols @ (np.arange(len(cols)) + 0.5) / area
-    var = rows @ (y - cy) ** 2 / area
-    skew = rows @ (y - cy) ** 3 / area / max(var, 1e-9) ** 1.5
-    return area, max(width, height), np.array([cx, cy]), area / max(width * height, 1e-9), skew
-
-
-def _judge(img, objects):
-    """img (H, W, 3) float; objects of one prompt -> list of {color, position, shape, size} bools.
-    An object whose colour is not found is wrong on every attribute."""
-    S = img.shape[0]
-    anchors = {p: np.multiply(f, S) for p, f in SHAPES_POSITIONS.items()}  # name -> (x, y) px
-    blend = {c: _blend(img, rgb) for c, rgb in SHAPES_COLORS.items()}
-    nearest = np.array(list(blend))[np.stack([r for _, r in blend.values()]).argmin(0)]  # (H, W)
-    results = [dict(color=False, position=False, shape=False, size=False) for _ in objects]
-    for c in dict.fromkeys(o[1] for o in objects):
-        cover = blend[c][0]  # (H, W)
-        idx = [k for k, o in enumerate(objects) if o[1] == c]
-        # the len(idx) largest at-least-half-covered blobs, grown by a pixel to take in their edges
-        blobs = _components((cover >= 0.5) & (nearest == c))[:len(idx)]
-        stats = [_measure(cover * _grow(b)) for b in blobs]
-        # objects sharing this colour take the blobs in the assignment nearest their anchors
-        best = min(itertools.permutations(range(len(stats)), min(len(stats), len(idx))),
-                   key=lambda perm: sum(np.hypot(*(stats[b][2] - anchors[objects[k][3]]))
-                                        for k, b in zip(idx, perm)))
-        for k, b in zip(idx, best):
-            size_name, _, shape, position = objects[k]
-            area, extent, centre, fill, skew = stats[b]
-            if area < MIN_AREA * (SHAPES_SIZES[size_name] * S) ** 2:
-                continue
-            near = min(anchors, key=lambda p: np.hypot(*(centre - anchors[p])))
-            found = ("triangle" if skew < TRIANGLE_SKEW and fill < SQUARE_FILL
-                     else "square" if fill > SQUARE_FILL else "circle")
-            results[k] = dict(color=True, position=near == position, shape=found == shape,
-                              size=("large" if extent > SIZE_SPLIT * S else "small") == size_name)
-    return results
-
-
-def score_shapes(images, prompts):
-    """Score generated images against their shapes prompts (any side S).
-    images: list of PIL images or uint8 array (N, H, W, 3); prompts: list of N captions.
-    Returns {'color', 'position', 'shape', 'size': accuracy over objects, 'full': fraction of
-    images with every attribute of every object right, 'per_image': [bool] * N}.
-    Colour: a blob of pixels blended from the named colour, of area >= MIN_AREA; position: its
-    centroid's nearest anchor; shape: fill ratio and the skew of its rows; size: its extent."""
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    per_object, per_image = [], []
-    for img, prompt in zip(images, prompts):
-        arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float64)
-        res = _judge(arr, parse_shapes_caption(prompt))
-        per_object += res
-        per_image.append(all(all(r.values()) for r in res))
-    out = {a: float(np.mean([r[a] for r in per_object])) for a in ("color", "position", "shape", "size")}
-    return {**out, "full": float(np.mean(per_image)), "per_image": per_image}
-
-# ----------------------------------------------------------------------------------------------
 # Real data sets -> aspect-bucketed JPEG shards (`hf`)
 
 KNOWN_DATASETS = {  # hub id -> (image column, caption columns, sampling weights); weight 0: only a fallback
@@ -434,13 +198,12 @@ def bucket_crop(img, buckets, resample=Image.Resampling.LANCZOS):
 def convert_row(raw, texts, weights, seed, row, buckets):
     """One input row -> (record, [conversions]) or (None, [cause of the drop]). Checks in order: caption,
     image present, decodable (mode converted to RGB), large enough for its bucket."""
-    from train_gpt_style import decode_image
     caption, cause = pick_caption(texts, weights, np.random.default_rng([seed, row]))
     if caption is None:
         return None, [cause]
     if raw is None:
         return None, ["no_image"]
-    img, mode = decode_image(raw)
+    img, mode = support.decode_image(raw)
     if img is None:
         return None, [mode]
     img, scale = bucket_crop(img, buckets)
@@ -506,7 +269,7 @@ def open_source(dataset, split="train", config=None):
     row count or None, column names)."""
     import datasets
 
-    from train_gpt_style import brief, parquet_footers
+    from support import brief, parquet_footers
     datasets.disable_progress_bars()
     path = Path(dataset)
     try:
@@ -560,7 +323,7 @@ def check_column_types(dataset, features, image_col, caption_cols):
     text would otherwise drop every row, found out only at the end."""
     import datasets
 
-    from train_gpt_style import column_type_error
+    from support import column_type_error
     keep = [c for c in (image_col, *caption_cols) if c in features]
     err = column_type_error(datasets.Features({c: features[c] for c in keep}).arrow_schema, image_col,
                               caption_cols, sizes=())
@@ -691,7 +454,7 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
 def write_text_emb(path, batches, meta):
     """Batches of packed embeddings [(bf16 bytes, n_tokens)] -> one Arrow IPC stream file, the format that
     datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically;
-    meta (the trainer's text_emb_meta: encoder and caption digest of the shard) goes into its schema metadata, which
+    meta (support.text_emb_meta: encoder and caption digest of the shard) goes into its schema metadata, which
     the trainer checks. -> (its size in bytes, tokens written)."""
     import pyarrow as pa
     schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())], metadata=meta)
@@ -715,8 +478,8 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     import pyarrow.parquet as pq
     import torch
 
-    from train_gpt_style import (Hyperparameters, TextEncoder, brief, pack_text_emb, quiet_transformers, text_emb_meta,
-                                 text_emb_path)
+    from support import brief, pack_text_emb, quiet_transformers, text_emb_meta, text_emb_path
+    from train_gpt_style import Hyperparameters, TextEncoder
     hp = Hyperparameters()
     text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -844,6 +607,81 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
 # ----------------------------------------------------------------------------------------------
 # CLI: one subcommand per job
 
+# ----------------------------------------------------------------------------------------------
+# Memory plan (`memory`): the analytic GiB per device of the trainer's step, by part, and the largest micro-batch that
+# fits a budget; the trainer's bench logs the measured peak next to it
+
+T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
+EVAL_MODELS = 754_098_401  # fp32 parameters of the evaluation's CLIP ViT-L/14-336, DINOv2-L and Inception-v3
+MEM_BUDGET = 79.6  # GiB per device the plan fits the micro-batch into (H100 80 GB: 81,559 MiB)
+MEM_MARGIN = 0.9  # the fit leaves 10 % of the budget to allocator fragmentation, cuBLAS/NCCL workspaces, CUDA context
+VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (channels, convs) per level, 2x pooled
+
+
+def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_2B_ENCODER):
+    """GiB per device of one training step by part, for eager autograd on CUDA (a compiled graph may save less):
+    fp32 weights, gradients, Muon / Adam states sharded over `world` + the replicated fp32 EMA; bf16 weights held
+    through backward (FSDP, reshard=0: all; one process: autocast's copies) and, when several micro-batches
+    accumulate under FSDP, the unsharded fp32 gradients; frozen bf16 encoders and fp32 evaluation models; what autograd
+    saves (fused attention: q, k, v, out, logsumexp; recomputed blocks: their input; perceptual encoders on x0)."""
+    import torch
+    import torch.nn as nn
+    from torchvision.models import vgg16
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from evals import REAL_VITS
+    from support import block_set
+    from train_gpt_style import REPA, PRXDiT, uses_muon
+    B, a, vits = micro or stage.micro_batch, 2 if hp.amp else 4, vits or REAL_VITS  # a: activation bytes
+    repa, use_repa = hp.repa_weight > 0 and any(st.repa for st in hp.stages), stage.repa and hp.repa_weight > 0
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        dit = PRXDiT(hp)
+        proj = REPA(hp, DINOv3ViTModel(DINOv3ViTConfig(**vits[0]))) if repa else nn.Module()
+        encs = [text_params, count(DINOv3ViTModel(DINOv3ViTConfig(**vits[0]))) if repa else 0,
+                count(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vits[1]))) if hp.pdino_weight else 0,
+                count(vgg16().features[:30]) if hp.lpips_weight else 0]  # [:30]: the convs LPIPS uses (to relu5_3)
+    n = count(dit) + count(proj)
+    muon = sum(p.numel() for k, p in dit.named_parameters() if uses_muon(k, p))  # one momentum; Adam: two moments
+    held = (2 / hp.depth if hp.reshard and world > 1 else 1) * n * (2 if hp.amp else 4 if world > 1 else 0)
+    held += 4 * n if world > 1 and stage.batch // (world * B) > 1 else 0  # FSDP accumulates unsharded fp32 grads
+    D, L, H, P, F_ = hp.hidden, hp.text_len, hp.heads, 3 * hp.patch ** 2, int(hp.hidden * hp.mlp_ratio)
+    N = (stage.res // hp.patch) ** 2
+    n_tok = lambda i: N - round(N * hp.tread_frac) if hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end else N
+    # per token of a block: LayerNorm inputs and outputs in fp32 (autocast), the bf16 casts of h for the linears,
+    # RMSNorm in/out of q, k (fp32), q, k, v, out, gated branch outputs, the MLP's four F-wide tensors, statistics
+    tok = (8 + a) + (8 + a * (2 if hp.amp else 1)) + (16 if hp.amp else 20) + 6 * a
+    blk = lambda n: n * (tok * D + 4 * a * F_ + 16 + 12 * H) + L * ((4 * a + 4) * D + 4 * H)  # + text keys/values
+    recompute = block_set(hp.recompute, hp.depth)
+    act = sum(blk(n_tok(i)) if i not in recompute else a * D * n_tok(i) for i in range(hp.depth))
+    act += max([blk(n_tok(i)) for i in recompute] or [0])  # one recomputed block, rematerialised in backward
+    act += N * (a * (P + hp.bottleneck) + (8 + a) * D + 4 * P) + a * L * (hp.text_dim + D)  # in/out layers, loss
+    if use_repa:  # projector: its input, SiLUs and linears (4 E-wide); the cosine's two fp32 inputs
+        act += n_tok(hp.repa_block) * (a * D + (4 * a + 8) * vits[0]["hidden_size"])
+    nb, r = max(1, round(B * hp.perc_frac)), stage.res // 2  # perceptual losses on nb images; LPIPS at half size
+    if hp.lpips_weight:  # conv inputs / ReLU outputs, max-pool outputs and indices, per level normalise, difference
+        act += nb / B * (a * 3 * r * r + sum((r >> l) ** 2 * (a * c * k + (8 + a) * VGG16[l - 1][0] * (l > 0)
+                                                          + (8 + 2 * hp.amp) * c) for l, (c, k) in enumerate(VGG16)))
+    if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): fp32 LayerNorm inputs, q k v out, GELU input; cosine
+        T_ = (hp.pdino_res // 14) ** 2 + 5  # 14-px patches, + CLS and 4 registers
+        E, F2, n2 = (vits[1][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+        act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
+    gib = lambda x: x / 2 ** 30
+    return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
+                encoders=gib(2 * sum(encs) + 4 * EVAL_MODELS * (hp.eval_every > 0)), activations=gib(B * act))
+
+
+def memory_report(hp, world=8, log=print, budget=MEM_BUDGET, **kw):  # `python data_prep.py memory`
+    for i, st in enumerate(hp.stages, 1):
+        m = train_memory(hp, st, world, **kw)
+        B = kw.get("micro") or st.micro_batch
+        per_image, fixed = m["activations"] / B, sum(m.values()) - m["activations"]
+        fit = int((MEM_MARGIN * budget - fixed) / per_image)  # keeps this micro-batch's gradient accumulation
+        log(f"memory estimate stage:{i} res:{st.res} micro_batch:{B} devices:{world} peak:"
+            f"{sum(m.values()):.2f}GiB " + " ".join(f"{k}:{v:.2f}GiB" for k, v in m.items()) +
+            f" max_micro_batch@{budget:g}GiB:{fit} recompute:{hp.recompute or 'none'}")
+
+
 def _floats(text):
     return [float(x) for x in text.split(",")]
 
@@ -856,7 +694,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="render the synthetic shapes data set")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes, the demo's)")
     p.add_argument("--n", type=int, default=50000, help="training images")
     p.add_argument("--size", type=int, default=64, help="image side S in pixels")
     p.add_argument("--seed", type=int, default=0)
@@ -891,6 +729,10 @@ def main(argv=None):
     p.add_argument("--batch-per-step", type=int, default=1024, help="record pace: images per step (stage 1)")
     p.add_argument("--steps-per-s", type=float, default=1.0, help="record pace: optimizer steps per second")
     p.add_argument("--gpus", type=int, default=8, help="GPUs fed by the node's cores")
+    p = sub.add_parser("memory", help="the analytic memory plan of a trainer configuration (no GPU needed)")
+    p.add_argument("constants", nargs="*", help="the trainer's name=value overrides (default: the record preset)")
+    p.add_argument("--devices", type=int, default=8, help="devices the run shards over")
+    p.add_argument("--budget", type=float, default=MEM_BUDGET, help="GiB per device to fit the micro-batch into")
     args = parser.parse_args(argv)
     try:
         if args.command == "shapes":
@@ -899,6 +741,9 @@ def main(argv=None):
             convert_hf(args.dataset, args.out, args.image_col, args.caption_cols and args.caption_cols.split(","),
                        args.caption_weights, args.res, args.heldout, args.shard_rows, args.max_rows, args.workers,
                        args.seed, args.split, config=args.config)
+        elif args.command == "memory":
+            from train_gpt_style import parse_args
+            memory_report(parse_args(["preset=record", *args.constants], False), args.devices, budget=args.budget)
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
         elif args.command == "bench-decode":

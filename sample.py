@@ -10,7 +10,6 @@ The model, the sampler and the text encoder come from train_gpt_style.py. EMA we
 import argparse
 import dataclasses
 import math
-import os
 import re
 import sys
 import warnings
@@ -18,158 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 
+import evals
+import support
 import train_gpt_style as T
 
 FLAGS = dict(sample_steps="--steps", cfg="--cfg")  # the trainer's constants these flags set
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: fixed prompts and seeds, generated in slices across ranks, features all-gathered, compared with the
-# held-out reference images (<data>/heldout): FID (Inception), FD-DINOv2 (Stein et al. 2023), CMMD (CLIP ViT-L/14-336,
-# Jayasumana et al. 2024), CLIP score. Reference statistics are computed once per model and resolution, and cached.
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def frechet_distance(mu1, s1, mu2, s2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, with tr (S1 S2)^1/2 = sum of the square roots of the
-    eigenvalues of the symmetric S1^1/2 S2 S1^1/2 (no complex matrix square root)."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
-    w, V = torch.linalg.eigh(s1)
-    r1 = (V * w.clamp(min=0).sqrt()) @ V.T  # S1^1/2
-    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
-
-
-def gaussian_stats(f):  # features (N, D) -> mean (D,), unbiased covariance (D, D), float64
-    return f.double().mean(0), torch.cov(f.double().T)
-
-
-def mmd(x, y, sigma=10.0, scale=1000.0, unbiased=True):
-    """scale x squared MMD of x (m, D) and y (n, D) with the kernel exp(-|a - b|^2 / (2 sigma^2)) (CMMD: 10, 1000).
-    Unbiased as in the CMMD paper (no i = j pairs within a set); unbiased=False: its reference code's V-statistic."""
-    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()).pow(2) / (2 * sigma ** 2))
-    within = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1)) if unbiased else K.mean()
-    return (scale * (within(k(x, x)) + within(k(y, y)) - 2 * k(x, y).mean())).item()
-
-
-def load_eval_models(hp, device):
-    """Frozen float32 feature extractors, by hub id or local folder: name -> fn(images (B, 3, H, W) in [0, 1]) ->
-    (B, D); "clip_text": prompts -> unit CLIP text embeddings."""
-    def prep(x, size, mean, std):  # bicubic resize, then the model's normalisation
-        x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
-    fns, name = {}, ""
-    try:
-        if name := hp.eval_inception:  # timm (optional package): 2048-d pooled features (num_classes=0)
-            import timm
-            net = timm.create_model(("local-dir:" if Path(name).is_dir() else "hf-hub:") + name, pretrained=True,
-                                    num_classes=0).to(device).eval()
-            c = net.pretrained_cfg
-            fns["inception"] = lambda x: net(prep(x, c["input_size"][1:], c["mean"], c["std"]))
-        if name := hp.eval_dino:  # the CLS token after the final norm
-            dino = T.load_vit(name, device, torch.float32)
-            norm = (224, 224), T.IMAGENET_MEAN, T.IMAGENET_STD
-            fns["dinov2"] = lambda x: dino(pixel_values=prep(x, *norm)).pooler_output
-        if name := hp.eval_clip:
-            from transformers import AutoTokenizer, CLIPModel
-            clip, tok = CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name)
-            size, n_tok = clip.config.vision_config.image_size, clip.config.text_config.max_position_embeddings
-            fns["clip"] = lambda x: F.normalize(clip.get_image_features(
-                pixel_values=prep(x, (size, size), CLIP_MEAN, CLIP_STD)).pooler_output, dim=-1)
-
-            def clip_text(prompts):
-                b = tok(prompts, padding=True, truncation=True, max_length=n_tok, return_tensors="pt").to(device)
-                return F.normalize(clip.get_text_features(**b).pooler_output, dim=-1)
-            fns["clip_text"] = clip_text
-    except ImportError as e:
-        T.fail(f"evaluation: {e}; pip install it (timm: FID's Inception), or set eval_inception= to skip FID")
-    except (OSError, ValueError) as e:
-        T.fail(f"cannot load evaluation model {name}: {T.brief(e, 200)}")
-    return fns
-
-
-def prepare_eval(hp, device):
-    """Everything the evaluation needs, loaded once, so that a bad path fails before training starts:
-    -> (feature extractors, held-out reference images (ShardDataset), prompts)."""
-    try:
-        ref = T.ShardDataset(Path(hp.data) / "heldout")
-        prompts = Path(hp.eval_prompts).read_text().splitlines() if hp.eval_prompts else \
-            list(ref.ds.select(range(min(hp.eval_n, len(ref))))["caption"])
-    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-        T.fail(f"evaluation: {e}; write the held-out split with data_prep.py, fix eval_prompts, or set eval_every=0")
-    if min(len(prompts), len(ref), hp.eval_n) < 2:
-        T.fail(f"evaluation needs >= 2 prompts and reference images, has {len(prompts)} and {len(ref)}")
-    return load_eval_models(hp, device), ref, [p or "" for p in prompts[:hp.eval_n]]
-
-
-@torch.no_grad()
-def eval_features(fns, chunks, device):
-    """This rank's chunks of (images in [0, 1], prompts or None) -> {name: (N, D)} of all ranks, in order; with
-    prompts also "clip_score" (N, 1): 100 x cosine of the CLIP image and text embeddings, clipped at 0."""
-    out = {}
-    for x, prompts in chunks:
-        f = {k: fn(x.to(device)).float() for k, fn in fns.items() if k != "clip_text"}
-        if prompts is not None and "clip" in f:
-            f["clip_score"] = 100 * (f["clip"] * fns["clip_text"](prompts)).sum(-1, keepdim=True).clamp(min=0)
-        for k, v in f.items():
-            out.setdefault(k, []).append(v.cpu())
-    parts = [out]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, out)
-    return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
-
-
-def run_eval(model, text, hp, ev, res, cache_dir, device, batch=32):
-    """The fixed evaluation of `model` at res x res (ev: prepare_eval's) -> metrics, on every rank. Image i comes from
-    prompt i and the noise of eval_seed + i, with the run's sampling steps, CFG and guidance interval."""
-    fns, ref, prompts = ev
-    m, n = len(prompts), min(hp.eval_n, len(ref))  # generated and reference images
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def mine(N):  # this rank's contiguous part of range(N) (split like an FSDP shard), in batches
-        lo = sum(T.shard_rows(N, world)[:rank])
-        hi = lo + T.shard_rows(N, world)[rank]
-        return [(a, min(a + batch, hi)) for a in range(lo, hi, batch)]
-
-    def generated():
-        for a, b in mine(m):
-            x = T.generate(model, text, prompts[a:b], (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
-                         hp.eval_seed + a, batch, device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
-            yield torch.from_numpy(T.to_uint8(x)).permute(0, 3, 1, 2) / 255, prompts[a:b]  # as a saved PNG
-
-    gen = eval_features(fns, generated(), device)
-    ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
-    paths = {k: Path(cache_dir, re.sub(r"[^\w.-]", "_", f"{k}-{v}-res{res}-n{n}") + ".pt") for k, v in ids.items() if v}
-    todo = [[k for k, p in paths.items() if not p.exists()]]  # rank 0 decides for all
-    if dist.is_initialized():
-        dist.broadcast_object_list(todo, 0)
-    if todo[0]:  # reference features of the first n held-out images, resized like training images
-        ref.set_stage(res, hp.patch, 1.0)  # square centre crops, like the square generated images
-        f = eval_features({k: fns[k] for k in todo[0]}, ((torch.stack([ref[j][0] for j in range(a, b)]) / 255, None)
-                                                         for a, b in mine(n)), device)
-        if rank == 0:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            for k in todo[0]:  # CMMD needs the embeddings themselves, FD only their Gaussian statistics
-                torch.save(f[k] if k == "clip" else gaussian_stats(f[k]), paths[k].with_suffix(".tmp"))
-                os.replace(paths[k].with_suffix(".tmp"), paths[k])
-        if dist.is_initialized():
-            dist.barrier()
-    ref_stats = {k: torch.load(p, weights_only=True) for k, p in paths.items()}
-    out = dict(eval_n=m, eval_res=res)
-    for k, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
-        if k in ref_stats:
-            out[metric] = frechet_distance(*gaussian_stats(gen[k]), *ref_stats[k])
-    if "clip" in ref_stats:
-        out["cmmd"] = mmd(gen["clip"].to(device), ref_stats["clip"].to(device))  # 3 (n x n) kernels: on the device
-        out["clip_score"] = gen["clip_score"].mean().item()
-    return out
-
+def hp_from_config(config):  # the resolved config saved in a checkpoint -> Hyperparameters (unknown keys refused)
+    cfg = dict(config)
+    stages = [T.Stage(**st) for st in cfg.pop("stages")]
+    return T.Hyperparameters(**cfg, stages=stages)
 
 
 def find_checkpoint(path):
@@ -213,7 +73,7 @@ def load_model(path, ema=True):
     if not isinstance(ck, dict) or "config" not in ck or not isinstance(ck.get("ema"), dict):
         raise ValueError(f"{ck_dir} is not a prx-speedrun checkpoint (no config/ema)")
     try:
-        hp = T.hp_from_config(ck["config"])
+        hp = hp_from_config(ck["config"])
         T.check_config(hp)
     except (TypeError, KeyError, ValueError) as e:  # a config from another version of the trainer, or edited
         why = f"no {e}" if isinstance(e, KeyError) else one_line(e)
@@ -292,7 +152,7 @@ def export_diffusers(model, hp, out_dir):
     try:
         ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
     except RuntimeError as e:  # another diffusers version's layout
-        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({T.brief(e, 200)}); "
+        raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({support.brief(e, 200)}); "
                          "install the version in requirements.txt") from None
     try:
         ref.save_pretrained(out)
@@ -303,6 +163,21 @@ def export_diffusers(model, hp, out_dir):
         raise ValueError(f"--export-diffusers {out}: diffusers wrote no config.json + safetensors there; choose "
                          "another folder")
     return out
+
+
+def tread_guided(model, scale, frac, interval):
+    """TREAD self-guidance in place of CFG (no unconditional pass): x0 + scale (x0 - x0_r) for t in interval, where
+    x0_r is the same model with a fixed `frac` of the image tokens routed past the TREAD blocks (one routing for
+    every sample and step, so an image does not depend on its batch): a weaker model whose errors the full one is
+    pushed away from. -> a model for T.generate (with cfg=1)."""
+    def guided(x, t, txt, mask):
+        x0 = model(x, t, txt, mask)[0].float()
+        if not interval[0] <= float(t[0]) <= interval[1]:
+            return x0, None
+        n_tok = (x.shape[2] // model.patch) * (x.shape[3] // model.patch)
+        keep = T.tread_keep(1, n_tok, frac, "cpu", torch.Generator().manual_seed(0)).to(x.device).expand(len(x), -1)
+        return x0 + scale * (x0 - model(x, t, txt, mask, keep)[0].float()), None
+    return guided
 
 
 def sample_lines(model, text, lines, seed, batch, **kw):
@@ -364,7 +239,7 @@ def main(argv=None):
     ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXTransformer2DModel folder")
     ap.add_argument("--eval", action="store_true", help="run the fixed evaluation of the run's config (README)")
     a = ap.parse_args(argv)
-    T.quiet_transformers()
+    support.quiet_transformers()
     try:  # the flags alone first: a bad one fails before the checkpoint is read
         for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height)):
             if v is not None and v < 1:
@@ -386,9 +261,8 @@ def main(argv=None):
         interval = parse_interval(a.cfg_interval) if a.cfg_interval else None
         prompts = None if a.eval or (a.export_diffusers and not (a.prompts or a.prompt)) else read_prompts(a)
         if a.score:  # every prompt must be a shapes caption: know it before sampling
-            from data_prep import parse_shapes_caption
             for p in filter(None, prompts):
-                parse_shapes_caption(p)
+                evals.parse_shapes_caption(p)
         if prompts is not None and not a.out:
             raise ValueError("give --out DIR")
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
@@ -419,23 +293,26 @@ def main(argv=None):
     if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],
                                  cfg_hi=interval[1])
-        m = run_eval(model.to(dev), text, hp, prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
+        m = T.evaluate(model.to(dev), text, hp, T.prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
     out, done, kept = Path(a.out), [], []  # done: line indices written; kept: 8-bit copies of the first 64 (all with
     # --score, which judges the small shapes images)
     kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
-              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval, tread_guidance=a.tread_guidance,
-              tread_frac=hp.tread_frac or 0.5)  # no TREAD in the run: half the tokens routed
+              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval)
+    model = model.to(dev)
+    if a.tread_guidance is not None:  # no TREAD in the run: half the tokens routed
+        model, kw["cfg"] = tread_guided(model, a.tread_guidance, hp.tread_frac or 0.5, interval), 1.0
     from PIL import Image
     try:  # each batch's PNGs are written as soon as it is sampled: a crash keeps them, memory stays one batch
-        for i, img in sample_lines(model.to(dev), text, prompts, a.seed, a.batch, **kw):
-            u8 = T.to_uint8(img[None])[0]  # (H, W, 3)
+        for i, img in sample_lines(model, text, prompts, a.seed, a.batch, **kw):
+            u8 = support.to_uint8(img[None])[0]  # (H, W, 3)
             Image.fromarray(u8).save(out / f"{i:05d}.png")
             done.append(i)
             if a.score or len(kept) < 64:
                 kept.append(u8)
-        T.save_grid(torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1, out / "grid.png", nrow=8)
+        grid = torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1
+        support.save_grid(grid, out / "grid.png", nrow=8)
     except OSError as e:  # e.g. a full disk
         T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
                "far are kept)")
@@ -443,8 +320,7 @@ def main(argv=None):
     note = f" ({skipped} blank lines skipped; PNGs keep the line numbers)" if skipped else ""
     print(f"{len(done)} images in {out}{note}")
     if a.score:
-        from data_prep import score_shapes
-        sc = score_shapes(kept, [prompts[i] for i in done])
+        sc = evals.score_shapes(kept, [prompts[i] for i in done])
         print("shapes score: " + " ".join(f"{k}:{v:.3f}" for k, v in sc.items() if k != "per_image"))
 
 

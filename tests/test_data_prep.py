@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 import data_prep as dp
+import evals
+import support
 import train_gpt_style as T
 import conftest
 from conftest import ROOT, corrupt_copy, expected_skips
@@ -446,7 +448,7 @@ def bucketed(tmp_path_factory):
 
 def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
     groups = ds.set_stage(RES, PATCH, 2.0)
-    samplers = [T.StreamSampler(len(ds), 3, start, batch, micro, r, world, groups, first) for r in range(world)]
+    samplers = [support.StreamSampler(len(ds), 3, start, batch, micro, r, world, groups, first) for r in range(world)]
     return conftest.global_batches(samplers, world, micro, batch, steps)
 
 
@@ -457,7 +459,7 @@ def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path, monkeyp
     draws, batch_draws = [], T.batch_draws
     monkeypatch.setattr(T, "batch_draws", lambda hp, b, n_tok, *a: draws.append(n_tok) or batch_draws(hp, b, n_tok, *a))
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
-    enc = dp.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
+    enc = evals.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
     steps, batch = 8, 6
     T.main(["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", f"text_encoder={enc[0]}",
             f"repa_encoder={enc[1]}", "text_dim=32", "text_len=16", "hidden=32", "depth=3", "heads=2", "patch=8",
@@ -469,7 +471,7 @@ def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path, monkeyp
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) and -1 <= r["repa"] <= 1 and r["repa"] != 0 for r in rows if "loss" in r)
     ds = T.ShardDataset(bucketed)  # the global batches of the run (seed 0)
-    it = iter(T.StreamSampler(len(ds), 0, 0, batch, batch, 0, 1, ds.set_stage(RES, PATCH, 2.0)))
+    it = iter(support.StreamSampler(len(ds), 0, 0, batch, batch, 0, 1, ds.set_stage(RES, PATCH, 2.0)))
     used = [ds.buckets[ds.bucket_of[next(it)[0]]] for _ in range(steps)]
     assert draws == [(w // PATCH) * (h // PATCH) for w, h in used]  # each step's routing: its bucket's tokens
     assert set(draws) - {(RES // PATCH) ** 2}  # other token counts met
@@ -518,7 +520,7 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
 
 def test_square_data_keeps_one_permutation_stream():
     """One group (square data) is exactly the former stream: one seeded permutation of all rows per epoch."""
-    s = T.StreamSampler(20, 5, 0, 4, 4, 0, 1)
+    s = support.StreamSampler(20, 5, 0, 4, 4, 0, 1)
     got = [i for _, b in zip(range(15), iter(s)) for i in b]
     perm = lambda e: torch.randperm(20, generator=torch.Generator().manual_seed(5 * 1_000_003 + e)).tolist()  # noqa
     assert got == perm(0) + perm(1) + perm(2)
@@ -532,7 +534,7 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     shutil.copytree(bucketed, data)
     hp = T.Hyperparameters(text_len=16, text_dim=32)
     captions = [r["caption"] for r in read_table(data / "train")]
-    enc_dir = dp.build_demo_encoders(tmp_path / "enc", hp, captions)[0]
+    enc_dir = evals.build_demo_encoders(tmp_path / "enc", hp, captions)[0]
     stats = [dp.encode_text(data, enc_dir, 16, batch=7, rank=r, world=2) for r in (0, 1)]
     files = sorted((data / "train").glob("*.parquet"))
     assert [s["files"] for s in stats] == [len(files[0::2]), len(files[1::2])]
@@ -543,7 +545,7 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     assert ds.has_emb
     text = T.TextEncoder(enc_dir, 16, torch.device("cpu"), torch.float32)
     items = [ds[i] for i in range(0, len(ds), 7)]
-    _, caps, (txt, mask), causes = T.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
+    _, caps, (txt, mask), causes = support.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
     ref, ref_mask = text(caps)
     assert causes == [] and torch.equal(mask, ref_mask)
     assert txt.dtype == torch.bfloat16 and torch.equal(txt, ref.to(torch.bfloat16))  # as stored, trimmed
@@ -567,7 +569,7 @@ def test_text_emb_digest_sees_other_captions_of_the_same_row_count():
     import pyarrow as pa
     caps = [f"caption {i}" for i in range(200)]
     probed = set(np.linspace(0, 199, 64).astype(int))
-    digest = lambda c: T.text_emb_meta(pa.chunked_array([c]), "enc")["captions"]  # noqa: E731
+    digest = lambda c: support.text_emb_meta(pa.chunked_array([c]), "enc")["captions"]  # noqa: E731
     assert digest(caps) == digest(list(caps)) and digest(caps).startswith(f"200:{sum(map(len, caps))}:")
     assert 1 not in probed and 3 in probed
     assert digest(caps[:1] + ["caption 1!"] + caps[2:]) != digest(caps)  # not probed: the byte total sees it
@@ -581,7 +583,7 @@ def test_stale_text_emb_sidecars_are_one_line_before_training(tmp_path, capsys):
     data = dp.make_shapes(tmp_path / "data", n=64, size=32, shard_rows=32)
     other = dp.make_shapes(tmp_path / "seed1", n=64, size=32, shard_rows=32, seed=1)  # the same rows, re-drawn
     hp = T.Hyperparameters(text_len=16, text_dim=32)
-    enc_dir = dp.build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
+    enc_dir = evals.build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[0]
     dp.encode_text(data, enc_dir, 16)
     assert T.ShardDataset(data, str(enc_dir)).has_emb
     shard, sidecar = data / "train" / "shard-00001.parquet", data / "text_emb" / "train" / "shard-00001.arrow"
@@ -687,7 +689,7 @@ def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path, seed):
     assert min(damage) < 48 <= max(damage)  # rows of both shards damaged
     vocab = (clean / "prompts_seen.txt").read_text().splitlines() + ["and"]
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
-    enc = dp.build_demo_encoders(tmp_path / "enc", hp0, vocab)[0]
+    enc = evals.build_demo_encoders(tmp_path / "enc", hp0, vocab)[0]
     run = tmp_path / "run"
     steps = [(32, 8, 4, 5), (32, 4, 2, 3)]  # (res, batch, micro, steps): two stages
     args = ["preset=record", f"data={data}", f"run_dir={run}", f"text_encoder={enc}", "text_dim=32", "text_len=16",
@@ -705,7 +707,7 @@ def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path, seed):
     # the reference: the rows the sampler drew, each walked forward past the damaged ones
     drawn, pos = [], 0
     for (res, batch, micro, n), line in zip(steps, lines):
-        it = iter(T.StreamSampler(96, 0, pos, batch, batch, 0, 1, None, pos))
+        it = iter(support.StreamSampler(96, 0, pos, batch, batch, 0, 1, None, pos))
         drawn += [i for _ in range(n) for i in next(it)]
         pos += batch * n
         want = expected_skips(drawn, damage, 96)

@@ -66,7 +66,7 @@ def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
     bad_rows = {w: [line for line in logs[w].splitlines() if line.startswith("data: bad rows")] for w in logs}
     assert bad_rows[1] != ["data: bad rows replaced or converted so far (all ranks): none"]
     assert bad_rows[1] == bad_rows[2] == bad_rows[4] and len(bad_rows[1]) == 1
-    from train_gpt_style import StreamSampler
+    from support import StreamSampler
     it = iter(StreamSampler(256, 0, 0, 8, 8, 0, 1))  # the rows the 5 global batches drew, seed 0
     want = expected_skips([i for _ in range(5) for i in next(it)], damage, 256)
     assert ast.literal_eval(bad_rows[1][0].split("(all ranks): ", 1)[1]) == want and want
@@ -102,18 +102,16 @@ def test_fsdp_bf16_weights_leave_the_timestep_and_rope_in_fp32(tmp_path):
         ref = T.PRXDiT(hp)
         for p in ref.parameters():  # non-zero weights everywhere (adaLN-zero would hide the time embedding)
             p.data.normal_(0, 0.05)
-        tr = T.Trainer.__new__(T.Trainer)  # a run's sharding step, on a bare trainer
-        tr.hp, tr.world, tr.device, tr.log = hp, 1, torch.device("cpu"), lambda *a: None
-        tr.model, tr.projector = copy.deepcopy(ref), torch.nn.Module()
-        tr.shard()
+        env = T.Env(rank=0, world=1, master=True, device=torch.device("cpu"), distributed=True)
+        model = T.shard(hp, env, [copy.deepcopy(ref)], lambda *a: None)[0]  # a run's sharding step
         seen = {}
-        tr.model.time_in.register_forward_pre_hook(lambda m, a: seen.setdefault("t", a[0].dtype) and None)
-        tr.model.blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("cos", a[4].dtype) and None)
+        model.time_in.register_forward_pre_hook(lambda m, a: seen.setdefault("t", a[0].dtype) and None)
+        model.blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("cos", a[3].dtype) and None)
         g = torch.Generator().manual_seed(0)
         x, txt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, hp.text_len, hp.text_dim, generator=g)
         t, mask = torch.tensor([0.9013, 0.6017]), torch.ones(2, hp.text_len, dtype=torch.bool)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, base = tr.model(x, t, txt, mask)[0].float(), ref(x, t, txt, mask)[0].float()
+            out, base = model(x, t, txt, mask)[0].float(), ref(x, t, txt, mask)[0].float()
         assert seen == {"t": torch.float32, "cos": torch.float32}
         assert (out - base).abs().max() < 0.03  # bf16 weights only; t rounded to bf16 gave 0.06
     finally:

@@ -1,5 +1,6 @@
-"""The evaluation (sample.py): metric maths against closed forms and direct loops, feature extractors built as tiny
-random models of the real classes and loaded through the real code path, the reference cache, a run that evaluates."""
+"""The evaluation (the leaf module evals.py, driven by the trainer's prepare_eval and evaluate): metric maths against
+closed forms and direct loops, feature extractors built as tiny random models of the real classes and loaded through
+the real code path, the reference cache, a run that evaluates."""
 import dataclasses
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evals
 import sample as S
 import train_gpt_style as T
 from conftest import ROOT
@@ -25,15 +27,15 @@ def spd(d, seed):  # a random symmetric positive definite matrix
 
 def test_frechet_distance_closed_forms():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert S.frechet_distance([0.5], [[4.0]], [2.0], [[9.0]]) == pytest.approx(1.5 ** 2 + (2 - 3) ** 2, rel=1e-12)
+    assert evals.frechet_distance([0.5], [[4.0]], [2.0], [[9.0]]) == pytest.approx(1.5 ** 2 + (2 - 3) ** 2, rel=1e-12)
     # diagonal (commuting) covariances: |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
     a, b = torch.tensor([1.0, 2.0, 0.5, 3.0]).double(), torch.tensor([0.3, 2.0, 4.0, 1.0]).double()
     mu1, mu2 = torch.tensor([0.0, 1.0, -1.0, 2.0]).double(), torch.tensor([1.0, 1.0, 0.0, 0.0]).double()
     ref = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()
-    assert S.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref.item(), rel=1e-10)
+    assert evals.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref.item(), rel=1e-10)
     # identical Gaussians: 0
     s = spd(6, 0)
-    assert abs(S.frechet_distance(mu1[:1].expand(6), s, mu1[:1].expand(6), s)) < 1e-9
+    assert abs(evals.frechet_distance(mu1[:1].expand(6), s, mu1[:1].expand(6), s)) < 1e-9
 
 
 def test_frechet_distance_non_commuting_covariances():
@@ -47,10 +49,10 @@ def test_frechet_distance_non_commuting_covariances():
     except ImportError:  # eigenvalues of S1 S2 (real, positive: it is similar to S1^1/2 S2 S1^1/2)
         tr = np.sqrt(np.linalg.eigvals(s1.numpy() @ s2.numpy()).real).sum()
     ref = ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()).item() - 2 * tr
-    assert S.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    assert evals.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
     # and from samples: gaussian_stats is numpy's mean and (unbiased) covariance
     f = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
-    mu, cov = S.gaussian_stats(f)
+    mu, cov = evals.gaussian_stats(f)
     assert np.allclose(mu.numpy(), f.double().numpy().mean(0)) and np.allclose(cov.numpy(), np.cov(f.double().numpy().T))
 
 
@@ -77,16 +79,16 @@ def test_mmd_matches_double_loop(sigma, unbiased):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g) + 0.5
     ref = mmd_loops(x, y, sigma, 1000.0, unbiased)
-    assert S.mmd(x, y, sigma=sigma, unbiased=unbiased) == pytest.approx(ref, rel=1e-9)
+    assert evals.mmd(x, y, sigma=sigma, unbiased=unbiased) == pytest.approx(ref, rel=1e-9)
     assert abs(ref) > 1e-3  # a real difference, not noise around 0
 
 
 def test_cmmd_defaults_are_sigma_10_scale_1000_unbiased():
-    """run_eval calls mmd with its defaults: they must be CMMD's (RBF sigma = 10, x 1000, unbiased)."""
+    """evals.run_eval calls mmd with its defaults: they must be CMMD's (RBF sigma = 10, x 1000, unbiased)."""
     g = torch.Generator().manual_seed(2)
     x, y = (F.normalize(torch.randn(6, 4, generator=g) + shift, dim=-1) * 8 for shift in (0.0, 0.7))  # |x| ~ sigma
     ref = mmd_loops(x, y, 10.0, 1000.0, True)
-    assert S.mmd(x, y) == pytest.approx(ref, rel=1e-9)
+    assert evals.mmd(x, y) == pytest.approx(ref, rel=1e-9)
     others = [mmd_loops(x, y, sigma, scale, unb) for sigma, scale, unb in ((5.0, 1e3, True), (20.0, 1e3, True),
                                                                            (10.0, 1.0, True), (10.0, 1e3, False))]
     assert all(abs(o - ref) > 1e-3 * abs(ref) for o in others)  # each default changes the value
@@ -94,14 +96,14 @@ def test_cmmd_defaults_are_sigma_10_scale_1000_unbiased():
 
 def test_mmd_of_a_set_with_itself():
     x = F.normalize(torch.randn(9, 6, generator=torch.Generator().manual_seed(1)).double(), dim=-1)  # unit, like CLIP
-    assert S.mmd(x, x, unbiased=False) == 0.0  # the V-statistic of a set against itself
+    assert evals.mmd(x, x, unbiased=False) == 0.0  # the V-statistic of a set against itself
     # the unbiased estimator drops the i = j pairs within each set but not across, so against itself it is
     # -(2 / m) (1 - mean off-diagonal kernel) x scale: below 0, and 0 in expectation over independent sets
     m, sigma = len(x), 1.0
     kbar = sum(math.exp(-((x[i] - x[j]) ** 2).sum().item() / (2 * sigma ** 2))
                for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    assert S.mmd(x, x, sigma=sigma) == pytest.approx(-1000 * 2 / m * (1 - kbar), rel=1e-9)
-    assert S.mmd(x[:1].expand(4, -1), x[:1].expand(4, -1)) == pytest.approx(0.0, abs=1e-9)  # one point: exactly 0
+    assert evals.mmd(x, x, sigma=sigma) == pytest.approx(-1000 * 2 / m * (1 - kbar), rel=1e-9)
+    assert evals.mmd(x[:1].expand(4, -1), x[:1].expand(4, -1)) == pytest.approx(0.0, abs=1e-9)  # one point: exactly 0
 
 
 # ---------------------------------------------------------------- feature extractors, through the loading path
@@ -161,14 +163,14 @@ def prep(x, size, mean, std):  # the preprocessing, written out: bicubic resize,
 
 def test_clip_score_is_clipped_cosine_of_clip_embeddings(eval_models, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
-    fns = S.load_eval_models(hp_with(eval_models, eval_dino="", eval_inception=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_dino="", eval_inception=""), "cpu")
     assert set(fns) == {"clip", "clip_text"}
     x = images01(3)
     prompts = CAPTIONS
-    out = S.eval_features(fns, [(x, prompts)], "cpu")
+    out = evals.eval_features(fns, [(x, prompts)], "cpu")
     clip, tok = CLIPModel.from_pretrained(eval_models["clip"]).eval(), AutoTokenizer.from_pretrained(eval_models["clip"])
     with torch.no_grad():
-        img = clip.get_image_features(pixel_values=prep(x, (48, 48), S.CLIP_MEAN, S.CLIP_STD)).pooler_output
+        img = clip.get_image_features(pixel_values=prep(x, (48, 48), evals.CLIP_MEAN, evals.CLIP_STD)).pooler_output
         txt = clip.get_text_features(**tok(prompts, padding=True, return_tensors="pt")).pooler_output
     cos = F.cosine_similarity(img, txt, dim=-1)
     assert torch.allclose(out["clip_score"][:, 0], 100 * cos.clamp(min=0), atol=1e-4)
@@ -179,29 +181,29 @@ def test_clip_score_is_clipped_cosine_of_clip_embeddings(eval_models, tmp_path):
         clip.text_projection.weight.neg_()
     clip.save_pretrained(tmp_path / "neg")
     tok.save_pretrained(tmp_path / "neg")
-    fns = S.load_eval_models(hp_with(eval_models, eval_clip=str(tmp_path / "neg"), eval_dino="", eval_inception=""),
-                             "cpu")
-    assert torch.equal(S.eval_features(fns, [(x, prompts)], "cpu")["clip_score"], torch.zeros(3, 1))
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip=str(tmp_path / "neg"), eval_dino="",
+                                         eval_inception=""), "cpu")
+    assert torch.equal(evals.eval_features(fns, [(x, prompts)], "cpu")["clip_score"], torch.zeros(3, 1))
 
 
 def test_fd_dinov2_features_through_the_loading_path(eval_models):
     from transformers import Dinov2Model
-    fns = S.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception=""), "cpu")
     x, y = images01(6), images01(5, seed=1) * 0.5
-    f = S.eval_features(fns, [(x[:4], None), (x[4:], None)], "cpu")["dinov2"]
+    f = evals.eval_features(fns, [(x[:4], None), (x[4:], None)], "cpu")["dinov2"]
     dino = Dinov2Model.from_pretrained(eval_models["dinov2"]).eval()
     with torch.no_grad():
-        ref = dino(pixel_values=prep(x, (224, 224), T.IMAGENET_MEAN, T.IMAGENET_STD)).last_hidden_state[:, 0]
+        ref = dino(pixel_values=prep(x, (224, 224), evals.IMAGENET_MEAN, evals.IMAGENET_STD)).last_hidden_state[:, 0]
     assert f.shape == (6, 32) and torch.allclose(f, ref, atol=1e-5)  # the CLS token after the final norm
-    g = S.eval_features(fns, [(y, None)], "cpu")["dinov2"]
-    assert S.frechet_distance(*S.gaussian_stats(f), *S.gaussian_stats(g)) > 0
+    g = evals.eval_features(fns, [(y, None)], "cpu")["dinov2"]
+    assert evals.frechet_distance(*evals.gaussian_stats(f), *evals.gaussian_stats(g)) > 0
 
 
 def test_inception_features_through_timm_loading_path(eval_models):
     import timm
-    fns = S.load_eval_models(hp_with(eval_models, eval_clip="", eval_dino=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_dino=""), "cpu")
     x = images01(3)
-    f = S.eval_features(fns, [(x, None)], "cpu")["inception"]
+    f = evals.eval_features(fns, [(x, None)], "cpu")["inception"]
     net = timm.create_model("local-dir:" + eval_models["inception"], pretrained=True, num_classes=0).eval()
     c = net.pretrained_cfg
     with torch.no_grad():
@@ -210,16 +212,24 @@ def test_inception_features_through_timm_loading_path(eval_models):
 
 
 def test_missing_eval_model_is_one_line(tmp_path, capsys):
+    hp = dataclasses.replace(T.Hyperparameters(), data=str(tmp_path / "data"), eval_n=3, eval_inception="",
+                             eval_dino="", eval_clip=str(tmp_path / "nope"))
+    # the leaf module raises a one-line ValueError
+    with pytest.raises(ValueError) as e:
+        evals.load_eval_models(hp, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot load evaluation model {tmp_path / 'nope'}")
+    # the trainer's prepare_eval turns it into its one error line, exit code 2
+    write_heldout(tmp_path / "data", 3)
     with pytest.raises(SystemExit) as e:
-        S.load_eval_models(dataclasses.replace(T.Hyperparameters(), eval_inception="", eval_dino="",
-                                               eval_clip=str(tmp_path / "nope")), "cpu")
+        T.prepare_eval(hp, "cpu")
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: cannot load evaluation model")
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: evaluation: cannot load evaluation model")
 
 
 def test_missing_heldout_split_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        S.prepare_eval(dataclasses.replace(T.Hyperparameters(), data=str(tmp_path)), "cpu")
+        T.prepare_eval(dataclasses.replace(T.Hyperparameters(), data=str(tmp_path)), "cpu")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "no parquet shards under" in err[0] and "eval_every=0" in err[0]
 
@@ -228,7 +238,8 @@ def test_missing_heldout_split_is_one_line(tmp_path, capsys):
 
 
 def write_heldout(data, n, size=32, seed=5):
-    from data_prep import render_shapes, sample_shapes_objects, shapes_caption, write_shard
+    from data_prep import write_shard
+    from evals import render_shapes, sample_shapes_objects, shapes_caption
     rng = np.random.default_rng(seed)
     objects = [sample_shapes_objects(rng, 1 + i % 2) for i in range(n)]
     (data / "heldout").mkdir(parents=True, exist_ok=True)
@@ -236,25 +247,25 @@ def write_heldout(data, n, size=32, seed=5):
                 [shapes_caption(o) for o in objects])
 
 
-def test_run_eval_caches_reference_statistics(eval_models, tmp_path, monkeypatch):
+def test_evaluate_caches_reference_statistics(eval_models, tmp_path, monkeypatch):
     write_heldout(tmp_path / "data", 7)
     hp = hp_with(eval_models, data=str(tmp_path / "data"), eval_n=5, sample_steps=2, cfg=2.0, amp=False,
                  hidden=32, depth=2, heads=2, patch=8, bottleneck=8, text_dim=24, tread_start=0, tread_end=1)
     model = T.PRXDiT(hp).eval()
-    ev = S.prepare_eval(hp, "cpu")
+    ev = T.prepare_eval(hp, "cpu")
     assert len(ev[2]) == 5 and ev[2][0].startswith("a ")  # the held-out captions are the prompts
     decoded = []
     orig = T.ShardDataset.__getitem__
     monkeypatch.setattr(T.ShardDataset, "__getitem__", lambda self, i: decoded.append(i) or orig(self, i))
     cache = tmp_path / "cache"
-    first = S.run_eval(model, ToyText(), hp, ev, 16, cache, "cpu", batch=2)
+    first = T.evaluate(model, ToyText(), hp, ev, 16, cache, "cpu", batch=2)
     assert sorted(decoded) == [0, 1, 2, 3, 4]  # the first eval_n reference images, once
     files = sorted(cache.iterdir())
     assert [f.name.split("-")[0] for f in files] == ["clip", "dinov2", "inception"] and all("res16-n5" in f.name
                                                                                           for f in files)
     mtimes = [f.stat().st_mtime_ns for f in files]
     decoded.clear()
-    second = S.run_eval(model, ToyText(), hp, ev, 16, cache, "cpu", batch=3)
+    second = T.evaluate(model, ToyText(), hp, ev, 16, cache, "cpu", batch=3)
     assert decoded == [] and [f.stat().st_mtime_ns for f in files] == mtimes  # reused, not recomputed
     assert set(first) == {"eval_n", "eval_res", "fid", "fd_dinov2", "cmmd", "clip_score"}
     for k in first:  # same seeds: same images whatever the batch, so the same metrics
@@ -266,7 +277,7 @@ def test_run_eval_caches_reference_statistics(eval_models, tmp_path, monkeypatch
     mu, cov = torch.load(next(cache.glob("dinov2-*")), weights_only=True)
     f = ev[0]["dinov2"](x)
     assert torch.allclose(mu, f.double().mean(0), atol=1e-5) and torch.allclose(cov, torch.cov(f.double().T), atol=1e-5)
-    S.run_eval(model, ToyText(), hp, ev, 24, cache, "cpu", batch=5)  # another resolution: its own statistics
+    T.evaluate(model, ToyText(), hp, ev, 24, cache, "cpu", batch=5)  # another resolution: its own statistics
     assert len(decoded) == 5 and len(list(cache.glob("*res24-n5.pt"))) == 3
 
 
@@ -281,7 +292,7 @@ def _eval_rank(rank, world, init, hp, cache, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = T.PRXDiT(hp).eval()
-    m = S.run_eval(model, ToyText(), hp, S.prepare_eval(hp, "cpu"), 16, cache, "cpu", batch=2)
+    m = T.evaluate(model, ToyText(), hp, T.prepare_eval(hp, "cpu"), 16, cache, "cpu", batch=2)
     (out / f"rank{rank}.json").write_text(json.dumps(m))
     dist.destroy_process_group()
 
@@ -292,7 +303,7 @@ def test_eval_sharded_over_two_ranks_equals_one_process(eval_models, tmp_path):
     hp = hp_with(eval_models, data=str(tmp_path / "data"), eval_n=7, sample_steps=2, cfg=2.0, amp=False,
                  hidden=32, depth=2, heads=2, patch=8, bottleneck=8, text_dim=24, tread_start=0, tread_end=1)
     torch.manual_seed(0)
-    one = S.run_eval(T.PRXDiT(hp).eval(), ToyText(), hp, S.prepare_eval(hp, "cpu"), 16, tmp_path / "c1", "cpu",
+    one = T.evaluate(T.PRXDiT(hp).eval(), ToyText(), hp, T.prepare_eval(hp, "cpu"), 16, tmp_path / "c1", "cpu",
                      batch=2)
     torch.multiprocessing.spawn(_eval_rank, args=(2, f"file://{tmp_path}/rdv", hp, tmp_path / "c2", tmp_path),
                                 nprocs=2)
@@ -315,17 +326,17 @@ def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
             "log_every=2", "ckpt_every=3", "sample_steps=2", "warmup=2", "eval_every=2", "eval_n=6", "cfg_lo=0.2",
             f"eval_clip={eval_models['clip']}", f"eval_dino={eval_models['dinov2']}",
             f"eval_inception={eval_models['inception']}"]
-    # as users launch it: the trainer is __main__ and imports the evaluation from sample.py
+    # as users launch it: the trainer is __main__, and its evaluation calls the leaf module evals
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), *args], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval_n" in r]
-    assert [(r["step"], r["eval_res"]) for r in evals] == [(2, 32), (4, 64), (5, 64)]  # every 2 steps, and the last
-    for r in evals:
+    evaluated = [r for r in rows if "eval_n" in r]
+    assert [(r["step"], r["eval_res"]) for r in evaluated] == [(2, 32), (4, 64), (5, 64)]  # every 2 steps, the last
+    for r in evaluated:
         assert r["eval_n"] == 6 and r["eval_time_s"] > 0
         assert all(math.isfinite(r[k]) for k in ("fid", "fd_dinov2", "cmmd", "clip_score"))
-    assert evals[1]["fid"] != evals[2]["fid"]  # the model changed between evaluations
+    assert evaluated[1]["fid"] != evaluated[2]["fid"]  # the model changed between evaluations
     log = (run / "log.txt").read_text()
     assert log.count("\neval step:") == 3 and "fd_dinov2:" in log
     assert len(list((run / "eval_ref").glob("*.pt"))) == 6  # 3 models x 2 resolutions, computed once each
@@ -333,4 +344,4 @@ def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
     # sample.py --eval on the final checkpoint gives the run's last evaluation, from the cache
     m = S.main(["--ckpt", str(run), "--eval"])
     for k in ("fid", "fd_dinov2", "cmmd", "clip_score"):
-        assert m[k] == pytest.approx(evals[-1][k], rel=1e-4, abs=1e-6)
+        assert m[k] == pytest.approx(evaluated[-1][k], rel=1e-4, abs=1e-6)

@@ -1,7 +1,9 @@
-"""Sampling guidance: the guidance interval and TREAD self-guidance, checked against hand-written Euler loops."""
+"""Sampling guidance: the guidance interval (the trainer's sampler) and TREAD self-guidance (sample.py's
+tread_guided wrapper, sampled by T.generate with cfg=1), checked against hand-written Euler loops and formulas."""
 import pytest
 import torch
 
+import sample as S
 import train_gpt_style as T
 
 
@@ -82,9 +84,12 @@ def test_tread_guidance_zero_is_the_conditional_sample_and_one_step_is_the_formu
     prompts = ["a red circle", "two blue squares in a row"]
     kw = dict(size=(16, 16), steps=4, shift=1.0, t_min_div=0.05, seed=3, batch=2)
     cond = T.generate(model, text, prompts, cfg=1.0, **kw)
-    assert torch.equal(T.generate(model, text, prompts, cfg=1.0, tread_guidance=0.0, **kw), cond)
-    guided = T.generate(model, text, prompts, cfg=1.0, tread_guidance=1.5, **kw)
+    assert torch.equal(T.generate(S.tread_guided(model, 0.0, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **kw), cond)
+    guided = T.generate(S.tread_guided(model, 1.5, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **kw)
     assert (guided - cond).abs().max() > 1e-3
+    # guidance only for t in the interval: one that no step's t falls in gives the conditional sample
+    outside = T.generate(S.tread_guided(model, 1.5, 0.5, (0.99, 0.995)), text, prompts, cfg=1.0, **kw)
+    assert torch.equal(outside, cond)
     # one Euler step from t = 1 lands on the guided x0: x0_full + S (x0_full - x0 of the routed model)
     noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(3 + j)) for j in range(2)])
     txt, mask = text(prompts)
@@ -94,15 +99,19 @@ def test_tread_guidance_zero_is_the_conditional_sample_and_one_step_is_the_formu
     assert keep.shape == (2, 8)
     routed = model(noise, t, txt, mask, keep)[0]
     assert (full - routed).abs().max() > 1e-3  # the routed model really differs
-    one = T.generate(model, text, prompts, cfg=7.0, tread_guidance=1.5, **{**kw, "steps": 1})  # cfg unused
+    one = T.generate(S.tread_guided(model, 1.5, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **{**kw, "steps": 1})
     assert torch.allclose(one, (full + 1.5 * (full - routed)).clamp(-1, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("guidance", [dict(cfg_interval=(0.2, 0.7)), dict(tread_guidance=1.0)])
+@pytest.mark.parametrize("guidance", ["cfg_interval", "tread"])
 def test_same_seed_same_image_whatever_the_batch(guidance):
     model, text = tiny_dit(1), ToyText()
     prompts = ["a red circle", "a blue square", "a green triangle in the top left"]
-    kw = dict(size=(16, 24), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=11, **guidance)
+    kw = dict(size=(16, 24), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=11)
+    if guidance == "cfg_interval":
+        kw["cfg_interval"] = (0.2, 0.7)
+    else:  # TREAD self-guidance replaces CFG: the wrapper, sampled with cfg=1
+        model, kw["cfg"] = S.tread_guided(model, 1.0, 0.5, (0.0, 1.0)), 1.0
     a = T.generate(model, text, prompts, batch=3, **kw)
     assert torch.equal(a, T.generate(model, text, prompts, batch=3, **kw))
     assert torch.allclose(a, T.generate(model, text, prompts, batch=1, **kw), atol=1e-5)

@@ -6,6 +6,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import data_prep as dp
+import evals
+import support
 import train_gpt_style as T
 from test_trainer import randomized
 
@@ -50,6 +53,12 @@ def dit_inputs(hp, B, res, seed=0):
     return x, t, txt, mask, keep
 
 
+def tiny_dino(dim):  # a frozen random DINOv3 of width `dim`: REPA's encoder (16-px patches, RoPE)
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    return DINOv3ViTModel(DINOv3ViTConfig(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                                          num_attention_heads=2)).eval().requires_grad_(False)
+
+
 def small_hp(**kw):
     base = dict(hidden=128, depth=4, heads=2, patch=8, bottleneck=32, text_dim=48, text_len=16, tread_frac=0.5,
                 tread_start=1, tread_end=2, repa_block=2)
@@ -60,8 +69,8 @@ def small_hp(**kw):
 
 
 def test_recompute_spec_parsing_and_one_line_errors():
-    assert T.block_set("0-3,7", 16) == {0, 1, 2, 3, 7} and T.block_set("all", 4) == {0, 1, 2, 3}
-    assert T.block_set("", 4) == set() and T.block_set("2", 4) == {2}
+    assert support.block_set("0-3,7", 16) == {0, 1, 2, 3, 7} and support.block_set("all", 4) == {0, 1, 2, 3}
+    assert support.block_set("", 4) == set() and support.block_set("2", 4) == {2}
     for bad, msg in (("0-16", "outside 0..15"), ("x", "not a list of blocks"), ("-1", "not a list of blocks")):
         with pytest.raises(ValueError, match=msg):
             T.parse_args(["preset=record", f"recompute={bad}"], False)
@@ -71,10 +80,11 @@ def test_recompute_spec_parsing_and_one_line_errors():
 def test_recompute_gives_the_same_loss_and_gradients(tread):
     def run(recompute):
         hp = small_hp(tread_frac=tread, recompute=recompute)
-        model, proj = randomized(T.PRXDiT(hp)), randomized(T.repa_projector(hp.hidden, 32), seed=1)
+        model, proj = randomized(T.PRXDiT(hp)), randomized(T.REPA(hp, tiny_dino(32)).proj, seed=1)
         x, t, txt, mask, keep = dit_inputs(hp, 3, 32)
         with sdpa_kernel(SDPBackend.MATH):  # backward too, as train_step runs it: recomputation uses these kernels
-            out, h = model(x, t, txt, mask, keep, hp.repa_block)  # REPA hooks a routed, recomputed block
+            out, (h, ids) = model(x, t, txt, mask, keep, hp.repa_block)  # REPA hooks a routed, recomputed block
+            assert ids is keep and h.shape[1] == (keep.shape[1] if tread else (32 // hp.patch) ** 2)
             loss = out.square().mean() + proj(h).square().mean()
             loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -138,8 +148,8 @@ def cpu_vs_cuda_dit(hp, N, K):  # bytes per image the CPU saves minus what CUDA 
 def measured_step(hp, B, res, enc_dim=32):
     """Saved bytes of a DiT forward and the trainer's losses (flow, REPA when on) under the trainer's autocast,
     parameters and autocast's cached bf16 weight copies counted apart. -> (activations, weight copies)."""
-    model, proj = randomized(T.PRXDiT(hp)), T.repa_projector(hp.hidden, enc_dim)
-    params = list(model.parameters()) + list(proj.parameters())
+    model, repa = randomized(T.PRXDiT(hp)), T.REPA(hp, tiny_dino(enc_dim))
+    params = list(model.parameters()) + list(repa.parameters())  # the projector's: the DINOv3 is frozen, apart
     x, t, txt, mask, keep = dit_inputs(hp, B, res)
     x0 = torch.randn_like(x)
     s = Saved(params)
@@ -155,10 +165,10 @@ def measured_step(hp, B, res, enc_dim=32):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(SDPBackend.FLASH_ATTENTION), \
             torch.autocast("cpu", torch.bfloat16, enabled=hp.amp):
         use_repa = hp.repa_weight > 0
-        pred, h = model(x, t, txt, mask, keep, hp.repa_block if use_repa else -1)
+        pred, hooked = model(x, t, txt, mask, keep, repa.block if use_repa else -1)
         loss = T.flow_loss(pred, x0, x, t, hp.t_min_div).mean()
-        if use_repa:
-            loss = loss + T.repa_loss(proj, h, torch.randn(B, (res // hp.patch) ** 2, enc_dim), keep).mean()
+        if use_repa:  # the targets: the frozen DINOv3's patch features of x0 (no gradient: nothing saved)
+            loss = loss + repa(hooked, x0, hp.patch).mean()
     return s.total, sum(casts.values()), sum(p.numel() for p in params) if hp.repa_weight else model_params(model)
 
 
@@ -178,7 +188,7 @@ def test_dit_activations_match_saved_tensors(shape, amp):
     hp = small_hp(amp=amp, lpips_weight=0, pdino_weight=0, depth=4, **shape)
     vits = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),) * 2
     st = T.Stage(res, B, B, 1, repa=hp.repa_weight > 0)
-    est = T.train_memory(hp, st, vits=vits, text_params=0)
+    est = dp.train_memory(hp, st, vits=vits, text_params=0)
     N = (res // hp.patch) ** 2
     acts, casts, n = measured_step(hp, B, res)
     expected = est["activations"] + gib(B * cpu_vs_cuda_dit(hp, N, N - round(N * hp.tread_frac)))
@@ -189,14 +199,14 @@ def test_dit_activations_match_saved_tensors(shape, amp):
         model = T.PRXDiT(hp)
         first = ("img_in.0.", "time_in.in_layer.", "txt_in.")
         kept = [p for k, p in model.named_parameters() if p.ndim == 2 and not k.startswith(first)]
-        kept += [p for p in T.repa_projector(hp.hidden, 32).parameters() if p.ndim == 2] if hp.repa_weight else []
+        kept += [p for p in T.REPA(hp, tiny_dino(32)).parameters() if p.ndim == 2] if hp.repa_weight else []
         assert casts == 2 * sum(p.numel() for p in kept)
 
 
 def perceptual_part(hp, st, vits):  # the estimate's bytes for the perceptual losses alone
-    off = T.train_memory(T.Hyperparameters(**{**hp.__dict__, "lpips_weight": 0, "pdino_weight": 0}), st, vits=vits,
-                         text_params=0)
-    return (T.train_memory(hp, st, vits=vits, text_params=0)["activations"] - off["activations"]) * 2 ** 30
+    off = dp.train_memory(T.Hyperparameters(**{**hp.__dict__, "lpips_weight": 0, "pdino_weight": 0}), st, vits=vits,
+                          text_params=0)
+    return (dp.train_memory(hp, st, vits=vits, text_params=0)["activations"] - off["activations"]) * 2 ** 30
 
 
 @pytest.mark.parametrize("amp", [True, False])
@@ -208,11 +218,11 @@ def test_lpips_activations_match_saved_tensors(amp):
     s = Saved(lp.parameters())
     with s, torch.autocast("cpu", torch.bfloat16, enabled=amp):
         T.lpips_loss(lp, pred * 2 - 1, x0 * 2 - 1)
-    est = perceptual_part(hp, T.Stage(res, B, B, 1, False), T.REAL_VITS)
+    est = perceptual_part(hp, T.Stage(res, B, B, 1, False), evals.REAL_VITS)
     # CUDA autocast runs `in_feat ** 2` of LPIPS's normalisation and the squared difference in fp32: a fp32 copy of
     # each feature map (4 bytes) and a fp32 difference instead of bf16 (2 more): 6 bytes per feature element
     r = res // 2
-    cuda_only = 6 * B * sum((r >> lvl) ** 2 * c for lvl, (c, _) in enumerate(T.VGG16)) if amp else 0
+    cuda_only = 6 * B * sum((r >> lvl) ** 2 * c for lvl, (c, _) in enumerate(dp.VGG16)) if amp else 0
     assert abs(est - cuda_only - s.total) / s.total < 0.10, (est - cuda_only, s.total)
 
 
@@ -241,8 +251,10 @@ def test_weights_and_optimizer_states_match_the_built_modules_after_one_step():
     hp = small_hp(repa_weight=0.5)
     st = T.Stage(32, 2, 2, 1, True)
     vits = (dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),) * 2
-    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 48)
-    opts = T.build_optimizers(model, proj, hp)
+    model, repa = T.PRXDiT(hp), T.REPA(hp, tiny_dino(48))
+    opts = T.build_optimizers(model, repa, hp)
+    assert {id(p) for o in opts for g in o.param_groups for p in g["params"]} == {
+        id(p) for p in [*model.parameters(), *repa.proj.parameters()]}  # the DINOv3 is not trained
     params = [p for o in opts for g in o.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -252,7 +264,7 @@ def test_weights_and_optimizer_states_match_the_built_modules_after_one_step():
     states = sum(v.nbytes for o in opts for s in o.state.values() for k, v in s.items() if k != "step")
     ema = sum(4 * p.numel() for p in model.parameters())  # the replicated EMA copy of the DiT
     for world in (1, 8):  # parameters, gradients and states sharded; the EMA replicated
-        est = T.train_memory(hp, st, world, vits=vits, text_params=0)
+        est = dp.train_memory(hp, st, world, vits=vits, text_params=0)
         assert est["weights_opt"] * 2 ** 30 == pytest.approx((2 * weights + states) / world + ema, rel=1e-12)
 
 
@@ -262,13 +274,14 @@ def test_encoder_parameter_counts_are_the_real_architectures():
                      num_attention_heads=8, num_key_value_heads=4, head_dim=256)  # google/t5gemma-2b-2b-ul2 encoder
     with torch.device("meta"):
         enc = T5GemmaModel(T5GemmaConfig(encoder=gemma2_2b, decoder=gemma2_2b)).get_encoder()
-    assert sum(p.numel() for p in enc.parameters()) == T.T5GEMMA_2B_ENCODER
+    assert sum(p.numel() for p in enc.parameters()) == dp.T5GEMMA_2B_ENCODER
     hp = T.Hyperparameters()
-    parts = T.train_memory(hp, hp.stages[0], 8)
+    parts = dp.train_memory(hp, hp.stages[0], 8)
     vgg = sum(p.numel() for p in T.load_lpips("cpu", pretrained=False).net.parameters())  # LPIPS's VGG-16 trunk
     dinos = [1e6 * n for n in (303.1, 86.6)]  # DINOv3 ViT-L/16 (~0.3 B) and DINOv2-B/14 (~86 M): model cards
-    evals = 2 * T.EVAL_MODELS  # fp32: 4 bytes
-    assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (T.T5GEMMA_2B_ENCODER + vgg + sum(dinos) + evals), rel=0.01)
+    evals = 2 * dp.EVAL_MODELS  # fp32: 4 bytes
+    assert parts["encoders"] * 2 ** 30 == pytest.approx(2 * (dp.T5GEMMA_2B_ENCODER + vgg + sum(dinos) + evals),
+                                                        rel=0.01)
 
 
 def test_evaluation_models_are_counted_with_their_real_sizes():
@@ -281,38 +294,67 @@ def test_evaluation_models_are_counted_with_their_real_sizes():
             max_position_embeddings=77, projection_dim=768), vision_config=dict(image_size=336, **vit_l)))
         models = [clip, Dinov2Model(Dinov2Config(image_size=518, **vit_l)),
                   timm.create_model("inception_v3", pretrained=False, num_classes=0)]
-    assert sum(p.numel() for m in models for p in m.parameters()) == T.EVAL_MODELS
+    assert sum(p.numel() for m in models for p in m.parameters()) == dp.EVAL_MODELS
     hp = T.Hyperparameters()
-    on, off = (T.train_memory(dataclasses.replace(hp, eval_every=e), hp.stages[0], 8)["encoders"] for e in (1, 0))
-    assert (on - off) * 2 ** 30 == pytest.approx(4 * T.EVAL_MODELS)
+    on, off = (dp.train_memory(dataclasses.replace(hp, eval_every=e), hp.stages[0], 8)["encoders"] for e in (1, 0))
+    assert (on - off) * 2 ** 30 == pytest.approx(4 * dp.EVAL_MODELS)
 
 
 def test_fsdp_gradient_accumulation_holds_unsharded_fp32_gradients():
     hp = T.Hyperparameters()
     st = hp.stages[0]  # 1024 = 8 ranks x 32 x 4 micro-batches
-    acc, one = (T.train_memory(hp, st, 8, micro=m)["gathered"] for m in (32, 128))  # 128: no accumulation
-    with torch.device("meta"):
+    acc, one = (dp.train_memory(hp, st, 8, micro=m)["gathered"] for m in (32, 128))  # 128: no accumulation
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    with torch.device("meta"):  # the DiT and the REPA projector onto the real DINOv3 ViT-L/16 (1792 -> 1024 ...)
         n = sum(p.numel() for p in T.PRXDiT(hp).parameters()) + sum(
-            p.numel() for p in T.repa_projector(hp.hidden, T.REAL_VITS[0]["hidden_size"]).parameters())
+            p.numel() for p in T.REPA(hp, DINOv3ViTModel(DINOv3ViTConfig(**evals.REAL_VITS[0]))).parameters())
     assert (acc - one) * 2 ** 30 == pytest.approx(4 * n)
-    assert T.train_memory(hp, st, 1, micro=32)["gathered"] * 2 ** 30 == pytest.approx(2 * n)  # one process: none
+    assert dp.train_memory(hp, st, 1, micro=32)["gathered"] * 2 ** 30 == pytest.approx(2 * n)  # one process: none
 
 
 def test_record_fits_and_the_largest_micro_batch_is_the_last_that_fits():
     import re
     hp, lines = T.Hyperparameters(), []
-    T.memory_report(hp, 8, lines.append)
+    dp.memory_report(hp, 8, lines.append)
     assert len(lines) == len(hp.stages)
     for st, line in zip(hp.stages, lines):
         # the fit keeps the configured micro-batch's gradient accumulation (conservative once a micro-batch would
         # hold a rank's whole share of the batch and FSDP would need no unsharded gradients)
-        acc = T.train_memory(hp, st, 8)["gathered"] - T.train_memory(hp, st, 8, micro=st.batch // 8)["gathered"]
-        total = lambda b: sum(T.train_memory(hp, st, 8, micro=b).values()) + acc * (st.batch // (8 * b) <= 1)
+        acc = dp.train_memory(hp, st, 8)["gathered"] - dp.train_memory(hp, st, 8, micro=st.batch // 8)["gathered"]
+        total = lambda b: sum(dp.train_memory(hp, st, 8, micro=b).values()) + acc * (st.batch // (8 * b) <= 1)
         assert float(re.search(r"peak:([\d.]+)GiB", line).group(1)) == pytest.approx(total(st.micro_batch), abs=0.01)
         fit = int(re.search(r"max_micro_batch@79.6GiB:(\d+)", line).group(1))
-        assert 0 < T.MEM_MARGIN < 1 and total(st.micro_batch) < T.MEM_MARGIN * hp.mem_budget  # fits 80 GB, headroom
+        assert 0 < dp.MEM_MARGIN < 1 and total(st.micro_batch) < dp.MEM_MARGIN * dp.MEM_BUDGET  # fits 80 GB, headroom
         assert st.micro_batch <= fit
-        assert total(fit) <= T.MEM_MARGIN * hp.mem_budget < total(fit + 1)
+        assert total(fit) <= dp.MEM_MARGIN * dp.MEM_BUDGET < total(fit + 1)
     # recomputing every block shrinks the activations to the blocks' inputs plus one block
-    full, rc = (T.train_memory(T.Hyperparameters(recompute=r), hp.stages[1], 8)["activations"] for r in ("", "all"))
+    full, rc = (dp.train_memory(T.Hyperparameters(recompute=r), hp.stages[1], 8)["activations"] for r in ("", "all"))
     assert rc < full / 2
+
+
+def test_memory_cli_prints_train_memory_of_the_record_preset_with_the_overrides(capsys):
+    """`python data_prep.py memory NAME=VALUE ... --devices N --budget G`: one line per stage of the record preset with
+    those overrides, whose figures are train_memory's for that configuration on N devices, fitted into G GiB."""
+    import re
+    dp.main(["memory", "stage1.micro_batch=16", "recompute=0-3", "--devices", "4", "--budget", "60"])
+    out = capsys.readouterr().out.strip().splitlines()
+    hp = T.parse_args(["preset=record", "stage1.micro_batch=16", "recompute=0-3"], False)
+    assert hp.stages[0].micro_batch == 16 and T.Hyperparameters().stages[0].micro_batch != 16  # an override
+    assert len(out) == len(hp.stages) == 2
+    for k, (st, line) in enumerate(zip(hp.stages, out), 1):
+        m = re.fullmatch(rf"memory estimate stage:{k} res:{st.res} micro_batch:{st.micro_batch} devices:4 "
+                         r"peak:([\d.]+)GiB weights_opt:([\d.]+)GiB gathered:([\d.]+)GiB encoders:([\d.]+)GiB "
+                         r"activations:([\d.]+)GiB max_micro_batch@60GiB:(\d+) recompute:0-3", line)
+        assert m, line
+        parts = dp.train_memory(hp, st, 4)  # the configuration's (not the default record's) on 4 devices
+        assert parts != dp.train_memory(T.Hyperparameters(), T.Hyperparameters().stages[k - 1], 8)
+        assert m.group(1) == f"{sum(parts.values()):.2f}"  # the peak: the sum of the parts, to 2 decimals
+        assert m.groups()[1:5] == tuple(f"{parts[p]:.2f}" for p in ("weights_opt", "gathered", "encoders",
+                                                                    "activations"))
+        # the fit into 90 % of 60 GiB: activations grow linearly with the micro-batch, the rest stays
+        fixed, per_image = sum(parts.values()) - parts["activations"], parts["activations"] / st.micro_batch
+        fit = int(m.group(6))
+        assert fixed + fit * per_image <= dp.MEM_MARGIN * 60 < fixed + (fit + 1) * per_image
+    with pytest.raises(SystemExit) as e:  # a bad override: one line, exit code 2
+        dp.main(["memory", "recompute=x"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+import support
 import train_gpt_style as T
 
 TINY = ["preset=cpu", "stages=1", "stage1.batch=4", "stage1.micro_batch=4", "log_every=1", "sample_steps=1",
@@ -48,23 +49,23 @@ def one_line_error(capsys, fn, *args):
 def test_save_atomic_keeps_the_newest_k_and_survives_a_failed_write(tmp_path):
     write = lambda text: lambda tmp: tmp.write_text(text)
     for step in range(1, 6):
-        assert T.save_atomic(write(f"ck{step}"), tmp_path / f"step{step:07d}.pt", keep=3) is None
+        assert support.save_atomic(write(f"ck{step}"), tmp_path / f"step{step:07d}.pt", keep=3) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)]
 
     def full_disk(tmp):
         tmp.write_text("half a checkpo")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    err = T.save_atomic(full_disk, tmp_path / "step0000006.pt", keep=3)
+    err = support.save_atomic(full_disk, tmp_path / "step0000006.pt", keep=3)
     assert err == f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)]  # no temporary left
     assert [(tmp_path / f"step{s:07d}.pt").read_text() for s in (3, 4, 5)] == ["ck3", "ck4", "ck5"]
     # a folder checkpoint (as torch.distributed.checkpoint writes), a temporary left by a killed process, keep=0
     (tmp_path / ".step0000007.pt.tmp").write_text("killed while writing")
-    T.save_atomic(lambda tmp: (tmp.mkdir(), (tmp / "rank0").write_text("x")), tmp_path / "step0000008", keep=0)
+    support.save_atomic(lambda tmp: (tmp.mkdir(), (tmp / "rank0").write_text("x")), tmp_path / "step0000008", keep=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{s:07d}.pt" for s in (3, 4, 5)] + ["step0000008"]
     assert (tmp_path / "step0000008" / "rank0").read_text() == "x"
     # a run restarted with resume=off writes older step numbers: the new checkpoint is never the one removed
-    T.save_atomic(write("new"), tmp_path / "step0000001.pt", keep=2)
+    support.save_atomic(write("new"), tmp_path / "step0000001.pt", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000001.pt", "step0000008"]
 
 
@@ -107,9 +108,9 @@ def test_full_disk_costs_log_lines_and_pictures_never_the_run(shapes, tmp_path, 
 
         def flush(self):
             self.f.flush()
-    grid = T.save_grid
-    monkeypatch.setattr(T, "open", File, raising=False)
-    monkeypatch.setattr(T, "save_grid", lambda *a: (_ for _ in ()).throw(enospc) if full() else grid(*a))
+    grid = support.save_grid
+    monkeypatch.setattr(support, "open", File, raising=False)
+    monkeypatch.setattr(support, "save_grid", lambda *a: (_ for _ in ()).throw(enospc) if full() else grid(*a))
     capsys.readouterr()
     run(shapes, tmp_path, "stage1.steps=3", "ckpt_every=1")  # checkpoints still have space here
     out = capsys.readouterr()
@@ -134,18 +135,18 @@ def test_non_finite_steps_are_skipped_on_device_and_k_in_a_row_stop_the_run(shap
         loss = flow_loss(*args)
         return loss * float("nan") if len(calls) in bad_steps else loss
     monkeypatch.setattr(T, "flow_loss", nan_flow_loss)
-    snaps, train_step = [], T.Trainer.train_step
+    snaps, train_step = [], T.train_step
 
-    def state(tr):  # weights, EMA aside, and every optimizer state tensor
-        opt = [t.clone() for o in tr.optimizers for s in o.state.values() for t in s.values()]
-        return [p.detach().clone() for p in tr.model.parameters()], opt
+    def snapshot(m, optimizers):  # weights, EMA aside, and every optimizer state tensor
+        opt = [t.clone() for o in optimizers for s in o.state.values() for t in s.values()]
+        return [p.detach().clone() for p in m.model.parameters()], opt
 
-    def recording_step(tr, stage):
-        before = state(tr)
-        out = train_step(tr, stage)
-        snaps.append((before, state(tr)))
+    def recording_step(stage, batches, state, m, optimizers, *rest):
+        before = snapshot(m, optimizers)
+        out = train_step(stage, batches, state, m, optimizers, *rest)
+        snaps.append((before, snapshot(m, optimizers)))
         return out
-    monkeypatch.setattr(T.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(T, "train_step", recording_step)
     msg = one_line_error(capsys, run, shapes, tmp_path, "stage1.steps=8", "ckpt_every=2", "max_bad_steps=2")
     assert msg == (f"error: 2 non-finite steps in a row (skipped) by step 5; the last good checkpoint is "
                    f"{tmp_path}/ckpt/step0000004; lower lr or check the data, then resume")
@@ -167,16 +168,16 @@ def test_non_finite_steps_are_skipped_on_device_and_k_in_a_row_stop_the_run(shap
 
 
 def test_sigint_finishes_the_step_checkpoints_and_returns(shapes, tmp_path, monkeypatch):
-    train_step = T.Trainer.train_step
+    train_step = T.train_step
 
-    def interrupted_step(tr, stage):
-        if tr.step == 1:  # arrives during step 2
+    def interrupted_step(stage, batches, state, *rest):
+        if state.step == 1:  # arrives during step 2
             os.kill(os.getpid(), signal.SIGINT)
-        return train_step(tr, stage)
-    monkeypatch.setattr(T.Trainer, "train_step", interrupted_step)
+        return train_step(stage, batches, state, *rest)
+    monkeypatch.setattr(T, "train_step", interrupted_step)
     before = signal.getsignal(signal.SIGINT)
-    tr = run(shapes, tmp_path, "stage1.steps=5", "ckpt_every=0")
-    assert tr.step == 2 and signal.getsignal(signal.SIGINT) is before  # handlers given back
+    state, _ = run(shapes, tmp_path, "stage1.steps=5", "ckpt_every=0")
+    assert state.step == 2 and signal.getsignal(signal.SIGINT) is before  # handlers given back
     assert os.listdir(tmp_path / "ckpt") == ["step0000002"]
     assert f"stopped after step 2/5 (SIGINT); the checkpoint is {tmp_path}/ckpt/step0000002; run the same " \
            "command to resume" in (tmp_path / "log.txt").read_text()
@@ -191,21 +192,21 @@ def test_signal_during_setup_or_the_final_scoring_stops_cleanly(shapes, tmp_path
     mine = lambda signum, frame: got.append(signum)
     old = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        setup = T.Trainer.setup
-        monkeypatch.setattr(T.Trainer, "setup", lambda tr: os.kill(os.getpid(), signal.SIGTERM) or setup(tr))
+        build_models = T.build_models
+        monkeypatch.setattr(T, "build_models", lambda *a: os.kill(os.getpid(), signal.SIGTERM) or build_models(*a))
         capsys.readouterr()
-        tr = run(shapes, tmp_path / "a", "stage1.steps=3")
+        state, _ = run(shapes, tmp_path / "a", "stage1.steps=3")
         out = capsys.readouterr()
-        assert tr.step == 0 and got == [] and out.err == ""
+        assert state.step == 0 and got == [] and out.err == ""
         assert out.out.splitlines()[-1] == "stopped after step 0/3 (SIGTERM); the checkpoint is none; run the same " \
                                            "command to resume"
         assert not (tmp_path / "a" / "metrics.jsonl").read_text() and not os.listdir(tmp_path / "a" / "ckpt")
-        monkeypatch.setattr(T.Trainer, "setup", setup)
-        score_demo = T.Trainer.score_demo
-        monkeypatch.setattr(T.Trainer, "score_demo", lambda tr: os.kill(os.getpid(), signal.SIGINT) or score_demo(tr))
-        tr = run(shapes, tmp_path / "b", "stage1.steps=1")
+        monkeypatch.setattr(T, "build_models", build_models)
+        score_demo = T.score_demo
+        monkeypatch.setattr(T, "score_demo", lambda *a: os.kill(os.getpid(), signal.SIGINT) or score_demo(*a))
+        state, _ = run(shapes, tmp_path / "b", "stage1.steps=1")
         out = capsys.readouterr()
-        assert tr.step == 1 and got == [] and out.err == "" and "shapes score" not in out.out
+        assert state.step == 1 and got == [] and out.err == "" and "shapes score" not in out.out
         assert out.out.splitlines()[-1] == f"scoring stopped (SIGINT); the checkpoint is {tmp_path}/b/ckpt/step0000001"
         assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine  # given back
     finally:
@@ -219,14 +220,14 @@ def test_time_limit_stops_with_a_checkpoint_before_the_deadline(shapes, tmp_path
     after step 3, and its checkpoint is done at t = 30, before the deadline."""
     now = [0.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
-    train_step = T.Trainer.train_step
+    train_step = T.train_step
 
-    def ten_second_step(tr, stage):
+    def ten_second_step(*args):
         now[0] += 10
-        return train_step(tr, stage)
-    monkeypatch.setattr(T.Trainer, "train_step", ten_second_step)
-    tr = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "time_limit=50")
-    assert tr.step == 3 and now[0] == 30 <= 50
+        return train_step(*args)
+    monkeypatch.setattr(T, "train_step", ten_second_step)
+    state, _ = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "time_limit=50")
+    assert state.step == 3 and now[0] == 30 <= 50
     assert os.listdir(tmp_path / "ckpt") == ["step0000003"]
     assert "stopped after step 3/8 (time_limit)" in (tmp_path / "log.txt").read_text()
 
@@ -237,12 +238,12 @@ def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch)
     (45 + 20 + 6.5 > 65), not after step 2 (35 + 2 * 25 + 6.5)."""
     now = [0.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
-    train_step, save_samples = T.Trainer.train_step, T.Trainer.save_samples
-    monkeypatch.setattr(T.Trainer, "train_step", lambda tr, st: now.__setitem__(0, now[0] + 10) or train_step(tr, st))
-    monkeypatch.setattr(T.Trainer, "save_samples", lambda tr, *a: now.__setitem__(0, now[0] + 15 * (tr.step == 1))
-                        or save_samples(tr, *a))
-    tr = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "sample_every=1", "time_limit=65")
-    assert tr.step == 3 and now[0] == 45
+    train_step, save_samples, steps = T.train_step, T.save_samples, []
+    monkeypatch.setattr(T, "train_step", lambda *a: now.__setitem__(0, now[0] + 10) or steps.append(1) or train_step(*a))
+    monkeypatch.setattr(T, "save_samples", lambda *a: now.__setitem__(0, now[0] + 15 * (len(steps) == 1))
+                        or save_samples(*a))
+    state, _ = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "sample_every=1", "time_limit=65")
+    assert state.step == 3 and now[0] == 45
 
 
 # ---------------------------------------------------------------- bad input: one line, before any model
@@ -409,7 +410,7 @@ def test_16_and_32_bit_grey_images_become_their_8_bit_version():
                            (ramp.astype(np.float32), "TIFF", "F")):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format=fmt)
-        img, cause = T.decode_image(buf.getvalue())
+        img, cause = support.decode_image(buf.getvalue())
         assert cause == f"mode_{mode}" and img.mode == "RGB", (mode, cause)
         got = np.asarray(img).astype(int)
         assert (got == got[..., :1]).all() and np.abs(got[..., 0] - ramp).max() <= 1, (mode, arr.max())
@@ -522,8 +523,8 @@ def test_checkpoint_folder_that_cannot_be_made_costs_that_checkpoint_only(shapes
         return mkdir(path, *a, **k)
     monkeypatch.setattr(T.Path, "mkdir", refused)
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
-    tr = run(shapes, tmp_path, "stage1.steps=2", "ckpt_every=1")
-    assert tr.step == 2 and os.listdir(tmp_path / "ckpt") == ["step0000002"]
+    state, _ = run(shapes, tmp_path, "stage1.steps=2", "ckpt_every=1")
+    assert state.step == 2 and os.listdir(tmp_path / "ckpt") == ["step0000002"]
     assert f"checkpoint {tmp_path}/ckpt/step0000001 not written (PermissionError: [Errno 13] Permission denied: " \
            f"'{tmp_path}/ckpt/.step0000001.tmp'); the last good one is none; training continues" in \
            (tmp_path / "log.txt").read_text()
@@ -539,13 +540,13 @@ def test_bad_row_counts_survive_a_resume(shapes, tmp_path, monkeypatch):
     corrupt_copy(shapes, data, seed=0)
     bad_rows = lambda d: [line for line in (d / "log.txt").read_text().splitlines() if line.startswith("data: bad")]
     T.main(TINY + [f"data={data}", f"run_dir={tmp_path}/a", "stage1.steps=4"])
-    train_step = T.Trainer.train_step
+    train_step = T.train_step
 
-    def interrupted_step(tr, stage):
-        if tr.step == 1:  # during step 2 (the resumed part starts at step 2)
+    def interrupted_step(stage, batches, state, *rest):
+        if state.step == 1:  # during step 2 (the resumed part starts at step 2)
             os.kill(os.getpid(), signal.SIGINT)
-        return train_step(tr, stage)
-    monkeypatch.setattr(T.Trainer, "train_step", interrupted_step)
+        return train_step(stage, batches, state, *rest)
+    monkeypatch.setattr(T, "train_step", interrupted_step)
     for _ in range(2):
         T.main(TINY + [f"data={data}", f"run_dir={tmp_path}/b", "stage1.steps=4"])
     first, final = bad_rows(tmp_path / "b")

@@ -13,7 +13,8 @@ import torch
 
 import train_gpt_style as T
 import data_prep as dp
-from data_prep import build_demo_encoders
+import support
+from evals import build_demo_encoders
 import conftest
 from conftest import ROOT
 
@@ -26,7 +27,7 @@ def shapes(tmp_path_factory):
 
 def test_stream_sampler_same_global_batch_for_any_world_size():
     def global_batches(world, micro, steps=5, batch=12, start=30):
-        samplers = [T.StreamSampler(50, 7, start, batch, micro, r, world) for r in range(world)]
+        samplers = [support.StreamSampler(50, 7, start, batch, micro, r, world) for r in range(world)]
         return conftest.global_batches(samplers, world, micro, batch, steps)
 
     ref = global_batches(1, 12)
@@ -47,7 +48,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     args = ["preset=cpu", f"data={shapes}", f"run_dir={run}", "stage1.steps=4", "stage1.batch=8",
             "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4", "log_every=2",
             "ckpt_every=3", "sample_steps=2", "warmup=2"]
-    tr = T.main(args)
+    _, m = T.main(args)
     log = (run / "log.txt").read_text()
     assert log.split("\n", 1)[1].startswith((ROOT / "train_gpt_style.py").read_text())  # the source comes first
     assert "torch " + torch.__version__ in log and f'"lr": {T.PRESETS["cpu"]["lr"]}' in log and "RANDOM" in log
@@ -70,7 +71,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     assert (run / "ckpt" / "step0000003" / ".metadata").exists() and not list((run / "ckpt").glob(".*tmp"))
     import sample as S
     raw, ema = S.load_model(run, ema=False)[1], S.load_model(run)[1]  # raw weights from the DCP files
-    for (k, v), (k2, v2) in zip(tr.model.state_dict().items(), raw.state_dict().items(), strict=True):
+    for (k, v), (k2, v2) in zip(m.model.state_dict().items(), raw.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))  # EMA: its own average
 
@@ -115,17 +116,17 @@ def test_each_stage_reads_its_own_data_and_resumes_across_the_switch(shapes, tmp
     assert all(c.endswith(" at 64 px") for _, b in ref_drawn[4:] for c in b)
     assert f"data: 512 images from {shapes} for stage 1; " in log
     assert f"data: 512 images from {other} for stage 2; " in log
-    it = iter(T.StreamSampler(512, 0, 16, 8, 8, 0, 1))  # the rows stage 2 drew: its stream starts at image 16
+    it = iter(support.StreamSampler(512, 0, 16, 8, 8, 0, 1))  # the rows stage 2 drew: its stream starts at image 16
     want = conftest.expected_skips([i for _ in range(3) for i in next(it)], damage, 512)
     bad = [line.split("(all ranks): ", 1)[1] for line in log.splitlines() if line.startswith("data: bad rows")]
     assert want and bad[0] == "none" and ast.literal_eval(bad[1]) == want and len(bad) == 2
     # stopped by a signal during step 3 (stage 2's first), then resumed with the same command
-    train_step = T.Trainer.train_step
-    monkeypatch.setattr(T.Trainer, "train_step", lambda tr, st: (tr.step == 2 and os.kill(os.getpid(), signal.SIGINT))
-                        or train_step(tr, st))
+    train_step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda st, b, state, *a: (state.step == 2 and os.kill(os.getpid(),
+                        signal.SIGINT)) or train_step(st, b, state, *a))
     drawn.clear()
-    assert T.main(args + [f"run_dir={tmp_path}/run"]).step == 3
-    monkeypatch.setattr(T.Trainer, "train_step", train_step)
+    assert T.main(args + [f"run_dir={tmp_path}/run"])[0].step == 3
+    monkeypatch.setattr(T, "train_step", train_step)
     T.main(args + [f"run_dir={tmp_path}/run"])
     assert drawn == ref_drawn  # the same batches in both runs, none repeated or skipped
     a, b = dict(_logged(tmp_path / "ref")), _logged(tmp_path / "run")
@@ -146,14 +147,14 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     for shard in sorted((data / "train").glob("*.parquet")):
         column = pq.read_table(shard, columns=["caption"]).column("caption")
         dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow",
-                          [T.pack_text_emb(*text(column.to_pylist()))], T.text_emb_meta(column, enc_dir))
+                          [support.pack_text_emb(*text(column.to_pylist()))], support.text_emb_meta(column, enc_dir))
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
     mapped = {c["filename"] for c in ds.emb.cache_files}  # the sidecars are read where they lie, not copied
     assert {str(f) for f in (data / "text_emb").rglob("*.arrow")} <= mapped
     items = [ds[i] for i in (0, 7, 300, 511)]
-    imgs, captions, (txt, mask), causes = T.collate_batch(items, hp.text_len, hp.text_dim)
+    imgs, captions, (txt, mask), causes = support.collate_batch(items, hp.text_len, hp.text_dim)
     ref, ref_mask = text(captions)
     assert causes == [] and imgs.shape == (4, 3, 32, 32)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
@@ -168,7 +169,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     with pytest.raises(ValueError, match=r"1 of 2 text embedding files are missing"):
         T.ShardDataset(data)
     shard = data / "train" / f"{first.stem}.parquet"
-    dp.write_text_emb(first, [[(b"", 0)]], T.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir))
+    dp.write_text_emb(first, [[(b"", 0)]], support.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir))
     with pytest.raises(ValueError, match=f"{first} does not mirror {shard} row for row"):
         T.ShardDataset(data)
     first.write_bytes(b"garbage")
@@ -190,8 +191,8 @@ def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
     assert n.tolist()[1] < 12 and all(mask[i, :n[i]].all() for i in range(2))  # right padding
     left = torch.stack([h[i].roll(int(12 - n[i]), 0) for i in range(2)])  # the same rows, padded on the left
     left_mask = torch.stack([mask[i].roll(int(12 - n[i]), 0) for i in range(2)])
-    assert not left_mask[1, 0] and T.pack_text_emb(left, left_mask) == T.pack_text_emb(h, mask)
-    assert all(sum(raw) != 0 for raw, _ in T.pack_text_emb(left, left_mask))
+    assert not left_mask[1, 0] and support.pack_text_emb(left, left_mask) == support.pack_text_emb(h, mask)
+    assert all(sum(raw) != 0 for raw, _ in support.pack_text_emb(left, left_mask))
 
 
 @pytest.mark.slow
@@ -203,11 +204,8 @@ def test_bench_prints_every_figure(tmp_path):
     lines = [line for line in r.stdout.splitlines() if line.startswith("bench stage:")]
     assert len(lines) == 2
     for line in lines:
-        for key in ("step:", "img/s/device:", "dit_tflops/device:", "mfu:", "peak_mem:", "mem_estimate:",
-                    "stage_hours@8:"):
-            assert key in line
-    mem = [line for line in r.stdout.splitlines() if line.startswith("memory estimate stage:")]
-    assert len(mem) == 2 and all("max_micro_batch@" in line and "activations:" in line for line in mem)
+        for key in ("step:", "img/s/device:", "dit_tflops/device:", "mfu:", "peak_mem:", "stage_hours@8:"):
+            assert key in line  # the analytic memory plan is data_prep.py memory's (tests/test_memory.py)
     assert "bench projected schedule:" in r.stdout
     # the projection is the schedule's images over the measured rate
     hp = T.parse_args(["preset=cpu"], False)
@@ -299,3 +297,56 @@ def test_resume_refuses_another_architecture_or_damaged_files(shapes, tmp_path, 
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", f"data={shapes}",
                         f"run_dir={run}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+PROJECT = {"train_gpt_style", "data_prep", "sample", "evals", "support"}
+LEAVES = {"evals", "support"}  # modules that import nothing of the project
+
+
+def _project_imports(path):
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & PROJECT
+
+
+def test_imports_flow_one_way_trainer_to_leaves_only():
+    """The helpers import the trainer; the trainer imports only the leaf modules; the leaves import nothing of the
+    project. So no file of the project can be executed twice in one process."""
+    assert _project_imports(ROOT / "train_gpt_style.py") <= LEAVES
+    for leaf in LEAVES:
+        assert _project_imports(ROOT / f"{leaf}.py") == set(), leaf
+    assert "train_gpt_style" in _project_imports(ROOT / "data_prep.py") & _project_imports(ROOT / "sample.py")
+
+
+@pytest.mark.slow
+def test_the_demo_path_executes_the_trainer_once(shapes, tmp_path):
+    """`python train_gpt_style.py` on the demo's path (tiny random encoders built, training, the shapes score at the
+    end): at exit one module object holds the trainer's code (__main__), one PRXDiT class and one Hyperparameters
+    class exist, and neither helper was imported. A site hook records it from inside the process. (The trainer
+    of the first layout, which imported data_prep and sample, gave two modules and two of each class.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f'''
+import atexit, gc, json, sys, types
+def report():  # every module object that holds the trainer's code, wherever it is referenced
+    mods = sorted(o.__name__ for o in gc.get_objects() if isinstance(o, types.ModuleType) and "PRXDiT" in vars(o))
+    classes = {{c: sum(isinstance(o, type) and o.__name__ == c for o in gc.get_objects())
+               for c in ("PRXDiT", "Hyperparameters", "Stage")}}
+    json.dump(dict(modules=mods, classes=classes, helpers=sorted({{"data_prep", "sample"}} & set(sys.modules))),
+              open({str(tmp_path / "report.json")!r}, "w"))
+atexit.register(report)
+''')
+    env = dict(os.environ, PYTHONPATH=str(hook))
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", f"data={shapes}",
+                        f"run_dir={tmp_path}/run", "stage1.steps=1", "stage2.steps=1", "stage1.batch=4",
+                        "stage1.micro_batch=4", "stage2.batch=4", "stage2.micro_batch=4", "sample_steps=1"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shapes score two:" in r.stdout and (tmp_path / "run" / "demo_encoders" / "text_encoder").is_dir()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == dict(modules=["__main__"], classes=dict(PRXDiT=1, Hyperparameters=1, Stage=1), helpers=[])

@@ -11,8 +11,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import sample as S
+import support
 import train_gpt_style as T
-from data_prep import build_demo_encoders
+from evals import build_demo_encoders
 from conftest import ROOT
 
 
@@ -94,7 +95,7 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
             "--size", "16", "--seed", "3", "--batch", "2", "--score"])  # batches: lines 0 and 2, then 4 and 5
     printed = capsys.readouterr().out
     assert "4 images in" in printed and "3 blank lines skipped" in printed
-    from data_prep import score_shapes
+    from evals import score_shapes
     from PIL import Image
     kept = [i for i, line in enumerate(lines) if line.strip()]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"{i:05d}.png" for i in kept] + ["grid.png"]
@@ -105,8 +106,8 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
     for i in kept:  # line i alone, from the noise of seed 3 + i
         refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
                                amp=hp.amp))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), T.to_uint8(refs[-1])[0]), i
-    T.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), support.to_uint8(refs[-1])[0]), i
+    support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
                                                                                                      "grid.png")))
 
@@ -124,7 +125,7 @@ def test_cli_defaults_are_the_checkpoints_steps_cfg_and_interval(run, tmp_path):
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
     ref = T.generate(model, text, [prompt], (16, 16), 3, 2.0, hp.t_shift, hp.t_min_div, amp=hp.amp,
                      cfg_interval=(0.5, 1.0))  # t = 1, 2/3 guided, 1/3 not
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), T.to_uint8(ref)[0])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), support.to_uint8(ref)[0])
 
 
 def test_cli_writes_each_batch_before_sampling_the_next(run, tmp_path, monkeypatch):
@@ -172,10 +173,11 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
             assert "size 70x18 snapped to 88x48" in out and (w, h) == (88, 48)
         png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
         assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= T.BUCKET_AREA_TOL
-        ref = T.generate(S.load_model(d)[1], text, ["a small red circle in the top left"], (h, w), 3, hp.cfg,
-                         hp.t_shift, hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9), tread_guidance=0.5,
-                         tread_frac=hp.tread_frac)
-        assert np.array_equal(png, T.to_uint8(ref)[0])
+        # TREAD self-guidance in place of CFG: sample.py's wrapper of the model, sampled with cfg=1
+        guided = S.tread_guided(S.load_model(d)[1], 0.5, hp.tread_frac, (0.2, 0.9))
+        ref = T.generate(guided, text, ["a small red circle in the top left"], (h, w), 3, 1.0, hp.t_shift,
+                         hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9))
+        assert np.array_equal(png, support.to_uint8(ref)[0])
 
 
 @pytest.mark.parametrize("args,needle", [

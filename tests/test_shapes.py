@@ -1,5 +1,6 @@
-"""Tests of the shapes data set (data_prep.py shapes): geometry measured on rendered pixels against
-the spec's closed forms, the shard format, determinism, prompt files and the scorer."""
+"""Tests of the shapes benchmark (its definition, renderer and scorer in evals.py) and of its data set
+(data_prep.py shapes): geometry measured on rendered pixels against the spec's closed forms, the shard format,
+determinism, prompt files and the scorer."""
 import json
 import math
 import os
@@ -13,12 +14,12 @@ from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data_prep as dp  # noqa: E402
-from data_prep import (SHAPES_COLORS, SHAPES_HELDOUT, SHAPES_POSITIONS, SHAPES_SHAPES,  # noqa: E402
-                       SHAPES_SIZES, make_shapes, parse_shapes_caption, render_shapes,
-                       score_shapes, shapes_caption)
+import evals  # noqa: E402
+from data_prep import make_shapes  # noqa: E402
+from evals import (SHAPES_COLORS, SHAPES_HELDOUT, SHAPES_POSITIONS, SHAPES_SHAPES,  # noqa: E402
+                   SHAPES_SIZES, parse_shapes_caption, render_shapes, score_shapes, shapes_caption)
 
-# the spec, written out independently of data_prep.py
+# the spec, written out independently of evals.py
 WHITE = (255, 255, 255)
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 40), "purple": (140, 60, 190), "orange": (240, 130, 30)}
@@ -228,7 +229,7 @@ def test_prompt_files(split):
     for objs in map(parse_shapes_caption, two):
         assert len(objs) == 2 and objs[0][3] != objs[1][3] and {objs[0][3], objs[1][3]} <= CORNERS
         assert not {(c, s) for _, c, s, _ in objs} & HELDOUT
-    assert two == dp.shapes_prompts()["two"]  # fixed, whatever the data seed
+    assert two == evals.shapes_prompts()["two"]  # fixed, whatever the data seed
 
 
 def test_cli_errors(tmp_path):
@@ -243,7 +244,7 @@ def test_cli_errors(tmp_path):
 # Scorer
 
 def all_prompts():
-    return [p for lines in dp.shapes_prompts().values() for p in lines]
+    return [p for lines in evals.shapes_prompts().values() for p in lines]
 
 
 @pytest.mark.parametrize("S", [32, 64])

@@ -1,12 +1,15 @@
 """The trainer's parts checked against closed forms and reference implementations (diffusers, torch.optim.Muon)."""
+import dataclasses
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import support
 import train_gpt_style as T
 from conftest import ROOT
 
@@ -80,8 +83,8 @@ def test_record_config_parameter_count():
 def test_adaln_zero_start_is_identity_in_blocks_and_zero_output():
     model = T.PRXDiT(tiny_hp())
     x, t, txt, mask = inputs()
-    out, h = model(x, t, txt, mask, repa_block=3)
-    assert torch.count_nonzero(out) == 0  # zero-initialised final layer
+    out, (h, ids) = model(x, t, txt, mask, hook=3)
+    assert torch.count_nonzero(out) == 0 and ids is None  # zero-initialised final layer; every token saw block 3
     assert torch.allclose(h, model.img_in(T.patchify(x, 4)))  # zero gates: blocks pass tokens through
 
 
@@ -295,15 +298,26 @@ def test_repa_target_grid_matches_dit_grid(tmp_path):
     assert diff.argmax().item() == 2 * 12 + 5
 
 
-def test_repa_loss_is_negative_cosine_on_visible_tokens():
-    proj = torch.nn.Identity()
+def test_repa_loss_is_negative_cosine_on_visible_tokens(monkeypatch):
+    hp = tiny_hp(depth=5, tread_start=1, tread_end=3)
+    repa = T.REPA(hp, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=8)))
+    repa.proj = torch.nn.Identity()
     tok = torch.randn(2, 5, 8)
     tgt = torch.randn(2, 10, 8)
+    monkeypatch.setattr(T, "repa_targets", lambda dino, x0, patch: tgt)  # DINOv3's features: tested above
     keep = torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
-    loss = T.repa_loss(proj, tok, tgt, keep)
+    loss = repa((tok, keep), None, 8)
     expected = -torch.stack([F.cosine_similarity(tok[b], tgt[b, keep[b]], dim=-1).mean() for b in range(2)])
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert torch.allclose(T.repa_loss(proj, tgt, tgt, None), -torch.ones(2), atol=1e-6)
+    assert torch.allclose(repa((tgt, None), None, 8), -torch.ones(2), atol=1e-6)
+    # the DiT says which tokens its hooked block saw: the kept ones inside the TREAD blocks, all outside them
+    model = T.PRXDiT(hp)
+    x, t, txt, mask = inputs()
+    keep = T.tread_keep(2, 24, 0.5, "cpu")
+    for block, want in ((0, None), (1, keep), (3, keep), (4, None)):
+        tokens, ids = model(x, t, txt, mask, keep, hook=block)[1]
+        assert (ids is None and want is None or torch.equal(ids, want)) and tokens.shape[1] == (24 if want is None
+                                                                                               else 12)
 
 
 def test_pdino_loss_zero_for_equal_and_positive_otherwise(tmp_path):
@@ -372,13 +386,16 @@ def test_shard_rows_is_fsdp_chunking_and_unsharded_orthogonalise_is_newton_schul
 
 def test_every_parameter_in_exactly_one_group_and_muon_gets_block_matrices():
     hp = tiny_hp()
-    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 32)
+    model, proj = T.PRXDiT(hp), torch.nn.Linear(hp.hidden, 32)  # the REPA projector's place
     muon, adam = T.build_optimizers(model, proj, hp)
     mu = {id(p) for p in muon.param_groups[0]["params"]}
     expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
     assert mu == expected and len(mu) == 4 * 7  # qkv, txt_kv, out, gate, up, down, modulation
     ad = {id(p) for g in adam.param_groups for p in g["params"]}
     assert not mu & ad and len(mu | ad) == len(list(model.parameters())) + len(list(proj.parameters()))
+    (adam_only,) = T.build_optimizers(model, proj, dataclasses.replace(hp, muon=False))  # muon=0: Adam for all
+    assert isinstance(adam_only, torch.optim.Adam) and {id(p) for g in adam_only.param_groups for p in g["params"]} \
+        == mu | ad
 
 
 def test_lr_schedule():
@@ -447,13 +464,13 @@ def test_analytic_flops_match_flop_counter(tread_frac):
     from torch.utils.flop_counter import FlopCounterMode
     hp = T.Hyperparameters(hidden=256, depth=5, heads=4, patch=8, bottleneck=32, text_dim=48, text_len=16,
                            tread_frac=tread_frac, tread_start=1, tread_end=3, repa_block=2)
-    model, proj = T.PRXDiT(hp), T.repa_projector(hp.hidden, 64)
+    model, proj = T.PRXDiT(hp), T.REPA(hp, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64))).proj
     B, res = 2, 64
     x, t, txt = torch.randn(B, 3, res, res), torch.rand(B), torch.randn(B, hp.text_len, hp.text_dim)
     mask = torch.ones(B, hp.text_len, dtype=torch.bool)
     keep = T.tread_keep(B, (res // 8) ** 2, tread_frac, "cpu") if tread_frac else None
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out, h = model(x, t, txt, mask, keep, hp.repa_block)
+        out, (h, _) = model(x, t, txt, mask, keep, hp.repa_block)
         (out.square().mean() + proj(h).square().mean()).backward()
     measured = fc.get_total_flops() / B
     analytic = T.dit_train_flops(hp, res, repa_dim=64)
@@ -475,7 +492,7 @@ def test_sdpa_constant_sets_the_gpu_kernel_order():
     for order, first in (("cudnn,efficient,math", ids("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")),
                          (T.Hyperparameters().sdpa, ids("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
                                                         "MATH"))):
-        with T.attention_backend(torch.device("cuda"), order):
+        with support.attention_backend(torch.device("cuda"), order):
             assert list(torch._C._get_sdp_priority_order())[:len(first)] == first
             assert torch.backends.cuda.flash_sdp_enabled() == ("flash" in order)
     assert list(torch._C._get_sdp_priority_order()) == list(default)  # restored on exit
@@ -487,14 +504,12 @@ def test_sdpa_constant_sets_the_gpu_kernel_order():
 # ---------------------------------------------------------------- the demo's benchmark
 
 
-def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path):
+def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path, monkeypatch):
     """score_demo's figures per prompt set are score_shapes' on the sampled images: fully right and the accuracy of
-    colour, position, shape and size, in the log and in metrics.jsonl. The stand-in sampler renders each prompt
+    colour, position, shape and size, in the log and in what the run writes to metrics.jsonl. The stand-in sampler renders each prompt
     with one attribute changed on some objects, so that the five figures differ."""
-    import types
-
     import numpy as np
-    from data_prep import parse_shapes_caption, render_shapes, score_shapes, shapes_prompts
+    from evals import parse_shapes_caption, render_shapes, score_shapes, shapes_prompts
     sets = {k: v[:12] for k, v in shapes_prompts().items()}
     for name, prompts in sets.items():
         (tmp_path / f"prompts_{name}.txt").write_text("\n".join(prompts) + "\n")
@@ -504,27 +519,20 @@ def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path
             lambda o: ("large" if o[0] == "small" else "small", *o[1:])]
     change = [0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 0]  # prompt k gets swap[change[k]]: each attribute a different count
 
-    def sample(prompts, res, seed, batch):  # prompt k: every object with change[k] (0: as asked)
+    def sample(m, hp, env, prompts, res, seed, batch):  # prompt k: every object with change[k] (0: as asked)
         imgs = [np.asarray(render_shapes([swap[change[k]](o) for o in parse_shapes_caption(p)], res))
                 for k, p in enumerate(prompts)]
         return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
 
-    class Log(list):  # stands in for the trainer's Logger: log lines in the list, metrics.jsonl rows in .rows
-        rows = []
-
-        def __call__(self, msg):
-            self.append(msg)
-
-        def metrics(self, d):
-            self.rows.append(d)
-    lines, rows = Log(), Log.rows
-    tr = types.SimpleNamespace(hp=T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)]),
-                               sample=sample, save_grid=lambda *a, **k: None, log=lines, step=7, run_dir=tmp_path)
-    T.Trainer.score_demo(tr)
-    assert len(rows) == 1 and rows[0]["step"] == 7 and list(rows[0]["shapes"]) == list(sets)
+    lines, grids = [], []
+    monkeypatch.setattr(T, "sample", sample)
+    monkeypatch.setattr(T, "write_grid", lambda imgs, path, *a: grids.append(path.name))
+    hp = T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)])
+    result = T.score_demo(None, hp, None, tmp_path, lines.append)  # what the run writes to metrics.jsonl
+    assert list(result) == list(sets) and grids == [f"eval_{name}.png" for name in sets]
     for name, prompts in sets.items():
-        ref = score_shapes(list(T.to_uint8(sample(prompts, 48, 0, 0))), prompts)
-        assert rows[0]["shapes"][name] == {k: ref[k] for k in ("full", "color", "position", "shape", "size")}
+        ref = score_shapes(list(support.to_uint8(sample(None, hp, None, prompts, 48, 0, 0))), prompts)
+        assert result[name] == {k: ref[k] for k in ("full", "color", "position", "shape", "size")}
         assert f"shapes score {name}: " + " ".join(f"{k}:{ref[k]:.3f}" for k in ("full", "color", "position",
                                                                                 "shape", "size")) in lines
         assert len(set(ref[k] for k in ("full", "color", "position", "shape", "size"))) == 5  # a mix-up shows

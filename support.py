@@ -1,0 +1,574 @@
+"""The trainer's plumbing, out of the way of reading the recipe: the shard format and its checks, the data stream's
+order and loader workers, files that survive a crash or a full disk (the log, atomic checkpoints), constant and path
+checks, signals and the time limit, the bench's lines. A leaf module: it imports nothing of the project; the
+trainer, data_prep.py and sample.py import it.
+
+The shard format, what data_prep.py writes and the trainer reads:
+
+    DIR/train/shard-00000.parquet, ...   columns image (bytes, or the datasets Image feature {bytes, path}), caption
+                                          (text), width, height (integers); hf shards add bucket and source_row
+    DIR/heldout/heldout.parquet           the evaluation's reference images, never trained on
+    DIR/text_emb/<shard path>.arrow       text-embedding sidecar: per row the encoder's bf16 output for the real
+                                          tokens (text_emb bytes, n_tokens); its schema metadata names the encoder
+                                          and a digest of the shard's captions
+
+Every check ends in a ValueError whose message is one line naming the file and the fix.
+"""
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+
+def brief(e, n=100):  # an exception as one short line, "Type: message" (DCP's: that of its first failing rank)
+    e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shard format
+
+SKIP = {"heldout", "text_emb"}  # folders under DIR that hold no training shards
+
+
+def decode_image(raw, draft=None):
+    """Image bytes -> (RGB image, cause): cause None, or 'mode_<M>' when converted (alpha composited on white), or
+    'truncated' / 'undecodable' with no image. draft (w, h): JPEGs decode at the smallest DCT scale covering it.
+    16/32-bit grey becomes 8 bits by its range: I;16 0..65535; I 0..255 or 0..65535 (beyond: 0..max) by its maximum;
+    F 0..1 when its maximum is at most 1, else 0..255."""
+    from PIL import Image
+    try:
+        img = Image.open(io.BytesIO(raw or b""))
+        mode = img.mode
+        if draft:
+            img.draft("RGB", draft)
+        img.load()
+        if mode in ("I", "F") or mode.startswith("I;16"):  # PIL's own conversion clips them at 255: all white
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            m = a.max(initial=0)
+            top = (1 if m <= 1 else 255) if mode == "F" else 255 if mode == "I" and m <= 255 else max(m, 65535)
+            img = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
+        if img.mode != "RGB":
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError on bad bytes
+        return None, "truncated" if "truncated" in str(e).lower() else "undecodable"
+    return img, None if mode == "RGB" else f"mode_{mode}"
+
+
+def parquet_footers(files, check, fix, types=True):
+    """Each file's footer, no data read -> [(file, Arrow schema, rows)]. One line, ending in `fix`, names the first
+    file that is no readable parquet or whose columns (names, and types unless types=False: a column of nulls in
+    one source file is typed null) differ from the first's; check(file, schema) may refuse one too. The files are
+    read as one table later: a bad one found there costs a traceback, or hours of work."""
+    import pyarrow.parquet as pq
+    out = []
+    for f in files:
+        try:
+            meta = pq.read_metadata(f)
+        except Exception as e:
+            raise ValueError(f"{f} is not a readable parquet file ({brief(e)}); {fix}") from None
+        schema = meta.schema.to_arrow_schema()
+        check(f, schema)
+        cols, first = ({c.name: str(c.type) for c in sc} if types else sorted(sc.names)
+                       for sc in (schema, out[0][1] if out else schema))
+        if cols != first:
+            raise ValueError(f"{f} has columns {cols}, but {files[0]} has {first}; {fix}")
+        out.append((f, schema, meta.num_rows))
+    return out
+
+
+def column_type_error(schema, image="image", captions=("caption",), sizes=("width", "height")):
+    """The first column of an Arrow schema that cannot hold what it should -> 'column c holds <type>, not <what>',
+    or None. Image: bytes (binary, or a struct with binary `bytes`: the datasets Image feature); captions: text;
+    sizes: integers."""
+    import pyarrow as pa
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+    for c in schema.names:
+        t = schema.field(c).type
+        if c == image and not (binary(t) or pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+                               and binary(t.field("bytes").type)):
+            return f"column {c} holds {t}, not image bytes"
+        if c in captions and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            return f"column {c} holds {t}, not text"
+        if c in sizes and not pa.types.is_integer(t):
+            return f"column {c} holds {t}, not integers"
+    return None
+
+
+def open_shards(folder):
+    """The training shards of a folder, checked from their footers and read as one memory-mapped table (datasets'
+    parquet loader; images left undecoded). -> (files, rows per file, datasets.Dataset)."""
+    import datasets
+    import pyarrow.parquet as pq
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*.parquet") if not SKIP & set(p.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"no parquet shards under {folder}; run data_prep.py first")
+
+    def columns_ok(f, schema):  # an image and a caption column of the right types
+        if not {"image", "caption"} <= set(schema.names):
+            raise ValueError(f"{f} has columns {schema.names}, not image and caption; convert it with data_prep.py")
+        if err := column_type_error(schema):
+            raise ValueError(f"{f}: {err}; re-create the shard with data_prep.py or delete it")
+    rows = [n for _, _, n in parquet_footers(files, columns_ok, "re-create it with data_prep.py or delete it")]
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except datasets.exceptions.DatasetGenerationError as e:  # a garbled data page behind a valid footer
+        for f in files:  # only on this error: read each file in full to name the bad one
+            try:
+                pq.read_table(f)
+            except Exception as bad:
+                raise ValueError(f"{f} is corrupt ({brief(bad)}); re-create it with data_prep.py or delete it") \
+                    from None
+        raise ValueError(f"cannot load the shards ({e.__cause__ or e})") from None
+    return files, rows, ds.cast_column("image", datasets.Image(decode=False))
+
+
+def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (data_prep.py encode-text writes it)
+    return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
+
+
+def text_emb_meta(captions, text_encoder):
+    """What a sidecar encodes, kept in its Arrow schema metadata: the text encoder, and a digest of its shard's
+    captions (pyarrow strings): row count, total bytes (from the offsets alone), sha1 of 64 captions spread over the
+    shard. Cheap at every start, where hashing every caption of terabytes of shards is not; a re-conversion that
+    draws other captions (another --seed) changes it."""
+    import pyarrow.compute as pc
+    n = len(captions)
+    probe = "\n".join(c or "" for c in captions.take(np.linspace(0, n - 1, min(n, 64)).astype(int)).to_pylist())
+    digest = f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
+    return {"text_encoder": str(text_encoder), "captions": digest}
+
+
+def open_text_emb(root, files, rows, captions, text_encoder=""):
+    """The sidecars of `files` (rows each; captions: the shards' caption column) as one memory-mapped dataset, or
+    None when there is no text_emb/. Each must record its shard's captions and, when text_encoder is given, that
+    encoder; all or none must exist (never a silent fall-back to encoding)."""
+    import datasets
+    import pyarrow as pa
+    embs = [text_emb_path(root, f) for f in files]
+    missing = [e for e in embs if not e.exists()]
+    if missing and (Path(root) / "text_emb").exists() and len(missing) < len(embs):
+        raise ValueError(f"{len(missing)} of {len(embs)} text embedding files are missing (e.g. {missing[0]}); "
+                         "run data_prep.py encode-text again (it adds them) or delete text_emb/")
+    if missing:
+        return None
+    try:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
+        parts = [datasets.Dataset.from_file(str(e)) for e in embs]
+        records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in embs]
+    except Exception as e:
+        raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({brief(e)}); delete it and run "
+                         "data_prep.py encode-text again") from None
+    redo = f"delete {root}/text_emb/ and run data_prep.py encode-text --shards {root} again"
+    for f, e, part, rec, a, n in zip(files, embs, parts, records, np.cumsum([0] + rows), rows):
+        have = {k.decode(): v.decode() for k, v in rec.items()}
+        if "captions" not in have:
+            raise ValueError(f"{e} does not record which captions it encodes (an older encode-text); {redo}")
+        if len(part) != n or have["captions"] != text_emb_meta(captions.slice(a, n), "")["captions"]:
+            raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+        if text_encoder and have.get("text_encoder") != text_encoder:
+            raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
+                             f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
+    return datasets.concatenate_datasets(parts)
+
+
+def pack_text_emb(h, mask):
+    """Encoder output (B, L, D), mask (B, L) -> per caption (bf16 bytes of its n real tokens, n), wherever the
+    padding is."""
+    return [(hi[mi.bool()].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes(), int(mi.sum()))
+            for hi, mi in zip(h, mask)]
+
+
+def unpack_text_emb(items, max_len, dim):
+    """Inverse of pack_text_emb, padded with zeros to max_len: -> (B, max_len, dim) bf16 (as stored: half the
+    loader's shared memory and the host-to-device copy of fp32), mask (B, max_len)."""
+    txt = torch.zeros(len(items), max_len, dim, dtype=torch.bfloat16)
+    mask = torch.zeros(len(items), max_len, dtype=torch.bool)
+    for b, (raw, n) in enumerate(items):
+        n = min(n, max_len)
+        e = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).view(-1, dim)
+        txt[b, :n], mask[b, :n] = e[:n], True
+    return txt, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data stream and its loader workers
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches (lists of indices) from image position `start` onward. groups: row indices
+    per aspect bucket (default one group, all rows); first: the image position where this stage began."""
+
+    def __init__(self, n, seed, start, batch, micro, rank, world, groups=None, first=0):
+        self.n, self.seed, self.start, self.batch, self.micro, self.rank, self.world = \
+            n, seed, start, batch, micro, rank, world
+        self.groups = [g for g in (groups if groups is not None else [np.arange(n)]) if len(g)]
+        self.first, self._perms = first, {}
+
+    def __iter__(self):
+        sizes = np.array([len(g) for g in self.groups])
+        cdf, rng = np.cumsum(sizes) / sizes.sum(), np.random.default_rng([self.seed, self.first])
+        pick = lambda u: np.minimum(np.searchsorted(cdf, u, side="right"), len(sizes) - 1)  # one draw per batch
+        k, rem = divmod(self.start - self.first, self.batch)  # replay this stage's k global batches so far
+        pos = self.first * sizes // sizes.sum() + self.batch * np.bincount(pick(rng.random(k)), minlength=len(sizes))
+        pos += rem  # pos: the next position in each group's stream
+        while True:
+            g = int(pick(rng.random()))
+            glob = [self._index(g, pos[g] + j) for j in range(self.batch)]
+            pos[g] += self.batch
+            per_rank = self.batch // self.world
+            mine = glob[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for j in range(0, per_rank, self.micro):
+                yield mine[j:j + self.micro]
+
+    def _index(self, g, pos):
+        epoch, k = divmod(int(pos), len(self.groups[g]))
+        if self._perms.get(g, (None,))[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 999_983 * g)
+            self._perms[g] = epoch, self.groups[g][torch.randperm(len(self.groups[g]), generator=gen).numpy()]
+        return int(self._perms[g][1][k])
+
+
+def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, captions, (txt, mask) or None, causes
+    emb = unpack_text_emb([it[2] for it in items], text_len, text_dim) if items[0][2] is not None else None
+    return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
+
+
+class NoUsableRow(RuntimeError):  # a whole bucket damaged; a loader worker's comes back as its traceback's text
+    pass
+
+
+def own_session(worker_id):
+    """A loading worker leaves the trainer's process group and ignores SIGTERM and SIGINT: whether a signal goes to
+    the group (Ctrl-C) or to every process (a scheduler), the trainer alone acts on it and stops cleanly (a dead
+    worker would crash it); the workers end with the trainer."""
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# Loading workers ignore SIGTERM (own_session), and at exit multiprocessing terminates its daemonic children and then
+# joins them: any still running (an exit from inside the loop) would be waited on forever. Its exit finalizers run
+# first, so this one kills them.
+mp.util.Finalize(None, lambda: [p.kill() for p in mp.active_children() if p.daemon], exitpriority=100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files of a run: the log, sample grids, checkpoints
+
+class Logger:  # rank 0 writes log.txt (and the console) and metrics.jsonl; a full disk costs lines, never the run
+    def __init__(self, run_dir, master):
+        self.master, self.lost = master, 0  # lost: lines a full disk took
+        if master:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.log = open(Path(run_dir, "log.txt"), "a")
+            self.jsonl = open(Path(run_dir, "metrics.jsonl"), "a")
+
+    def __call__(self, msg, console=True):
+        if self.master and console:
+            print(msg, flush=True)
+        if self.master:
+            self.write(self.log, msg)
+
+    def metrics(self, d):
+        if self.master:
+            self.write(self.jsonl, json.dumps(d))
+
+    def write(self, f, line):  # said once, on stderr
+        try:
+            f.write(line + "\n")
+            f.flush()
+        except OSError as e:
+            if not self.lost:
+                print(f"warning: cannot write {f.name} ({e.strerror or e}); training goes on, log lines are lost "
+                      "until there is space again", file=sys.stderr, flush=True)
+            self.lost += 1
+
+
+def open_log(run_dir, token, master, group=None):
+    """run_dir made and its log opened by rank 0, and seen by every rank (group: gloo, under torchrun): else rank 0
+    would rename checkpoint folders that lack the other nodes' shards. -> Logger; ValueError, one line."""
+    probe = Path(run_dir, "ckpt", f".probe{token}.tmp")
+    try:  # rank 0 writes log.txt and a probe file in ckpt/, which every rank must then see
+        log = Logger(run_dir, master)
+        if master:
+            probe.parent.mkdir(exist_ok=True)
+            probe.touch()
+    except OSError as e:
+        raise ValueError(f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another "
+                         "folder") from None
+    if dist.is_initialized():
+        dist.barrier(group=group)
+        seen = torch.tensor(float(probe.exists()))
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
+        if not seen:
+            raise ValueError(f"run_dir {run_dir} must be on a file system every node sees (a rank does not see rank "
+                             "0's files); put it on shared storage")
+    if master:
+        probe.unlink()
+    return log
+
+
+def describe_run(log, source, config, demo, device, world):
+    """The head of the log: the trainer's source, the versions, the hardware and the config."""
+    log("=" * 100 + "\n" + Path(source).read_text() + "\n" + "=" * 100, console=False)
+    if demo:  # the first line on the console
+        log("preset cpu: the built-in CPU demo (no CUDA device, or preset=cpu). Its text, DINOv3 and DINOv2 "
+            "encoders are tiny RANDOM models and LPIPS uses a random VGG: this shows the pipeline at toy scale, "
+            "not the real recipe's quality.")
+    import transformers
+    log(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__} "
+        f"host {platform.node()} world {world} device {device}")
+    if torch.cuda.is_available():
+        try:
+            log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
+        except (OSError, subprocess.SubprocessError):
+            log("nvidia-smi unavailable")
+    else:
+        log(f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    log("config: " + json.dumps(config))
+
+
+def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> numpy (B, H, W, 3) uint8
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1], 2-px white borders
+    from PIL import Image
+    x = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+    B, _, H, W = x.shape
+    ncol = min(nrow, B)
+    grid = torch.full((3, math.ceil(B / ncol) * (H + 2) + 2, ncol * (W + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = x[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def write_grid(imgs, path, nrow, log):  # a full disk costs the picture, never the run
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            save_grid(imgs, path, nrow)
+            log(f"samples: {path}")
+        except OSError as e:
+            log(f"samples: {path} not written ({e.strerror or e}); training goes on")
+
+
+def all_ranks(obj):  # every rank's obj, in rank order
+    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def on_master(fn, *args):  # fn(*args) on rank 0 only (it writes files); every rank gets its result
+    out = [fn(*args) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(out, 0)
+    return out[0]
+
+
+def save_atomic(write, path, keep):
+    """write(tmp) writes a checkpoint (file or folder) that becomes `path` once complete; then only the newest `keep`
+    step* checkpoints are kept (0: all). On any error (a full disk) the temporary is removed, the older checkpoints
+    stay as they were, and the error comes back as one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    rm = lambda p: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        rm(tmp)
+        return f"{type(e).__name__}: {e}"
+    older = sorted(p for p in path.parent.glob("step*") if p != path)
+    for p in (older[:max(0, len(older) - keep + 1)] if keep else []) + list(path.parent.glob(".*.tmp")):
+        rm(p)  # and temporaries left by a process killed while writing
+
+
+def write_checkpoint(path, modules, optimizers, files, keep):
+    """A checkpoint folder `path`: the sharded state of `modules` and `optimizers` via torch.distributed.checkpoint
+    (each rank writes its shards; it loads on any world size) and, from rank 0, files {name: object} (torch.save).
+    Written to .<name>.tmp, synced and renamed: complete or absent; then the newest `keep` are kept (save_atomic).
+    Collective. -> None, or the error as one line (on every rank)."""
+    tmp, err, master = path.with_name(f".{path.name}.tmp"), None, not dist.is_initialized() or dist.get_rank() == 0
+    if master:  # the remains of a save that crashed; DCP makes the folder (an error there is caught below)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    model, optim = get_state_dict(modules, optimizers)
+    try:  # every rank writes its shards into tmp
+        dcp.save(dict(model=model, optim=optim), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:  # a full disk (DCP raises on every rank; no Exception)
+        err = brief(e, 200)
+
+    def finish(tmp):  # rank 0 adds the files; on disk before the rename makes them the checkpoint
+        for name, obj in files.items():
+            torch.save(obj, tmp / name)
+        for f in [tmp / name for name in files] + [tmp]:  # (DCP syncs its own; a folder's fsync writes its entries)
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)  # only where this very step was saved before
+    if master:
+        err = err or save_atomic(finish, path, keep)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return on_master(lambda: err)
+
+
+def read_checkpoint(paths, modules, optimizers, apply, warn):
+    """The newest loadable checkpoint of `paths` (oldest first) into `modules` and `optimizers` (resharded to this
+    run's world size), then apply({file name: object}) of its other files (read on the CPU) -> (its path, those
+    files), or (None, None) when none loads. One with any damaged file is passed over with warn(line): the one
+    before is loaded over what it filled in."""
+    logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the warning is one line
+    try:
+        for path in reversed(paths):
+            try:
+                files = {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in
+                         sorted(path.glob("*.pt"))}
+                model, optim = get_state_dict(modules, optimizers)  # this run's layout, filled in place
+                sd = dict(model=model, optim=optim)
+                dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+                set_state_dict(modules, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+                apply(files)
+                return path, files
+            except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
+                warn(f"warning: checkpoint {path} is unreadable ({brief(e, 120)}); trying the one before")
+    finally:
+        logging.disable(logging.NOTSET)
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants, paths, kernels
+
+def check_paths(hp, demo_data):
+    """The trainer's data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any
+    model is built: ValueError, one line. demo_data: the CPU demo's folder, made by data_prep.py shapes."""
+    for name, d in [("data", hp.data)] + [(f"stage{i}.data", st.data) for i, st in enumerate(hp.stages, 1) if st.data]:
+        if not (hp.bench or Path(d).is_dir()):
+            fix = "render the demo's data with python data_prep.py shapes" if hp.preset == "cpu" and d == demo_data \
+                else f"create it with data_prep.py or set {name}=PATH"
+            raise ValueError(f"{name} folder {d} does not exist; {fix}")
+    missing = [n for n in ("seen", "heldout", "two") if not Path(hp.data, f"prompts_{n}.txt").is_file()]
+    if hp.preset == "cpu" and not hp.bench and missing:  # its vocabulary, sample grid and score
+        raise ValueError(f"{hp.data}/prompts_{missing[0]}.txt is missing: preset=cpu (the shapes demo) needs the "
+                         "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record")
+    for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
+        p = getattr(hp, name)
+        hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
+        if p and not (hp.bench or hub_id or Path(p).exists()):
+            raise ValueError(f"{name}={p} is neither a local folder nor a hub id (org/name); set {name}=PATH or ID")
+
+
+def convert(text, typ, name):
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if typ is bool and text.lower() not in words:
+        raise ValueError(f"{name} expects a bool (1/0/true/false), got {text!r}")
+    try:
+        return words[text.lower()] if typ is bool else typ(text)
+    except ValueError:
+        raise ValueError(f"{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def block_set(spec, depth):  # "0-3,7" -> {0, 1, 2, 3, 7}; "all" -> every block; ValueError on a bad spec
+    try:
+        ids = {i for r in spec.replace("all", f"0-{depth - 1}").split(",") if r
+               for i in range(int(r.split("-")[0]), int(r.split("-")[-1]) + 1)}
+    except ValueError:
+        raise ValueError(f"recompute={spec!r} is not a list of blocks like 0-3,7 or all") from None
+    if not all(0 <= i < depth for i in ids):
+        raise ValueError(f"recompute={spec!r} names blocks outside 0..{depth - 1}; use indices of the {depth} blocks")
+    return ids
+
+
+def attention_backend(device, order="flash,efficient,cudnn,math"):
+    """SDPA kernels, tried in this order (the text padding mask rules flash out); on CPU the plain math kernel,
+    which beats the CPU flash kernel at the demo's sizes (2x, measured)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    kernels = dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                   cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH)
+    return sdpa_kernel([kernels[k] for k in order.split(",")], set_priority=True)
+
+
+def quiet_transformers():
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals and the time limit
+
+STOP = dict(signal=None, scoring=False)  # set by on_signal; read after setup and after every step
+
+
+def on_signal(signum, frame):  # SIGTERM, SIGINT: a flag; a second one ends the process at once
+    STOP["signal"] = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+    if STOP["scoring"]:  # after training: stop the scoring now
+        raise KeyboardInterrupt
+
+
+def stop_reason(time_limit, timer, group=None):
+    """A signal, or the time_limit would pass within two steps (the host may run one ahead of the device) and a
+    checkpoint (timer: t0, the previous call's time, the last checkpoint's seconds). Every step, on the host; under
+    torchrun all-reduced over `group` (gloo): all ranks stop after the same step."""
+    now = time.monotonic()
+    step_s = now - timer["tick"]
+    timer["tick"] = now
+    late = time_limit > 0 and now + 2 * step_s + timer["ckpt_s"] > timer["t0"] + time_limit
+    flags = torch.tensor([STOP["signal"] is not None, late], dtype=torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return (STOP["signal"] or "signal") if flags[0] else "time_limit" if flags[1] else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bench: synthetic batches, one line per stage
+
+def synthetic_batches(stage, hp, world):
+    """The bench's micro-batches: random images and text embeddings of the stage's shapes, forever. It also starts
+    the device's peak-memory count of the stage."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    B = min(stage.micro_batch, stage.batch // world)
+    imgs = torch.randint(0, 256, (B, 3, stage.res, stage.res), dtype=torch.uint8, generator=g)
+    emb = (torch.randn(B, hp.text_len, hp.text_dim, generator=g), torch.ones(B, hp.text_len, dtype=torch.bool))
+    return iter(lambda: (imgs, None, emb), None)
+
+
+def log_bench(stage, k, hp, env, state, start, step_flops, log):  # the bench line of stage k -> its hours on one device
+    dt = (state.train_time - start[0]) / max(1, state.timed_steps - start[1])  # its timed steps
+    ips = stage.batch / dt / env.world  # images per second per device
+    tflops = step_flops / stage.batch * ips / 1e12
+    hours = hp.stages[k].steps * hp.stages[k].batch / ips / 3600  # the schedule's, not the bench's
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if env.device.type == "cuda" else None
+    log(f"bench stage:{k + 1} res:{stage.res} micro_batch:{stage.micro_batch} "
+        f"accum:{stage.batch // (env.world * stage.micro_batch)} tread:{hp.tread_frac} "
+        f"compile:{int(hp.compile)} step:{dt * 1000:.1f}ms img/s/device:{ips:.1f} dit_tflops/device:{tflops:.2f} "
+        f"mfu:{f'{100 * tflops / hp.peak_tflops:.1f}%' if peak else 'n/a'} "
+        f"peak_mem:{f'{peak:.1f}GiB' if peak else 'n/a'} stage_hours@{hp.bench_devices}:{hours / hp.bench_devices:.2f}")
+    log.metrics(dict(bench=True, stage=k + 1, res=stage.res, step_ms=dt * 1000, img_s=ips, dit_tflops=tflops,
+                     peak_mem_gib=peak))
+    return hours
