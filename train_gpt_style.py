@@ -1063,10 +1063,10 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         ds.skipped = bad_rows  # the bad rows of every folder counted together, logged after each stage
-        if ds.has_emb and len(ds.emb[0]["text_emb"]) // (2 * max(1, ds.emb[0]["n_tokens"])) != hp.text_dim:
-            fail(f"{d}/text_emb holds {len(ds.emb[0]['text_emb']) // (2 * max(1, ds.emb[0]['n_tokens']))}-d "
-                 f"embeddings but text_dim={hp.text_dim}; encode them with the run's text encoder (data_prep.py "
-                 "encode-text) or set text_dim")  # bf16 bytes of n tokens: the width follows
+        dim = len(ds.emb[0]["text_emb"]) // (2 * max(1, ds.emb[0]["n_tokens"])) if ds.has_emb else hp.text_dim
+        if dim != hp.text_dim:  # (bf16 bytes of n tokens: the width follows)
+            fail(f"{d}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with the run's text "
+                 "encoder (data_prep.py encode-text) or set text_dim")
         log(f"data: {len(ds)} images from {d} for stage {','.join(str(k) for k, f in enumerate(folders, 1) if f == d)}"
             f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}")
     return [datasets[f] for f in folders], bad_rows

@@ -526,7 +526,7 @@ def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path
 
     lines, grids = [], []
     monkeypatch.setattr(T, "sample", sample)
-    monkeypatch.setattr(T, "write_grid", lambda imgs, path, *a: grids.append(path.name))
+    monkeypatch.setattr(support, "write_grid", lambda imgs, path, *a: grids.append(path.name))
     hp = T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)])
     result = T.score_demo(None, hp, None, tmp_path, lines.append)  # what the run writes to metrics.jsonl
     assert list(result) == list(sets) and grids == [f"eval_{name}.png" for name in sets]
