@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -67,7 +68,9 @@ def load_model(path, ema=True):
     and weights that do not fit the architecture in its config, in one line."""
     ck_dir = find_checkpoint(path)
     try:
-        ck = torch.load(ck_dir / "ema.pt", map_location="cpu", weights_only=False)
+        ck = support.load_plain(ck_dir / "ema.pt")  # tensors and plain values only: a shared file runs no code
+    except support.NotPlainData:
+        raise
     except Exception as e:  # truncated or foreign file
         raise ValueError(f"cannot read checkpoint {ck_dir}/ema.pt: {one_line(e)}") from None
     if not isinstance(ck, dict) or "config" not in ck or not isinstance(ck.get("ema"), dict):
@@ -86,6 +89,7 @@ def load_model(path, ema=True):
             got = {k: getattr(v, "shape", ()) for k, v in ck["ema"].items()}
         else:  # the trainer saved {"model": {"model.<name>": ...}}: flattened to "model.model.<name>"
             try:
+                support.check_index(ck_dir)
                 meta = dcp.FileSystemReader(ck_dir).read_metadata().state_dict_metadata
             except OSError as e:
                 raise FileNotFoundError(f"{ck_dir} has no raw weights ({one_line(e)}); drop --no-ema") from None
@@ -97,7 +101,10 @@ def load_model(path, ema=True):
         else:  # DCP fills these tensors in place
             sd = model.state_dict()
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process: as meant
-            dcp.load(dict(model={f"model.{k}": v for k, v in sd.items()}), checkpoint_id=ck_dir, no_dist=True)
+            dcp.load(dict(model={f"model.{k}": v for k, v in sd.items()}), checkpoint_id=ck_dir,
+                     planner=support.PlainPlanner(ck_dir), no_dist=True)
+    except support.NotPlainData:
+        raise
     except (ValueError, RuntimeError, dcp.CheckpointException) as e:
         raise ValueError(f"{ck_dir} does not match the architecture in its config: {one_line(e)}; its config was "
                          "edited or its weights come from another run: use a checkpoint as the trainer wrote it") \
@@ -135,11 +142,8 @@ def parse_interval(text):
     return lo, hi
 
 
-def export_diffusers(model, hp, out_dir):
-    """Write a diffusers PRXTransformer2DModel folder (config + safetensors) with these weights."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():  # save_pretrained would only log a warning and write nothing
-        raise ValueError(f"--export-diffusers {out} is a file; give a folder (new or existing)")
+def diffusers_transformer(model, hp):
+    """Our DiT as diffusers' PRXTransformer2DModel, the same weights (the parameter names map one to one)."""
     try:
         from diffusers import PRXTransformer2DModel
     except ImportError as e:
@@ -150,33 +154,125 @@ def export_diffusers(model, hp, out_dir):
                                 hidden_size=hp.hidden, mlp_ratio=hp.mlp_ratio, num_heads=hp.heads, depth=hp.depth,
                                 axes_dim=[head // 2, head // 2], bottleneck_size=hp.bottleneck)
     try:
-        ref.load_state_dict(model.state_dict(), strict=True)  # parameter names map one to one
+        ref.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as e:  # another diffusers version's layout
         raise ValueError(f"this diffusers' PRXTransformer2DModel does not match ({support.brief(e, 200)}); "
                          "install the version in requirements.txt") from None
+    return ref.eval()
+
+
+def encoder_only(path, dtype):
+    """The run's text encoder as a model diffusers' pipeline calls and reloads: T5Gemma's encoder-decoder becomes
+    transformers' own T5GemmaEncoderModel (same weights; saved whole, it would be re-read as a default T5Gemma);
+    any other encoder stays as it is."""
+    from transformers import AutoModel, T5GemmaConfig, T5GemmaEncoderModel
+    m = AutoModel.from_pretrained(path, dtype=dtype)
+    if type(m).__name__ != "T5GemmaModel":
+        return m.eval()
+    config = T5GemmaConfig.from_dict({**m.config.to_dict(), "is_encoder_decoder": False,
+                                      "architectures": ["T5GemmaEncoderModel"]})
+    enc = T5GemmaEncoderModel(config).to(dtype)
+    enc.load_state_dict({f"encoder.{k}": v for k, v in m.get_encoder().state_dict().items()}, strict=True)
+    return enc.eval()
+
+
+def pipeline_timesteps(steps, shift):
+    """The trainer's sampling grid (linspace(1, 0, steps + 1) without its end, shifted) as the `timesteps` argument
+    of PRXPixelPipeline, whose scheduler must then have shift=1 (the grid is shifted already)."""
+    return (1000 * T.shift_t(torch.linspace(1, 0, steps + 1)[:-1], shift)).tolist()
+
+
+def model_card(hp, ck_dir, run_dir, has_grid):
+    """README.md of an exported pipeline: what was trained, its last scores, samples, how to load it."""
+    import json
+    rows = support.read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+    scores = [r for r in rows if "shapes" in r or "fid" in r or "fd_dinov2" in r][-1:]
+    res, steps, shift = hp.stages[-1].res, hp.sample_steps, hp.t_shift
+    call = f'height={res}, width={res}, guidance_scale={hp.cfg}, use_resolution_binning={res == 1024}'
+    lines = [
+        "---", "library_name: diffusers", "pipeline_tag: text-to-image",
+        "tags: [prx-speedrun, PRXPixelPipeline, pixel-space, flow-matching]", "---",
+        f"# {Path(run_dir).name}: a prx-speedrun model", "",
+        f"A pixel-space x-prediction flow-matching model, the PRX simplified MMDiT ({hp.hidden} wide, {hp.depth} "
+        f"blocks, {hp.heads} heads, patch {hp.patch}), trained with prx-speedrun's `train_gpt_style.py` and exported "
+        f"from `{ck_dir}` ({'EMA' if hp.ema_decay else 'live'} weights).",
+        "Stages: " + "; ".join(f"{st.res} px, batch {st.batch}, {st.steps} steps" for st in hp.stages) + ".",
+        f"Text encoder: `{hp.text_encoder or 'the CPU demo random T5Gemma'}`, {hp.text_len} tokens.", "",
+        "## Last scores", "", f"`{json.dumps(scores[0])}`" if scores else "none logged", ""]
+    lines += ["## Samples", "", "![samples](samples.png)", ""] if has_grid else []
+    lines += [
+        "## Use", "", "```python", "from diffusers import PRXPixelPipeline",
+        'pipe = PRXPixelPipeline.from_pretrained("PATH")  # this folder, or its hub id',
+        f'image = pipe("a prompt", num_inference_steps={steps}, {call}).images[0]', "```", "",
+        "One prompt per call with guidance (diffusers 0.42.1 builds the guided timestep for a batch of one).", "",
+        f"The pipeline's default timesteps (`linspace(1, 1/1000, N)` at the scheduler's shift {shift}) differ a "
+        "little from the trainer's. The trainer's grid gives the images of `sample.py` (the same noise, fp32):", "",
+        "```python"]
+    if shift != 1:
+        lines += ["from diffusers import FlowMatchEulerDiscreteScheduler  # the grid below is shifted already",
+                  "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)"]
+    lines += [f"timesteps = {[round(t, 4) for t in pipeline_timesteps(steps, shift)]}",
+              f'image = pipe("a prompt", timesteps=timesteps, {call}).images[0]', "```"]
+    if hp.t_min_div != 0.05:
+        lines += ["", f"The run clamped t at {hp.t_min_div} when converting x0 to a velocity, the pipeline at 0.05."]
+    if (hp.cfg_lo, hp.cfg_hi) != (0, 1):
+        lines += ["", f"The run guided for t in [{hp.cfg_lo}, {hp.cfg_hi}] only; the pipeline guides every step."]
+    return "\n".join(lines) + "\n"
+
+
+def export_diffusers(model, hp, out_dir, text_path=None, dtype=torch.float32, card=None, grid=None):
+    """--export-diffusers: a diffusers PRXPixelPipeline folder (model_index.json, transformer/, text_encoder/,
+    tokenizer/ (right padding, as trained), scheduler/ (FlowMatchEuler at the run's shift), README.md (card: the
+    model card) and samples.png (a copy of the picture `grid`)); text_path None: the transformer alone
+    (--transformer-only: config.json + safetensors)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # save_pretrained would only log a warning and write nothing
+        raise ValueError(f"--export-diffusers {out} is a file; give a folder (new or existing)")
+    transformer = diffusers_transformer(model, hp)
+    if dtype != torch.float32:
+        from diffusers.utils import logging
+        logging.set_verbosity_error()  # its note on modules kept in fp32: this model has none
+        transformer = transformer.to(dtype)
+    if text_path is None:
+        written, saved = transformer, out / "config.json"
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(text_path)
+        tok.padding_side = "right"  # as the trainer's TextEncoder: real tokens first, positions from 0
+        written = PRXPixelPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=hp.t_shift),
+                                   encoder_only(text_path, dtype), tok, default_sample_size=hp.stages[-1].res,
+                                   prompt_max_tokens=hp.text_len, noise_scale=1.0)  # the trainer's noise: N(0, 1)
+        saved = out / "transformer" / "config.json"
     try:
-        ref.save_pretrained(out)
+        written.save_pretrained(out)
+        if card is not None:
+            (out / "README.md").write_text(card)
+        if grid is not None:
+            shutil.copyfile(grid, out / "samples.png")
     except OSError as e:  # a file in the path, no permission, a full disk
         raise ValueError(f"--export-diffusers {out} cannot be written ({e.strerror or e}); choose another folder") \
             from None
-    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+    if not saved.is_file() or not any(saved.parent.glob("*.safetensors")):
         raise ValueError(f"--export-diffusers {out}: diffusers wrote no config.json + safetensors there; choose "
                          "another folder")
     return out
 
 
 def tread_guided(model, scale, frac, interval):
-    """TREAD self-guidance in place of CFG (no unconditional pass): x0 + scale (x0 - x0_r) for t in interval, where
-    x0_r is the same model with a fixed `frac` of the image tokens routed past the TREAD blocks (one routing for
-    every sample and step, so an image does not depend on its batch): a weaker model whose errors the full one is
-    pushed away from. -> a model for T.generate (with cfg=1)."""
+    """TREAD self-guidance in place of CFG (no unconditional pass), in PRX's convention: x0_r + scale (x0 - x0_r)
+    for t in interval (elsewhere x0: scale 1 everywhere is the conditional sample), where x0_r is the same model with
+    a fixed `frac` of the image tokens routed past the TREAD blocks (one routing for every sample and step, so an
+    image does not depend on its batch): a weaker model whose errors the full one is pushed away from. -> a model
+    for T.generate (with cfg=1)."""
     def guided(x, t, txt, mask):
         x0 = model(x, t, txt, mask)[0].float()
         if not interval[0] <= float(t[0]) <= interval[1]:
             return x0, None
         n_tok = (x.shape[2] // model.patch) * (x.shape[3] // model.patch)
         keep = T.tread_keep(1, n_tok, frac, "cpu", torch.Generator().manual_seed(0)).to(x.device).expand(len(x), -1)
-        return x0 + scale * (x0 - model(x, t, txt, mask, keep)[0].float()), None
+        routed = model(x, t, txt, mask, keep)[0].float()
+        return routed + scale * (x0 - routed), None
     return guided
 
 
@@ -231,12 +327,18 @@ def main(argv=None):
     ap.add_argument("--height", type=int, help="image height in px, snapped to the nearest aspect bucket")
     ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
-                    "of CFG (no unconditional pass): x0 + S (x0 - x0 with tokens routed past the TREAD blocks)")
+                    "of CFG (no unconditional pass), PRX's convention: x0_r + S (x0 - x0_r), x0_r with tokens "
+                    "routed past the TREAD blocks; S=1: the conditional sample")
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--score", action="store_true", help="score the images on the shapes benchmark")
-    ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXTransformer2DModel folder")
+    ap.add_argument("--export-diffusers", metavar="DIR", help="write a diffusers PRXPixelPipeline folder (docs/"
+                    "sampling.md): transformer, text encoder, tokenizer, scheduler and a model card")
+    ap.add_argument("--transformer-only", action="store_true", help="--export-diffusers writes the "
+                    "PRXTransformer2DModel alone")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--export-diffusers: weights' type "
+                    "(bf16 halves the files)")
     ap.add_argument("--eval", action="store_true", help="run the fixed evaluation of the run's config (README)")
     a = ap.parse_args(argv)
     support.quiet_transformers()
@@ -267,7 +369,11 @@ def main(argv=None):
             raise ValueError("give --out DIR")
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
         if a.export_diffusers:
-            export_diffusers(model, hp, a.export_diffusers)
+            grids = sorted(Path(run_dir, "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)[-1:]
+            card = model_card(hp, find_checkpoint(a.ckpt), run_dir, bool(grids))
+            export_diffusers(model, hp, a.export_diffusers, None if a.transformer_only else
+                             text_encoder_path(hp, run_dir), torch.bfloat16 if a.dtype == "bf16" else torch.float32,
+                             None if a.transformer_only else card, None if a.transformer_only else (grids or [None])[0])
             print(f"exported to {a.export_diffusers}")
             if not (prompts or a.eval):
                 return

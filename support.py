@@ -15,24 +15,33 @@ The shard format, what data_prep.py writes and the trainer reads:
 Every check ends in a ValueError whose message is one line naming the file and the fix.
 """
 import hashlib
+import html
+import copy
+import dataclasses
+import fcntl
 import io
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
+import pickle
 import platform
+import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
@@ -145,6 +154,17 @@ def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (d
     return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
 
 
+CLEANING = "ftfy+unescape2+strip"  # clean_caption's version: a sidecar records it; another one must be re-encoded
+
+
+def clean_caption(text):
+    """A caption cleaned as diffusers' PRXPixelPipeline cleans a prompt (ftfy's repair of mis-decoded text, HTML
+    entities undone twice, outer whitespace dropped), in training, encode-text and sampling alike, so that an
+    exported model meets at inference the text it was trained on."""
+    import ftfy
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
 def text_emb_meta(captions, text_encoder):
     """What a sidecar encodes, kept in its Arrow schema metadata: the text encoder, and a digest of its shard's
     captions (pyarrow strings): row count, total bytes (from the offsets alone), sha1 of 64 captions spread over the
@@ -154,7 +174,7 @@ def text_emb_meta(captions, text_encoder):
     n = len(captions)
     probe = "\n".join(c or "" for c in captions.take(np.linspace(0, n - 1, min(n, 64)).astype(int)).to_pylist())
     digest = f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
-    return {"text_encoder": str(text_encoder), "captions": digest}
+    return {"text_encoder": str(text_encoder), "captions": digest, "cleaning": CLEANING}
 
 
 def open_text_emb(root, files, rows, captions, text_encoder=""):
@@ -183,6 +203,8 @@ def open_text_emb(root, files, rows, captions, text_encoder=""):
             raise ValueError(f"{e} does not record which captions it encodes (an older encode-text); {redo}")
         if len(part) != n or have["captions"] != text_emb_meta(captions.slice(a, n), "")["captions"]:
             raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+        if have.get("cleaning") != CLEANING:
+            raise ValueError(f"{e} holds captions encoded without this trainer's cleaning ({CLEANING}); {redo}")
         if text_encoder and have.get("text_encoder") != text_encoder:
             raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
                              f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
@@ -301,18 +323,65 @@ class Logger:  # rank 0 writes log.txt (and the console) and metrics.jsonl; a fu
             self.lost += 1
 
 
+def read_metrics(run_dir):
+    """metrics.jsonl as one history: at each {"resumed_from": step} row (a resume) the rows that the stopped process
+    wrote for later steps are dropped, since the resumed one writes them again -> [row], markers left out."""
+    rows = []
+    for line in Path(run_dir, "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+            continue
+        if "resumed_from" in row:
+            rows = [r for r in rows if r.get("step", 0) <= row["resumed_from"]]
+        else:
+            rows.append(row)
+    return rows
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on run_dir/.lock for this process's life, its holder written in it -> the file descriptor
+    (keep it open). A POSIX lock: the kernel drops it when the process dies (no stale lock after SIGKILL), loading
+    workers do not inherit it, and network file systems (NFS) share it between nodes. ValueError naming the holder."""
+    fd = os.open(Path(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"run_dir {run_dir} is in use by another run ({holder}); wait for it to end or stop it, or "
+                         "set run_dir to another folder") from None
+    try:  # who holds it, for the message above; the lock holds without it (a full disk)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {platform.node()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+                  .encode(), 0)
+    except OSError:
+        pass
+    return fd
+
+
 def open_log(run_dir, token, master, group=None):
-    """run_dir made and its log opened by rank 0, and seen by every rank (group: gloo, under torchrun): else rank 0
-    would rename checkpoint folders that lack the other nodes' shards. -> Logger; ValueError, one line."""
-    probe = Path(run_dir, "ckpt", f".probe{token}.tmp")
-    try:  # rank 0 writes log.txt and a probe file in ckpt/, which every rank must then see
+    """run_dir made and locked (lock_run_dir) and its log opened by rank 0, and seen by every rank (group: gloo, under
+    torchrun): else rank 0 would rename checkpoint folders that lack the other nodes' shards. -> Logger; ValueError,
+    one line, on every rank."""
+    probe, err, log = Path(run_dir, "ckpt", f".probe{token}.tmp"), None, None
+    try:  # rank 0 locks, opens log.txt and writes a probe file in ckpt/, which every rank must then see
+        if master:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
         log = Logger(run_dir, master)
         if master:
+            log.lock = lock  # held as long as the log
             probe.parent.mkdir(exist_ok=True)
             probe.touch()
     except OSError as e:
-        raise ValueError(f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another "
-                         "folder") from None
+        err = f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder"
+    except ValueError as e:
+        err = str(e)
+    if dist.is_initialized():
+        err = on_master(lambda: err)
+    if err:
+        raise ValueError(err)
     if dist.is_initialized():
         dist.barrier(group=group)
         seen = torch.tensor(float(probe.exists()))
@@ -432,24 +501,102 @@ def write_checkpoint(path, modules, optimizers, files, keep):
     return on_master(lambda: err)
 
 
+# A checkpoint is data, never code: every file of one is read by an unpickler that builds tensors and plain Python
+# values only (torch's weights_only; DCP's index by an allowlist of its own record types), so a shared checkpoint
+# cannot run anything when loaded. One that is not plain data is refused, not passed over as damaged.
+
+class NotPlainData(ValueError):
+    pass
+
+
+def refused(path, e):  # -> NotPlainData naming the file and what its pickle asked for
+    what = re.search(r"GLOBAL (\S+)", str(e))
+    return NotPlainData(f"{path} is not plain data: loading it would call {what.group(1) if what else 'code'}; "
+                        "refused (load only checkpoints from a source you trust, or move this one away)")
+
+
+def load_plain(path):  # torch.load of tensors and plain values only -> the object; NotPlainData, or the load's error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a torch.save file (zip) asking for a global; garbage is damage
+        if "Unsupported global" in str(e) and zipfile.is_zipfile(path):
+            raise refused(path, e) from None
+        raise
+
+
+class PlainIndex(pickle.Unpickler):  # DCP's .metadata: its record types, paths, sizes and dtypes, nothing else
+    SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+            ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module, name):
+        obj = getattr(sys.modules.get(module), name, None) if "." not in name else None
+        if not ((module, name) in self.SAFE or module == "torch" and isinstance(obj, torch.dtype) or
+                module == "torch.distributed.checkpoint.metadata" and getattr(obj, "__module__", None) == module):
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_index(folder):  # DCP's index of a checkpoint folder read as plain data first: NotPlainData, or its error
+    path = Path(folder, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            PlainIndex(f).load()
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise refused(path, e) from None
+        raise
+
+
+class PlainPlanner(DefaultLoadPlanner):  # DCP's non-tensor items (optimizer settings) checked as plain data first
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused(f"{read_item.dest_index.fqn} of {self.folder}", e) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def rng_states(device):  # this process's RNG states, as tensors and plain values
+    key, state, *rest = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=[key, torch.from_numpy(state.astype(np.int64)), *rest],
+                python=random.getstate(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_states(rng, device):
+    torch.set_rng_state(rng["torch"].cpu())
+    key, state, *rest = rng["numpy"]
+    np.random.set_state((key, state.numpy().astype(np.uint32), *rest))
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
 def read_checkpoint(paths, modules, optimizers, apply, warn):
     """The newest loadable checkpoint of `paths` (oldest first) into `modules` and `optimizers` (resharded to this
     run's world size), then apply({file name: object}) of its other files (read on the CPU) -> (its path, those
     files), or (None, None) when none loads. One with any damaged file is passed over with warn(line): the one
-    before is loaded over what it filled in."""
+    before is loaded over what it filled in. One that is not plain data: NotPlainData."""
     logging.disable(logging.WARNING)  # DCP logs a traceback per unreadable file: the warning is one line
     try:
         for path in reversed(paths):
             try:
-                files = {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in
-                         sorted(path.glob("*.pt"))}
+                files = {f.name: load_plain(f) for f in sorted(path.glob("*.pt"))}
                 model, optim = get_state_dict(modules, optimizers)  # this run's layout, filled in place
                 sd = dict(model=model, optim=optim)
-                dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+                check_index(path)
+                dcp.load(sd, checkpoint_id=path, planner=PlainPlanner(path), no_dist=not dist.is_initialized())
                 set_state_dict(modules, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
                 apply(files)
                 return path, files
             except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
+                inner = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+                if isinstance(inner, NotPlainData):
+                    raise inner from None
                 warn(f"warning: checkpoint {path} is unreadable ({brief(e, 120)}); trying the one before")
     finally:
         logging.disable(logging.NOTSET)
@@ -458,6 +605,13 @@ def read_checkpoint(paths, modules, optimizers, apply, warn):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants, paths, kernels
+
+def converted_res(folder):  # the resolution data_prep.py hf converted a folder at (its meta.json), or None
+    try:
+        return int(json.loads(Path(folder, "meta.json").read_text())["res"])
+    except (OSError, ValueError, KeyError, TypeError):  # no meta.json (the shapes data, shards of one's own)
+        return None
+
 
 def check_paths(hp, demo_data):
     """The trainer's data and encoder folders that do not exist (an encoder may also be a hub id, org/name), before any
@@ -476,6 +630,76 @@ def check_paths(hp, demo_data):
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
         if p and not (hp.bench or hub_id or Path(p).exists()):
             raise ValueError(f"{name}={p} is neither a local folder nor a hub id (org/name); set {name}=PATH or ID")
+
+
+def parse_constants(argv, cls, stage_cls, presets, preset):
+    """name=value overrides of the dataclass `cls` under a preset (preset=NAME picks another; stageK.name sets a field
+    of stage K; stages=N keeps the first N) -> an instance. --help prints the constants. ValueError, one line."""
+    if "--help" in argv or "-h" in argv:
+        try:
+            print(constants_help(cls, stage_cls, presets), flush=True)
+        except BrokenPipeError:  # | head: the rest unread, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    for a in argv:
+        if "=" not in a:
+            raise ValueError(f"expected name=value (--help lists the constants), got {a!r}")
+    pairs = [a.split("=", 1) for a in argv]
+    preset = dict(pairs).get("preset", preset)
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(presets)}")
+    hp = cls(**copy.deepcopy(presets[preset]))
+    hp.preset = preset
+    names = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "stages"}
+    stage_names = [f.name for f in dataclasses.fields(stage_cls)]
+    for name, text in pairs:
+        head, _, key = name.partition(".")
+        if name == "stages":
+            n = convert(text, int, name)
+            if not 1 <= n <= len(hp.stages):
+                raise ValueError(f"stages must be in 1..{len(hp.stages)}, got {n}")
+            hp.stages = hp.stages[:n]
+        elif head.startswith("stage") and key:  # stage1.steps=100
+            k = head[len("stage"):]
+            if not k.isdigit() or not 1 <= int(k) <= len(hp.stages) or key not in stage_names:
+                raise ValueError(f"unknown constant {name!r}; stage constants are stageK.{{{','.join(stage_names)}}}"
+                                 f" with K in 1..{len(hp.stages)}")
+            setattr(hp.stages[int(k) - 1], key, convert(text, type(getattr(hp.stages[int(k) - 1], key)), name))
+        elif name in names:
+            setattr(hp, name, convert(text, names[name], name))
+        else:
+            valid = ", ".join(list(names) + ["stages", "stageK.(" + ",".join(stage_names) + ")"])
+            raise ValueError(f"unknown constant {name!r}; valid names: {valid}")
+    return hp
+
+
+def constants_help(cls, stage_cls, presets):
+    """--help: every constant as name=default with its comment (read from the dataclasses' source), each preset's
+    changes and stages."""
+    import inspect
+
+    def stages(sts):
+        return "  ".join(f"stage{k}: " + " ".join(f"{f}={v!r}" for f, v in dataclasses.asdict(st).items())
+                         for k, st in enumerate(sts, 1))
+    out = [f"usage: {Path(sys.argv[0]).name} [name=value ...]   (stageK.name sets a field of stage K; stages=N keeps "
+           "the first N; preset=NAME starts from a preset)", ""]
+    for c, prefix, default in ((cls, "", cls()), (stage_cls, "stageK.", None)):
+        for line in inspect.getsource(c).splitlines()[2:]:  # after the decorator and the class line
+            code, _, comment = line.strip().partition("  # ")
+            name = code.split(":")[0].strip()
+            if code.startswith("#"):  # a section's title
+                out.append(f"  {code}")
+            elif name == "stages":
+                out.append(f"  {stages(default.stages)}")
+            elif ":" in code and name.isidentifier():
+                value = repr(getattr(default, name)) if default else "(per stage)"
+                out.append((f"  {prefix}{name}={value}".ljust(40) + (f"  # {comment}" if comment else "")).rstrip())
+        out.append("")
+    for name, changes in presets.items():
+        if changes:
+            out.append(f"preset={name}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items() if k != "stages") +
+                       (f"; {stages(changes['stages'])}" if "stages" in changes else ""))
+    return "\n".join(out)
 
 
 def convert(text, typ, name):

@@ -157,38 +157,8 @@ def fail(msg):
     sys.exit(2)
 
 
-def parse_args(argv, cuda_available):
-    """name=value overrides (stageK.name for a stage; stages=N keeps the first N) -> Hyperparameters, checked.
-    ValueError with a one-line message on bad input."""
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"expected name=value, got {a!r}")
-    pairs = [a.split("=", 1) for a in argv]
-    preset = dict(pairs).get("preset", "record" if cuda_available else "cpu")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    hp = Hyperparameters(**copy.deepcopy(PRESETS[preset]))
-    hp.preset = preset
-    names = {f.name: f.type for f in dataclasses.fields(Hyperparameters) if f.name != "stages"}
-    stage_names = [f.name for f in dataclasses.fields(Stage)]
-    for name, text in pairs:
-        head, _, key = name.partition(".")
-        if name == "stages":
-            n = support.convert(text, int, name)
-            if not 1 <= n <= len(hp.stages):
-                raise ValueError(f"stages must be in 1..{len(hp.stages)}, got {n}")
-            hp.stages = hp.stages[:n]
-        elif head.startswith("stage") and key:  # stage1.steps=100
-            k = head[len("stage"):]
-            if not k.isdigit() or not 1 <= int(k) <= len(hp.stages) or key not in stage_names:
-                raise ValueError(f"unknown constant {name!r}; stage constants are stageK.{{{','.join(stage_names)}}}"
-                                 f" with K in 1..{len(hp.stages)}")
-            setattr(hp.stages[int(k) - 1], key, support.convert(text, type(getattr(hp.stages[int(k) - 1], key)), name))
-        elif name in names:
-            setattr(hp, name, support.convert(text, names[name], name))
-        else:
-            valid = ", ".join(list(names) + ["stages", "stageK.(" + ",".join(stage_names) + ")"])
-            raise ValueError(f"unknown constant {name!r}; valid names: {valid}")
+def parse_args(argv, cuda_available):  # name=value overrides (support.parse_constants) -> Hyperparameters, checked
+    hp = support.parse_constants(argv, Hyperparameters, Stage, PRESETS, "record" if cuda_available else "cpu")
     check_config(hp)
     return hp
 
@@ -584,7 +554,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TextEncoder:
-    """Frozen transformers encoder: captions -> (last_hidden_state (B, L, D), padding mask (B, L) bool)."""
+    """Frozen transformers encoder: captions, cleaned (support.clean_caption: as diffusers' PRXPixelPipeline) ->
+    (last_hidden_state (B, L, D), padding mask (B, L) bool)."""
 
     def __init__(self, path, max_len, device, dtype):
         from transformers import AutoModel, AutoTokenizer
@@ -598,8 +569,8 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions):
-        b = self.tok(list(captions), padding="max_length", max_length=self.max_len, truncation=True,
-                     return_tensors="pt").to(self.device)
+        b = self.tok([support.clean_caption(c) for c in captions], padding="max_length", max_length=self.max_len,
+                     truncation=True, return_tensors="pt").to(self.device)
         h = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
         return h.float() * b.attention_mask[..., None], b.attention_mask.bool()
 
@@ -625,9 +596,10 @@ def imagenet_stats(device):  # made once per device: no host-to-device copy in t
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
-def vit_patch_tokens(vit, img01, size):
-    """Images in [0, 1] (B, 3, H, W) resized to `size` -> patch tokens (B, N, D) without CLS and registers."""
-    x = F.interpolate(img01.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+def vit_patch_tokens(vit, img01, size, mode):
+    """Images in [0, 1] (B, 3, H, W) resized to `size` as PRX resizes (`mode` nearest or bilinear, no antialias),
+    clamped to [0, 1] -> patch tokens (B, N, D) without CLS and registers."""
+    x = F.interpolate(img01.float(), size=size, mode=mode).clamp(0, 1)
     mean, std = imagenet_stats(x.device)
     h = vit(pixel_values=((x - mean) / std).to(next(vit.parameters()).dtype)).last_hidden_state
     return h[:, 1 + getattr(vit.config, "num_register_tokens", 0):].float()
@@ -658,10 +630,10 @@ class REPA(nn.Module):
 
 def repa_targets(dino, x0, patch):
     """Clean images (B, 3, H, W) in [-1, 1] -> DINOv3 patch features on the DiT's token grid (B, N, E).
-    The image is resized by 16/patch so that DINOv3's 16-px patches line up one to one with the DiT's."""
+    The image is resized by 16/patch (nearest, as PRX) so that DINOv3's 16-px patches line up with the DiT's."""
     H, W = x0.shape[-2:]
     p = dino.config.patch_size
-    return vit_patch_tokens(dino, (x0 + 1) / 2, (H // patch * p, W // patch * p))
+    return vit_patch_tokens(dino, (x0 + 1) / 2, (H // patch * p, W // patch * p), "nearest")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -687,10 +659,10 @@ def lpips_loss(lp, pred, x0):  # -> (B,)
 # P-DINO: 1 - cosine of frozen DINOv2 patch features of the predicted and the clean x0, at every t. Off: pdino_weight=0.
 
 
-def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine
-    fp = vit_patch_tokens(dino, (pred + 1) / 2, (res, res))
+def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine; PRX's bilinear resize, then clamp
+    fp = vit_patch_tokens(dino, (pred + 1) / 2, (res, res), "bilinear")
     with torch.no_grad():
-        ft = vit_patch_tokens(dino, (x0 + 1) / 2, (res, res))
+        ft = vit_patch_tokens(dino, (x0 + 1) / 2, (res, res), "bilinear")
     return (1 - F.cosine_similarity(fp, ft, dim=-1)).mean(dim=1)
 
 
@@ -924,10 +896,8 @@ def save_checkpoint(run_dir, tag, state, bad_rows, m, optimizers, hp, env, log, 
     """ckpt/<tag>/: the DiT, the REPA projector and the optimizers (sharded), ema.pt (the EMA weights and the config:
     what sample.py reads), extra.pt (the State, every rank's RNG states, the config). A failed save is logged and
     training goes on, unless it is the final one."""
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None)
-    extra = dict(dataclasses.asdict(state), bad_rows=bad_row_counts(bad_rows, state), rng=support.all_ranks(rng),
-                 config=dataclasses.asdict(hp))
+    extra = dict(dataclasses.asdict(state), bad_rows=bad_row_counts(bad_rows, state), config=dataclasses.asdict(hp),
+                 rng=support.all_ranks(support.rng_states(env.device)))  # tensors and plain values: load_plain
     files = {"ema.pt": dict(ema=m.ema.state_dict(), config=dataclasses.asdict(hp)), "extra.pt": extra}
     err = support.write_checkpoint(Path(run_dir, "ckpt", tag), m.trainable, optimizers, files, hp.keep_ckpts)
     if err:  # training goes on without this one, unless it is the last
@@ -941,8 +911,11 @@ def save_checkpoint(run_dir, tag, state, bad_rows, m, optimizers, hp, env, log, 
 def load_checkpoint(paths, state, m, optimizers, env, log):
     """Continue exactly where the newest loadable checkpoint of `paths` left off: weights, EMA, optimizers, State,
     RNG (the sharded state resharded to this run's world size)."""
-    path, files = support.read_checkpoint(paths, m.trainable, optimizers,
-                                          lambda f: m.ema.load_state_dict(f["ema.pt"]["ema"]), log)
+    try:
+        path, files = support.read_checkpoint(paths, m.trainable, optimizers,
+                                              lambda f: m.ema.load_state_dict(f["ema.pt"]["ema"]), log)
+    except support.NotPlainData as e:
+        fail(e)
     if path is None:
         fail(f"no checkpoint in {paths[0].parent} can be loaded: their files are damaged, or a constant that changes "
              "the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them away")
@@ -950,15 +923,11 @@ def load_checkpoint(paths, state, m, optimizers, env, log):
     for f in dataclasses.fields(State):
         setattr(state, f.name, ck[f.name])
     if len(ck["rng"]) == env.world:  # same world size: each rank continues its own random stream
-        rng = ck["rng"][env.rank]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and env.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
+        support.set_rng_states(ck["rng"][env.rank], env.device)
     else:  # the training draws are keyed on the data stream, not on these
         log(f"resuming on {env.world} ranks from a {len(ck['rng'])}-rank checkpoint: new global RNG streams")
     log(f"resumed from {path} at step {state.step}, image {state.data_pos}")
+    log.metrics(dict(resumed_from=state.step, checkpoint=str(path)))  # rows of later steps before it: superseded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1043,7 +1012,9 @@ def open_run_dir(hp, env):
         fail(f"run_dir {run_dir} holds checkpoints of an earlier run; use a new run_dir, or resume=auto to continue it")
     for path in reversed(cks):  # the newest readable one's architecture
         try:
-            saved = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)["config"]
+            saved = support.load_plain(path / "extra.pt")["config"]
+        except support.NotPlainData as e:
+            fail(e)
         except Exception:
             continue  # load_checkpoint names the unreadable ones
         diff = [f"{k}={saved.get(k)}, not {getattr(hp, k)}" for k in ARCH if saved.get(k) != getattr(hp, k)]
@@ -1069,6 +1040,10 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
                  "encoder (data_prep.py encode-text) or set text_dim")
         log(f"data: {len(ds)} images from {d} for stage {','.join(str(k) for k, f in enumerate(folders, 1) if f == d)}"
             f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}")
+    for i, (st, d) in enumerate(zip(hp.stages, folders), 1):  # upscaled images would train silently
+        if (res := support.converted_res(d)) and res < st.res:
+            fail(f"stage{i} trains at {st.res} px but {d} was converted at {res} px (its meta.json): its images would "
+                 f"be upscaled; convert the data at {st.res} px (data_prep.py hf --res {st.res}) and set stage{i}.data")
     return [datasets[f] for f in folders], bad_rows
 
 

@@ -529,6 +529,27 @@ def test_square_data_keeps_one_permutation_stream():
 # text embeddings
 
 
+def test_a_stage_on_data_converted_at_a_lower_resolution_is_refused_before_any_model(bucketed, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """data converted at 64 px for a 128-px stage would train on upscaled images: one line naming the stage, the
+    folder and its resolution, before any model is built; at the conversion's resolution the same data is taken."""
+    built = []
+    monkeypatch.setattr(T, "build_models", lambda *a: built.append(1) or (_ for _ in ()).throw(SystemExit(0)))
+    args = ["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", "text_encoder=x/y", "stages=1",
+            "stage1.batch=6", "stage1.micro_batch=3"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(args + [f"stage1.res={2 * RES}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        f"error: stage1 trains at {2 * RES} px but {bucketed} was converted at {RES} px (its meta.json): its images "
+        f"would be upscaled; convert the data at {2 * RES} px (data_prep.py hf --res {2 * RES}) and set stage1.data"]
+    assert not built
+    with pytest.raises(SystemExit) as e:  # at its own resolution (or below) the folder is taken: on to the models
+        T.main(args + [f"stage1.res={RES}", f"run_dir={tmp_path}/run2"])
+    assert e.value.code == 0 and built
+
+
 def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(bucketed, data)
@@ -610,6 +631,14 @@ def test_stale_text_emb_sidecars_are_one_line_before_training(tmp_path, capsys):
     with pytest.raises(ValueError) as e:
         T.ShardDataset(data, str(enc_dir))
     assert str(e.value) == f"{sidecar} does not record which captions it encodes (an older encode-text); {redo}"
+    import pyarrow.parquet as pq
+    meta = support.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir)  # all but the cleaning
+    dp.write_text_emb(sidecar, [list(zip(table["text_emb"].to_pylist(), table["n_tokens"].to_pylist()))],
+                      {k: v for k, v in meta.items() if k != "cleaning"})
+    with pytest.raises(ValueError) as e:
+        T.ShardDataset(data, str(enc_dir))
+    assert str(e.value) == f"{sidecar} holds captions encoded without this trainer's cleaning ({support.CLEANING}); " \
+                           f"{redo}"
 
 # ---------------------------------------------------------------------------------------------
 # decode benchmark

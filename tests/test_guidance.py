@@ -79,18 +79,19 @@ class ToyText:
         return emb, mask
 
 
-def test_tread_guidance_zero_is_the_conditional_sample_and_one_step_is_the_formula():
+def test_tread_guidance_one_is_the_conditional_sample_and_one_step_is_prx_formula():
     model, text = tiny_dit(), ToyText()
     prompts = ["a red circle", "two blue squares in a row"]
     kw = dict(size=(16, 16), steps=4, shift=1.0, t_min_div=0.05, seed=3, batch=2)
     cond = T.generate(model, text, prompts, cfg=1.0, **kw)
-    assert torch.equal(T.generate(S.tread_guided(model, 0.0, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **kw), cond)
+    assert torch.allclose(T.generate(S.tread_guided(model, 1.0, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **kw), cond,
+                          atol=1e-6)
     guided = T.generate(S.tread_guided(model, 1.5, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **kw)
     assert (guided - cond).abs().max() > 1e-3
     # guidance only for t in the interval: one that no step's t falls in gives the conditional sample
     outside = T.generate(S.tread_guided(model, 1.5, 0.5, (0.99, 0.995)), text, prompts, cfg=1.0, **kw)
     assert torch.equal(outside, cond)
-    # one Euler step from t = 1 lands on the guided x0: x0_full + S (x0_full - x0 of the routed model)
+    # one Euler step from t = 1 lands on the guided x0, PRX's convention: x0_routed + S (x0_full - x0_routed)
     noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(3 + j)) for j in range(2)])
     txt, mask = text(prompts)
     t = torch.ones(2)
@@ -100,7 +101,7 @@ def test_tread_guidance_zero_is_the_conditional_sample_and_one_step_is_the_formu
     routed = model(noise, t, txt, mask, keep)[0]
     assert (full - routed).abs().max() > 1e-3  # the routed model really differs
     one = T.generate(S.tread_guided(model, 1.5, 0.5, (0.0, 1.0)), text, prompts, cfg=1.0, **{**kw, "steps": 1})
-    assert torch.allclose(one, (full + 1.5 * (full - routed)).clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(one, (routed + 1.5 * (full - routed)).clamp(-1, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("guidance", ["cfg_interval", "tread"])

@@ -269,6 +269,33 @@ def test_new_constants_are_checked():
     assert (hp.keep_ckpts, hp.time_limit, hp.max_bad_steps, hp.grad_clip) == (0, 3600.0, 1, float("inf"))
 
 
+def test_help_lists_every_constant_with_its_default_and_comment():
+    """--help prints, for every constant of the dataclasses, name=default (the dataclass's own value) and the
+    comment written beside it in the file; each preset's changes and stages; exit code 0, nothing run."""
+    import dataclasses
+    import inspect
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
+    lines, hp = r.stdout.splitlines(), T.Hyperparameters()
+    for cls, prefix in ((T.Hyperparameters, ""), (T.Stage, "stageK.")):
+        source = inspect.getsource(cls).splitlines()
+        comments = {line.split(":")[0].strip(): line.partition("  # ")[2] for line in source}
+        for f in dataclasses.fields(cls):
+            if f.name == "stages":
+                continue
+            value = repr(getattr(hp, f.name)) if cls is T.Hyperparameters else "(per stage)"
+            (line,) = [x for x in lines if x.startswith(f"  {prefix}{f.name}=")]
+            assert line.split("  # ")[0].strip() == f"{prefix}{f.name}={value}", line
+            assert line.endswith(f"# {comments[f.name]}" if comments[f.name] else value), line
+    st = hp.stages[1]
+    assert f"stage2: res={st.res} batch={st.batch} micro_batch={st.micro_batch} steps={st.steps}" in r.stdout
+    assert "preset=cpu: " in r.stdout and "hidden=128" in r.stdout
+
+
 def test_lpips_minimum_side_is_what_lpips_can_run():
     """check_config refuses lpips_weight > 0 exactly when some aspect bucket of a stage is too small for LPIPS."""
     lp = T.load_lpips("cpu", pretrained=False)
@@ -552,3 +579,147 @@ def test_bad_row_counts_survive_a_resume(shapes, tmp_path, monkeypatch):
     first, final = bad_rows(tmp_path / "b")
     assert first != "data: bad rows replaced or converted so far (all ranks): none"  # some before the stop
     assert final == bad_rows(tmp_path / "a")[0] != first  # and some after it
+
+
+# ---------------------------------------------------------------- one run per run_dir; checkpoints are data
+
+class Trap:  # unpickled by a loader that runs code, it creates the file `path`
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def index_trap(path):
+    """A DCP index (.metadata) pickle whose global is os.system reached through DCP's own metadata module (an
+    allowlist by module alone would let it through): unpickled, it runs `touch path`."""
+    import pickle
+    module, name, arg = "torch.distributed.checkpoint.metadata", "os.system", f"touch {path}"
+
+    def short(s):
+        return pickle.SHORT_BINUNICODE + bytes([len(s.encode())]) + s.encode()
+    return pickle.PROTO + b"\x04" + short(module) + short(name) + pickle.STACK_GLOBAL + short(arg) + pickle.TUPLE1 + \
+        pickle.REDUCE + pickle.STOP
+
+
+def test_checkpoint_files_that_are_not_plain_data_are_refused_and_run_nothing(shapes, tmp_path, capsys):
+    """ema.pt, extra.pt and DCP's index whose pickles would create a file when loaded (checked: a loader that runs
+    code does create it): the trainer's resume and sample.py refuse them in one line naming the file, the file is
+    never created, and the checkpoint is left as it was."""
+    import pickle
+    import shutil
+    import sample
+    run(shapes, tmp_path / "a", "stage1.steps=1")
+    hp_config = torch.load(tmp_path / "a" / "ckpt" / "step0000001" / "extra.pt", weights_only=False)["config"]
+    control = tmp_path / "control"
+    traps = {"extra.pt": lambda m, f: torch.save(dict(config=hp_config, rng=Trap(m)), f),
+             "ema.pt": lambda m, f: torch.save(dict(ema=Trap(m), config=hp_config), f),
+             ".metadata": lambda m, f: f.write_bytes(index_trap(m))}
+    for name, write in traps.items():
+        write(control, tmp_path / "c")  # the control: the same trap, read by a loader that runs code, does its work
+        (pickle.loads if name == ".metadata" else lambda raw: torch.load(tmp_path / "c", weights_only=False))(
+            (tmp_path / "c").read_bytes())
+        assert control.exists()
+        control.unlink()
+        d = tmp_path / name.strip(".")
+        shutil.copytree(tmp_path / "a", d)
+        ck, marker = d / "ckpt" / "step0000001", d / "marker"
+        write(marker, ck / name)
+        before = {p.name: p.read_bytes() for p in ck.iterdir()}
+        msg = one_line_error(capsys, run, shapes, d, "stage1.steps=2")
+        called = "torch.distributed.checkpoint.metadata.os.system" if name == ".metadata" else "io.open"
+        assert msg == f"error: {ck / name} is not plain data: loading it would call {called}; refused (load only " \
+                      "checkpoints from a source you trust, or move this one away)"
+        assert not marker.exists() and {p.name: p.read_bytes() for p in ck.iterdir()} == before
+        if name != "extra.pt":  # sample.py reads ema.pt, and the index for the raw weights
+            with pytest.raises(support.NotPlainData, match=re.escape(f"{ck / name} is not plain data")):
+                sample.load_model(ck, ema=name == "ema.pt")
+            assert not marker.exists()
+
+
+def test_dcp_items_that_are_not_plain_data_are_refused(tmp_path):
+    """A non-tensor item of DCP's shards (an optimizer setting) whose pickle would create a file: refused naming the
+    item and the checkpoint, the file never created; the plain items of the same kind load."""
+    model = torch.nn.ModuleDict(dict(a=torch.nn.Linear(3, 4)))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    model["a"](torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert support.write_checkpoint(tmp_path / "step0000001", model, [opt], {}, 0) is None
+    opt.param_groups[0]["lr"] = 0.1
+    assert support.read_checkpoint([tmp_path / "step0000001"], model, [opt], lambda f: None, print)[0] is not None
+    assert opt.param_groups[0]["lr"] == 0.5  # a plain item, read back
+    opt.param_groups[0]["lr"] = Trap(tmp_path / "marker")
+    assert support.write_checkpoint(tmp_path / "step0000002", model, [opt], {}, 0) is None
+    with pytest.raises(support.NotPlainData) as e:
+        support.read_checkpoint([tmp_path / "step0000002"], model, [opt], lambda f: None, print)
+    assert str(e.value).startswith(f"optim.param_groups.0.lr of {tmp_path / 'step0000002'} is not plain data: "
+                                   "loading it would call io.open; refused")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_rng_states_survive_a_plain_data_checkpoint(tmp_path):
+    """The RNG states go into extra.pt as tensors and plain values, and set back they give the same draws."""
+    import random
+    import numpy as np
+    torch.save(support.rng_states(torch.device("cpu")), tmp_path / "rng.pt")
+    want = torch.rand(3), np.random.rand(3), random.random()
+    support.set_rng_states(support.load_plain(tmp_path / "rng.pt"), torch.device("cpu"))
+    got = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(want[0], got[0]) and (want[1] == got[1]).all() and want[2] == got[2]
+
+
+def test_read_metrics_drops_the_rows_a_resume_supersedes(tmp_path):
+    rows = [dict(step=1, loss=1.0), dict(step=2, loss=2.0), dict(step=3, loss=3.0), dict(step=3, fid=9.0),
+            dict(resumed_from=2, checkpoint="c2"), dict(step=3, loss=3.5), dict(step=4, loss=4.0),
+            dict(resumed_from=4, checkpoint="c4"), dict(step=5, loss=5.0)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 6, "lo')  # the last line cut by a kill
+    assert support.read_metrics(tmp_path) == [rows[0], rows[1], rows[5], rows[6], rows[8]]
+
+
+def test_one_run_per_run_dir_and_a_killed_holder_leaves_no_lock(shapes, tmp_path):
+    """A second trainer on a run_dir that a live run holds stops with exit code 2 and one line naming the holder,
+    and leaves every file of the first run as it was (the first is paused meanwhile, so nothing else changes them);
+    sample.py reads the held run. SIGKILL the holder: the next start takes the lock, resumes from the newest
+    checkpoint, and metrics.jsonl says where, so that read_metrics keeps each step once."""
+    import platform
+    import subprocess
+    import sys
+    import time
+    import sample
+    from conftest import ROOT
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, str(ROOT / "train_gpt_style.py")] + TINY + [f"data={shapes}", f"run_dir={run_dir}",
+                                                                       "ckpt_every=2", "sample_every=1000"]
+    first = subprocess.Popen(cmd + ["stage1.steps=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(run_dir.glob("ckpt/step0000002/extra.pt")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGSTOP)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+
+        def files():
+            return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        before = files()
+        second = subprocess.run(cmd + ["stage1.steps=3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
+        assert re.fullmatch(rf"error: run_dir {run_dir} is in use by another run \(host {platform.node()}, pid "
+                            rf"{first.pid}, since [^)]+\); wait for it to end or stop it, or set run_dir to another "
+                            r"folder", err[0]), err[0]
+        assert files() == before
+        assert sample.load_model(run_dir)[0].hidden > 0  # complete checkpoints of a run being written: readable
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    newest = int(sorted(run_dir.glob("ckpt/step*"))[-1].name[4:])
+    third = subprocess.run(cmd + [f"stage1.steps={newest + 1}"], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"resumed from {run_dir}/ckpt/step{newest:07d} at step {newest}" in third.stdout
+    raw = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert dict(resumed_from=newest, checkpoint=f"{run_dir}/ckpt/step{newest:07d}") in raw
+    assert [r["step"] for r in support.read_metrics(run_dir) if "loss" in r] == list(range(1, newest + 2))

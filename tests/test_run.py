@@ -195,6 +195,25 @@ def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
     assert all(sum(raw) != 0 for raw, _ in support.pack_text_emb(left, left_mask))
 
 
+def test_captions_are_cleaned_as_diffusers_prx_pixel_pipeline_cleans_prompts(tmp_path):
+    """clean_caption equals the cleaning of diffusers' PRXPixelPipeline (the reference) on mis-decoded text, nested
+    HTML entities and outer whitespace, and the text encoder (training, encode-text, sampling) encodes the cleaned
+    caption: what an exported pipeline encodes for the same prompt."""
+    from diffusers.pipelines.prx.pipeline_prx_pixel import _basic_clean
+    dirty = ["  a small red circle &amp;amp; a blue square\n", "cafÃ© &lt;b&gt; lounge",
+             "\u201cquoted\u201d &#39;x&#39;", "a large green triangle", "", "   "]
+    assert [support.clean_caption(c) for c in dirty] == [_basic_clean(c) for c in dirty]
+    assert support.clean_caption(dirty[0]) == "a small red circle & a blue square"
+    hp = T.parse_args(["preset=cpu"], False)
+    enc = build_demo_encoders(tmp_path / "enc", hp, ["a small red circle & a blue square"])[0]
+    text = T.TextEncoder(enc, 16, torch.device("cpu"), torch.float32)
+    h, mask = text(dirty[:1])
+    h2, mask2 = text([_basic_clean(dirty[0])])
+    assert torch.equal(mask, mask2) and torch.equal(h, h2)
+    raw = text.tok(dirty[:1], padding="max_length", max_length=16).input_ids
+    assert raw != text.tok([_basic_clean(dirty[0])], padding="max_length", max_length=16).input_ids  # it matters
+
+
 @pytest.mark.slow
 def test_bench_prints_every_figure(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), "preset=cpu", "bench=2",

@@ -275,8 +275,10 @@ def test_export_to_diffusers_gives_equal_outputs(tmp_path):
 def test_cli_export_loads_in_diffusers_with_equal_outputs(run, tmp_path):
     from diffusers import PRXTransformer2DModel
     d, hp, model = run
-    r = cli(["--ckpt", str(d), "--export-diffusers", "exp"], tmp_path)
+    r = cli(["--ckpt", str(d), "--export-diffusers", "exp", "--transformer-only"], tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "exported to exp", r.stderr
+    written = sorted(p.name for p in (tmp_path / "exp").iterdir())
+    assert written == ["config.json", "diffusion_pytorch_model.safetensors"]
     ref = PRXTransformer2DModel.from_pretrained(tmp_path / "exp").eval()
     g = torch.Generator().manual_seed(1)
     x, t, txt = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g)
@@ -284,6 +286,64 @@ def test_cli_export_loads_in_diffusers_with_equal_outputs(run, tmp_path):
     with torch.no_grad():  # the EMA weights of the fixture, not a fresh model
         a, b = model.eval()(x, t, txt, mask)[0], ref(x, t, txt, attention_mask=mask).sample
     assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+PIPELINE = """
+import json, sys, torch
+from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
+for folder, noise, timesteps, shift_one, out in json.loads(sys.argv[1]):
+    pipe = PRXPixelPipeline.from_pretrained(folder)  # all it needs: the folder
+    if shift_one:  # the trainer's grid comes shifted already
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    x = torch.load(noise)
+    images = [pipe(p, height=x.shape[2], width=x.shape[3], timesteps=timesteps, guidance_scale=3.0,
+                   latents=x[i:i + 1], output_type="pt", use_resolution_binning=False).images
+              for i, p in enumerate(json.loads(sys.argv[2]))]
+    torch.save(torch.cat(images), out)  # one prompt a call: diffusers 0.42.1's CFG timestep has a batch of one
+"""
+
+
+def test_exported_pipeline_gives_sample_py_images_in_a_fresh_process(run, tmp_path):
+    """--export-diffusers writes a complete PRXPixelPipeline folder. Loaded in a fresh process with only
+    PRXPixelPipeline.from_pretrained, on the trainer's grid and the same noise, it gives the images of sample.py's
+    sampler in fp32 within 1e-4: CFG, captions of different lengths (padding), the run's shift (1, the demo's) and a
+    shift of 3 (the record's). bf16 halves the weights."""
+    import json
+    from safetensors import safe_open
+    d, hp, model = run
+    r = cli(["--ckpt", str(d), "--export-diffusers", "exp"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "exported to exp", r.stderr
+    exp = tmp_path / "exp"
+    assert {"model_index.json", "transformer", "text_encoder", "tokenizer", "scheduler", "README.md"} <= \
+        {p.name for p in exp.iterdir()}
+    assert json.loads((exp / "model_index.json").read_text())["text_encoder"] == ["transformers",
+                                                                                  "T5GemmaEncoderModel"]
+    card = (exp / "README.md").read_text()
+    grid = [round(t, 4) for t in S.pipeline_timesteps(hp.sample_steps, 1.0)]
+    assert "PRXPixelPipeline.from_pretrained" in card and f"timesteps = {grid}" in card
+    shifted = dataclasses.replace(hp, t_shift=3.0)
+    S.export_diffusers(model, shifted, tmp_path / "exp3", S.text_encoder_path(hp, d))
+    prompts, size, steps = ["a small red circle in the top left", "a red circle"], (16, 24), 4
+    text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
+    noise = torch.stack([torch.randn(3, *size, generator=torch.Generator().manual_seed(j)) for j in range(2)])
+    torch.save(noise, tmp_path / "noise.pt")
+    jobs, want = [], []
+    for h, folder in ((hp, exp), (shifted, tmp_path / "exp3")):
+        want.append(T.generate(model.eval(), text, prompts, size, steps, 3.0, h.t_shift, h.t_min_div, seed=0))
+        jobs.append([str(folder), str(tmp_path / "noise.pt"), S.pipeline_timesteps(steps, h.t_shift),
+                     h.t_shift != 1, str(tmp_path / f"out{len(jobs)}.pt")])
+    r = subprocess.run([sys.executable, "-c", PIPELINE, json.dumps(jobs), json.dumps(prompts)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k, w in enumerate(want):
+        got = torch.load(tmp_path / f"out{k}.pt").clamp(-1, 1)
+        assert got.shape == w.shape and (got - w).abs().max().item() < 1e-4, (k, (got - w).abs().max())
+    assert not torch.allclose(want[0], want[1], atol=1e-3)  # the shift matters: the test tells them apart
+    S.export_diffusers(model, hp, tmp_path / "bf16", S.text_encoder_path(hp, d), torch.bfloat16)
+    for folder, dtype in ((exp, torch.float32), (tmp_path / "bf16", torch.bfloat16)):
+        for sub in ("transformer", "text_encoder"):
+            with safe_open(next((folder / sub).glob("*.safetensors")), "pt") as f:
+                assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}, (folder, sub)
 
 
 def test_export_to_a_diffusers_that_does_not_match_is_one_line(tmp_path):

@@ -327,6 +327,29 @@ def test_pdino_loss_zero_for_equal_and_positive_otherwise(tmp_path):
     assert (T.pdino_loss(dino, -x, x, 56) > 1e-3).all()
 
 
+def _vit_reference(vit, img01, size, mode, antialias=False):  # PRX's resize, clamp, ImageNet normalisation, by hand
+    x = F.interpolate(img01, size=size, mode=mode, antialias=antialias).clamp(0, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    x = (x - mean) / std
+    return vit(pixel_values=x).last_hidden_state[:, 1 + vit.config.num_register_tokens:]
+
+
+def test_repa_targets_and_pdino_resize_as_prx_does(tmp_path):
+    """REPA's target: the clean image subsampled by 16/patch in nearest mode (patch 32: every other pixel), as PRX's
+    interpolate(scale_factor=16/32). P-DINO: bilinear to pdino_res without antialias, then clamped to [0, 1] (an
+    overshooting prediction is seen clamped), as PRX. Each against its formula; the antialiased resize differs."""
+    dino3, dino2 = _tiny_vit("v3", tmp_path, 16), _tiny_vit("v2", tmp_path, 14)
+    x0 = torch.rand(2, 3, 64, 96) * 2 - 1
+    want = _vit_reference(dino3, ((x0 + 1) / 2)[..., ::2, ::2], (32, 48), "nearest")
+    assert torch.allclose(T.repa_targets(dino3, x0, 32), want, atol=1e-5)
+    pred, x = torch.randn(2, 3, 64, 64) * 1.5, torch.rand(2, 3, 64, 64) * 2 - 1  # pred overshoots [-1, 1]
+    fp, ft = (_vit_reference(dino2, (v + 1) / 2, (56, 56), "bilinear") for v in (pred, x))
+    assert torch.allclose(T.pdino_loss(dino2, pred, x, 56), (1 - F.cosine_similarity(fp, ft, dim=-1)).mean(1),
+                          atol=1e-5)
+    aa = _vit_reference(dino2, (pred + 1) / 2, (56, 56), "bilinear", antialias=True)
+    assert not torch.allclose(aa, fp, atol=1e-3)  # the test tells the resizes apart
+
+
 def test_lpips_loss_matches_package_on_half_size():
     import lpips
     torch.manual_seed(0)
