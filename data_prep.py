@@ -662,10 +662,10 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
     if hp.lpips_weight:  # conv inputs / ReLU outputs, max-pool outputs and indices, per level normalise, difference
         act += nb / B * (a * 3 * r * r + sum((r >> l) ** 2 * (a * c * k + (8 + a) * VGG16[l - 1][0] * (l > 0)
                                                           + (8 + 2 * hp.amp) * c) for l, (c, k) in enumerate(VGG16)))
-    if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): fp32 LayerNorm inputs, q k v out, GELU input; cosine
-        T_ = (hp.pdino_res // 14) ** 2 + 5  # 14-px patches, + CLS and 4 registers
+    if hp.pdino_weight:  # DINOv2 (frozen: no linear inputs): the clamp's fp32 input and the normalised image, fp32
+        T_ = (hp.pdino_res // 14) ** 2 + 5  # LayerNorm inputs, q k v out, GELU input; cosine. 14-px patches + 5
         E, F2, n2 = (vits[1][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
-        act += nb / B * (a * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
+        act += nb / B * ((4 + a) * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
     gib = lambda x: x / 2 ** 30
     return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
                 encoders=gib(2 * sum(encs) + 4 * EVAL_MODELS * (hp.eval_every > 0)), activations=gib(B * act))

@@ -293,6 +293,16 @@ def sample_lines(model, text, lines, seed, batch, **kw):
             yield from zip([i for i, _ in r], images)
 
 
+def unknown_words(tok, prompts):
+    """The words of `prompts` (cleaned as the trainer cleans them) that a word-level tokenizer (the CPU demo's)
+    reads as its unknown token, each once, in order of appearance."""
+    pre, vocab = tok.backend_tokenizer.pre_tokenizer, tok.get_vocab()
+    if pre is None:
+        return []
+    words = (w for p in prompts for w, _ in pre.pre_tokenize_str(support.clean_caption(p)))
+    return list(dict.fromkeys(w for w in words if w not in vocab))
+
+
 def read_prompts(a):
     """--prompts FILE: its lines, stripped (blank ones kept as "", so that line i keeps index i); --prompt TEXT."""
     if a.prompts and a.prompt is not None:
@@ -317,7 +327,7 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt/step*) or run folder")
     ap.add_argument("--prompts", help="file with one prompt per line")
     ap.add_argument("--prompt", help="a single prompt")
-    ap.add_argument("--out", help="output folder for PNGs")
+    ap.add_argument("--out", help="output folder for PNGs (default: RUN/sampled)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's cfg)")
     ap.add_argument("--seed", type=int, default=0)
@@ -365,9 +375,10 @@ def main(argv=None):
         if a.score:  # every prompt must be a shapes caption: know it before sampling
             for p in filter(None, prompts):
                 evals.parse_shapes_caption(p)
-        if prompts is not None and not a.out:
-            raise ValueError("give --out DIR")
         hp, model, run_dir = load_model(a.ckpt, ema=not a.no_ema)
+        if prompts is not None and not a.out:  # the run's folder by default
+            a.out = str(run_dir / "sampled")
+            print(f"--out not given: writing to {a.out}")
         if a.export_diffusers:
             grids = sorted(Path(run_dir, "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)[-1:]
             card = model_card(hp, find_checkpoint(a.ckpt), run_dir, bool(grids))
@@ -393,6 +404,9 @@ def main(argv=None):
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         text = T.TextEncoder(text_encoder_path(hp, run_dir), hp.text_len, torch.device(dev),
                              torch.bfloat16 if dev == "cuda" else torch.float32)
+        if not hp.text_encoder and prompts and (unknown := unknown_words(text.tok, prompts)):
+            print(f"warning: the demo's text encoder does not know {' '.join(map(repr, unknown))} (read as "
+                  f"{text.tok.unk_token}: its vocabulary is the words of the shapes data)", file=sys.stderr)
     except (FileNotFoundError, ValueError, OSError) as e:
         T.fail(e)
     cfg = hp.cfg if a.cfg is None else a.cfg
@@ -410,11 +424,15 @@ def main(argv=None):
     if a.tread_guidance is not None:  # no TREAD in the run: half the tokens routed
         model, kw["cfg"] = tread_guided(model, a.tread_guidance, hp.tread_frac or 0.5, interval), 1.0
     from PIL import Image
+    n = sum(1 for p in prompts if p)
     try:  # each batch's PNGs are written as soon as it is sampled: a crash keeps them, memory stays one batch
         for i, img in sample_lines(model, text, prompts, a.seed, a.batch, **kw):
             u8 = support.to_uint8(img[None])[0]  # (H, W, 3)
             Image.fromarray(u8).save(out / f"{i:05d}.png")
             done.append(i)
+            if len(done) % a.batch == 0 or len(done) == n:  # progress on stderr, one line rewritten
+                print(f"\rsampled {len(done)}/{n} images", end="\n" if len(done) == n else "", file=sys.stderr,
+                      flush=True)
             if a.score or len(kept) < 64:
                 kept.append(u8)
         grid = torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1

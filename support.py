@@ -561,6 +561,39 @@ class PlainPlanner(DefaultLoadPlanner):  # DCP's non-tensor items (optimizer set
         super().load_bytes(read_item, value)
 
 
+DIFFUSERS_ARCH = dict(hidden="hidden_size", depth="depth", heads="num_heads", mlp_ratio="mlp_ratio",
+                      patch="patch_size", bottleneck="bottleneck_size", text_dim="context_in_dim")
+
+
+def read_init(path, arch):
+    """init=PATH, the DiT's weights to start from, read as plain data -> a state dict on the CPU. PATH: a checkpoint
+    folder of ours (its ema.pt: the EMA weights), a run folder (its newest checkpoint), or a diffusers
+    PRXTransformer2DModel folder (config.json and safetensors only; a pipeline folder's transformer/). Its
+    architecture must be `arch` ({constant: value}); else ValueError, one line."""
+    p = Path(path)
+    p = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
+    if (p / "config.json").is_file():
+        from safetensors.torch import load_file
+        config, files = json.loads((p / "config.json").read_text()), sorted(p.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"init {p} has a config.json but no safetensors weights; export it again")
+        have, sd = {k: config.get(v) for k, v in DIFFUSERS_ARCH.items()}, {}
+        for f in files:  # one file, or the shards of a large model
+            sd.update(load_file(f))
+    else:
+        cks = [p] if (p / "ema.pt").is_file() else sorted(c.parent for c in p.glob("ckpt/step*/ema.pt"))
+        if not cks:
+            raise ValueError(f"init {path} holds no checkpoint (ema.pt, ckpt/step*/ema.pt) and no diffusers "
+                             "config.json; give a run, checkpoint or diffusers PRXTransformer2DModel folder")
+        ck = load_plain(cks[-1] / "ema.pt")
+        have, sd = {k: ck["config"].get(k) for k in arch}, ck["ema"]
+    diff = [f"{k}={have.get(k)}, not {v}" for k, v in arch.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"init {path} is a model of another architecture ({'; '.join(diff)}); set these constants "
+                         "to its values")
+    return sd
+
+
 def rng_states(device):  # this process's RNG states, as tensors and plain values
     key, state, *rest = np.random.get_state()
     return dict(torch=torch.get_rng_state(), numpy=[key, torch.from_numpy(state.astype(np.int64)), *rest],
@@ -769,6 +802,39 @@ def stop_reason(time_limit, timer, group=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The bench: synthetic batches, one line per stage
+
+SHAPES_TARGETS = dict(seen=0.95, heldout=0.90, two=0.85)  # the CPU demo's targets, fully right (docs/demo.md)
+
+
+def log_end(log, hp, run_dir, ckpt, scores=None):
+    """The end of a finished run: its final checkpoint, the demo's shapes scores next to their targets, and the
+    commands that come next (samples, a diffusers pipeline)."""
+    log(f"final checkpoint: {ckpt}")
+    for name, target in SHAPES_TARGETS.items() if scores else ():
+        full = scores[name]["full"]
+        log(f"shapes {name}: {full:.3f} fully right, target {target:.2f}: {'met' if full >= target else 'missed'}")
+    example = f"--prompts {hp.data}/prompts_heldout.txt --score" if hp.preset == "cpu" else '--prompt "a red fox"'
+    log(f"next: python sample.py --ckpt {run_dir} {example} --out {run_dir}/sampled   # images\n"
+        f"      python sample.py --ckpt {run_dir} --export-diffusers {run_dir}/diffusers   # a diffusers pipeline")
+
+
+def etas(stages, k, state, start, loop, costs):
+    """Seconds left in stage k and in the run, for the step lines: this stage's measured seconds per step (training
+    clock since `start` = (train_time, timed_steps) at the stage's start), scaled to later stages by `costs` (a step's
+    FLOPs per stage), plus the overheads measured in this process per step (wall-clock beyond the training clock since
+    `loop` = (monotonic time, train_time, step) at the loop's start: logging, samples, checkpoints, evaluations,
+    waits for data). -> "eta_stage:… eta_run:…"."""
+    n = state.timed_steps - start[1]
+    if not n:
+        return "eta_stage:n/a eta_run:n/a"
+    per = (state.train_time - start[0]) / n
+    over = max(0.0, time.monotonic() - loop[0] - state.train_time + loop[1]) / max(1, state.step - loop[2])
+    left = sum(st.steps for st in stages[:k + 1]) - state.step
+    stage_s = left * (per + over)
+    run_s = stage_s + sum(st.steps * (per * c / costs[k] + over) for st, c in zip(stages[k + 1:], costs[k + 1:]))
+    hms = [f"{int(x // 3600)}h{int(x % 3600 // 60):02d}m" if x >= 60 else f"{x:.0f}s" for x in (stage_s, run_s)]
+    return f"eta_stage:{hms[0]} eta_run:{hms[1]}"
+
 
 def synthetic_batches(stage, hp, world):
     """The bench's micro-batches: random images and text embeddings of the stage's shapes, forever. It also starts

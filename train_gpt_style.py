@@ -52,6 +52,7 @@ class Hyperparameters:
     preset: str = "record"  # "record" (8xH100) or "cpu" (the demo; chosen automatically without CUDA)
     run_dir: str = ""  # where the run writes; default runs/<date-time>
     resume: str = "auto"  # "auto": continue from run_dir's newest checkpoint when there is one; "off"
+    init: str = ""  # the DiT's weights to start from (fresh optimizer, clock): run, checkpoint or diffusers folder
     seed: int = 0
     # data and text
     data: str = "data/shapes"  # folder of parquet shards written by data_prep.py; <data>/heldout: the eval reference
@@ -1047,9 +1048,10 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
     return [datasets[f] for f in folders], bad_rows
 
 
-def build_models(hp, env, run_dir, log):
+def build_models(hp, env, run_dir, log, init=None):
     """Frozen encoders (hub id or folder; the demo's tiny random ones, the bench's random ones of the real sizes),
-    the DiT, the REPA projector, the EMA; FSDP under torchrun; torch.compile. -> Models."""
+    the DiT (its weights from the state dict `init` if given), the REPA projector, the EMA; FSDP under torchrun;
+    torch.compile. -> Models."""
     dev = env.device
     paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
     enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -1074,6 +1076,11 @@ def build_models(hp, env, run_dir, log):
         if frozen is not None and hp.compile:
             frozen.compile()
     model = PRXDiT(hp).to(dev)
+    if init is not None:  # the weights to start from; the EMA copies them
+        try:
+            model.load_state_dict(init)
+        except RuntimeError as e:  # the same architecture constants, another layout (another diffusers version)
+            fail(f"init {hp.init} does not fit the DiT ({support.brief(e, 160)}); init a model of this trainer")
     repa = REPA(hp, dino3).to(dev) if any_repa else None
     trainable = nn.ModuleDict(dict(model=model, **(dict(repa=repa) if repa else {})))
     if env.distributed:  # same initial weights on every rank
@@ -1230,8 +1237,15 @@ def train(hp):
     support.describe_run(log, __file__, dataclasses.asdict(hp), hp.preset == "cpu", env.device, env.world)
     support.quiet_transformers()  # and two harmless warnings: the REPA projector's output is a view; DCP on one process
     warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
+    init = None  # weights only, read (and their architecture checked) before data and encoders; a resume wins
+    if hp.init and not hp.bench:
+        try:
+            init = None if cks else support.read_init(hp.init, {k: getattr(hp, k) for k in ARCH})
+        except (OSError, ValueError) as e:
+            fail(e)
+        log(f"init={hp.init} not used: resuming from {cks[-1]}" if cks else f"init: the DiT's weights from {hp.init}")
     datasets, bad_rows = load_data(hp, log) if not hp.bench else (None, {})
-    m = build_models(hp, env, run_dir, log)
+    m = build_models(hp, env, run_dir, log, init)
     optimizers = build_optimizers(m.model, m.repa or nn.Module(), hp)
     ev = prepare_eval(hp, env.device) if hp.eval_every and not hp.bench else None  # a bad path fails now
     state = State()
@@ -1251,6 +1265,8 @@ def train(hp):
     total = sum(st.steps for st in stages)
     timer.update(tick=time.monotonic(), ckpt_s=min(120.0, hp.time_limit / 10))  # until a checkpoint is measured
     stop = support.stop_reason(hp.time_limit, timer, env.cpu_group)  # a signal during setup: no step at all
+    timer["loop"] = (time.monotonic(), state.train_time, state.step)  # the step lines' ETA counts overheads from here
+    costs = [st.batch * dit_train_flops(hp, st.res) for st in stages]  # a step's FLOPs, to scale ETAs across stages
     for k, stage in enumerate(stages):
         first_step = sum(st.steps for st in stages[:k])
         if state.step >= first_step + stage.steps or stop:
@@ -1299,7 +1315,8 @@ def train(hp):
                 log(f"step:{state.step}/{total} stage:{k + 1} loss:{s[0]:.4f} flow:{s[1]:.4f} repa:{s[2]:.4f} "
                     f"lpips:{s[3]:.4f} pdino:{s[4]:.4f} gnorm:{gn:.3f} skipped:{state.skipped} "
                     f"train_time:{state.train_time * 1000:.0f}ms step_avg:{avg * 1000:.1f}ms "
-                    f"img/s:{stage.batch / avg if state.timed_steps else 0:.1f} mfu:{mfu}")
+                    f"img/s:{stage.batch / avg if state.timed_steps else 0:.1f} mfu:{mfu} " +
+                    support.etas(stages, k, state, start, timer["loop"], costs))
                 log.metrics(dict(step=state.step, stage=k + 1, train_time_s=state.train_time, loss=s[0], flow=s[1],
                                  repa=s[2], lpips=s[3], pdino=s[4], grad_norm=gn, skipped=state.skipped,
                                  flow_t0=bins[0], flow_t1=bins[1], flow_t2=bins[2],
@@ -1339,12 +1356,15 @@ def train(hp):
             "run the same command to resume")
     else:
         log(f"done: {state.step} steps, train_time {state.train_time:.1f}s")
+        scores = None
         try:  # training is done and saved: a signal from here on ends the scoring at once
             support.STOP["scoring"] = True
             if hp.preset == "cpu" and not support.STOP["signal"]:
-                log.metrics(dict(step=state.step, shapes=score_demo(m, hp, env, run_dir, log)))
+                scores = score_demo(m, hp, env, run_dir, log)
+                log.metrics(dict(step=state.step, shapes=scores))
         except KeyboardInterrupt:
             log(f"scoring stopped ({support.STOP['signal']}); the checkpoint is {last_checkpoint(run_dir)}")
+        support.log_end(log, hp, run_dir, last_checkpoint(run_dir), scores)
     if env.distributed:
         dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
         dist.destroy_process_group()

@@ -52,7 +52,8 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     log = (run / "log.txt").read_text()
     assert log.split("\n", 1)[1].startswith((ROOT / "train_gpt_style.py").read_text())  # the source comes first
     assert "torch " + torch.__version__ in log and f'"lr": {T.PRESETS["cpu"]["lr"]}' in log and "RANDOM" in log
-    line = r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+$"
+    line = r"^step:(\d+)/6 stage:(\d) loss:([\d.]+) .*train_time:\d+ms step_avg:[\d.]+ms img/s:[\d.]+ mfu:\S+ " \
+           r"eta_stage:\S+ eta_run:\S+$"
     steps = re.findall(line, log, re.M)
     assert [(int(s), int(st)) for s, st, _ in steps] == [(1, 1), (2, 1), (4, 1), (6, 2)]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -62,6 +63,18 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
         assert key in train_rows[0]
     assert train_rows[0]["repa"] < 0 and train_rows[-1]["repa"] == 0  # REPA on in stage 1 only
     assert "shapes" in rows[-1] and set(rows[-1]["shapes"]) == {"seen", "heldout", "two"}
+    # the end: the final checkpoint, each score next to its target, the next commands (which run as printed)
+    assert f"final checkpoint: {run}/ckpt/step0000006\n" in log
+    for name, target in support.SHAPES_TARGETS.items():
+        full = rows[-1]["shapes"][name]["full"]
+        assert f"shapes {name}: {full:.3f} fully right, target {target:.2f}: " \
+               f"{'met' if full >= target else 'missed'}\n" in log
+    nxt = [line.split("#")[0].split() for line in log.splitlines() if "python sample.py" in line]
+    assert len(nxt) == 2 and nxt[0][-5:] == ["--prompts", f"{shapes}/prompts_heldout.txt", "--score", "--out",
+                                               f"{run}/sampled"] and nxt[1][-2] == "--export-diffusers"
+    import sample as S
+    S.main(nxt[1][nxt[1].index("--ckpt"):])
+    assert (run / "diffusers" / "model_index.json").is_file()
     from PIL import Image
     assert Image.open(run / "samples" / "step0000004.png").size[0] < Image.open(run / "samples" /
                                                                                 "step0000006.png").size[0]
@@ -74,6 +87,24 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     for (k, v), (k2, v2) in zip(m.model.state_dict().items(), raw.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))  # EMA: its own average
+
+
+def test_eta_is_the_stage_time_per_step_scaled_by_flops_plus_measured_overheads(monkeypatch):
+    """Stage 1: 3 timed steps in 3 s (1 s a step); 4 steps done in 10 s of wall-clock since the loop began (1.75 s of
+    overheads a step); 6 steps left: 6 x 2.75 = 16.5 s. Stage 2 (20 steps, 3x the FLOPs a step): 20 x (3 + 1.75) =
+    95 s more, 111.5 s for the run."""
+    import time
+    stages = [T.Stage(res=32, batch=4, micro_batch=4, steps=10, repa=False),
+              T.Stage(res=64, batch=2, micro_batch=2, steps=20, repa=False)]
+    state = T.State(step=4, train_time=3.0, timed_steps=3)
+    monkeypatch.setattr(time, "monotonic", lambda: 1010.0)
+    assert support.etas(stages, 0, state, (0.0, 0), (1000.0, 0.0, 0), [1.0, 3.0]) == "eta_stage:16s eta_run:0h01m"
+    # stage 2 at step 14: 4 timed steps of 30 s, 1 s of overheads a step over the 14: 16 steps x 31 s = 496 s left
+    state = T.State(step=14, train_time=3.0 + 4 * 30, timed_steps=7)
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0 + 3 + 4 * 30 + 14 * 1.0)
+    assert support.etas(stages, 1, state, (3.0, 3), (1000.0, 0.0, 0), [1.0, 3.0]) == "eta_stage:0h08m eta_run:0h08m"
+    assert support.etas(stages, 1, state, (3.0 + 4 * 30, 7), (1000.0, 0.0, 0), [1.0, 3.0]) == \
+        "eta_stage:n/a eta_run:n/a"  # no timed step in this stage yet
 
 
 def test_missing_data_folder_is_one_clear_line(tmp_path):

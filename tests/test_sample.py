@@ -93,8 +93,9 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
     S.main(["--ckpt", str(d), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--steps", "2",
             "--size", "16", "--seed", "3", "--batch", "2", "--score"])  # batches: lines 0 and 2, then 4 and 5
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "4 images in" in printed and "3 blank lines skipped" in printed
+    assert err == "\rsampled 2/4 images\rsampled 4/4 images\n"  # progress, one line rewritten per batch
     from evals import score_shapes
     from PIL import Image
     kept = [i for i, line in enumerate(lines) if line.strip()]
@@ -110,6 +111,30 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
     support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
                                                                                                      "grid.png")))
+
+
+def test_cli_without_out_writes_into_the_run_folder(run, capsys):
+    import shutil
+    d, hp, model = run
+    S.main(["--ckpt", str(d), "--prompt", "a small red circle", "--steps", "1", "--size", "16"])
+    try:
+        assert f"--out not given: writing to {d / 'sampled'}" in capsys.readouterr().out
+        assert sorted(p.name for p in (d / "sampled").iterdir()) == ["00000.png", "grid.png"]
+    finally:
+        shutil.rmtree(d / "sampled", ignore_errors=True)
+
+
+def test_demo_text_encoder_warns_on_words_it_does_not_know(run, tmp_path, capsys):
+    """The demo's word-level tokenizer reads unknown words as <unk>: sample.py names them, once each, in one line."""
+    d, hp, model = run
+    S.main(["--ckpt", str(d), "--prompt", "a violet circle in the top left, violet", "--steps", "1", "--size", "16",
+            "--out", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert err == ["warning: the demo's text encoder does not know 'violet' ',' (read as <unk>: its vocabulary is "
+                   "the words of the shapes data)"]
+    S.main(["--ckpt", str(d), "--prompt", "a small red circle in the top left", "--steps", "1", "--size", "16",
+            "--out", str(tmp_path / "o")])
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_cli_defaults_are_the_checkpoints_steps_cfg_and_interval(run, tmp_path):
@@ -361,3 +386,48 @@ def test_export_that_writes_nothing_is_refused(tmp_path, monkeypatch):
     hp = T.parse_args(["preset=cpu", "hidden=32", "heads=2", "depth=3"], False)
     with pytest.raises(ValueError, match="wrote no config.json"):
         S.export_diffusers(T.PRXDiT(hp), hp, tmp_path / "out")
+
+
+def test_init_from_an_export_starts_from_that_runs_ema_outputs(run, tmp_path, monkeypatch, capsys):
+    """init=PATH reads the DiT's weights, as plain data, from a run folder, a checkpoint folder, a diffusers
+    PRXTransformer2DModel folder or a pipeline folder (all the EMA weights of the run); a training run started from
+    an exported pipeline has, at step 0, the run's EMA outputs in its model and its EMA, with a fresh optimizer and
+    clock. A model of another architecture is refused in one line before the data is read."""
+    from data_prep import make_shapes
+    d, hp, model = run
+    arch = {k: getattr(hp, k) for k in T.ARCH}
+    assert cli(["--ckpt", str(d), "--export-diffusers", "pipe"], tmp_path).returncode == 0
+    assert cli(["--ckpt", str(d), "--export-diffusers", "tr", "--transformer-only"], tmp_path).returncode == 0
+    for path in (d, d / "ckpt" / "step0000003", tmp_path / "tr", tmp_path / "pipe"):
+        sd = support.read_init(path, arch)
+        assert sd.keys() == model.state_dict().keys()
+        assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), path
+    shapes = make_shapes(tmp_path / "shapes", n=32, size=32, shard_rows=32)
+    seen = []
+
+    def first_step(stage, batches, state, m, optimizers, *rest):  # the state at step 0, then stop
+        seen.append((m.model, m.ema, state.step, state.train_time, [o.state for o in optimizers]))
+        raise SystemExit(0)
+    monkeypatch.setattr(T, "train_step", first_step)
+    args = ["preset=cpu", "hidden=64", "depth=3", "heads=2", "text_dim=32", "text_len=12", f"data={shapes}",
+            "stages=1", "stage1.batch=4", "stage1.micro_batch=4"]
+    with pytest.raises(SystemExit):
+        T.main(args + [f"run_dir={tmp_path}/r", f"init={tmp_path}/pipe"])
+    live, ema, step, clock, states = seen[0]
+    assert (step, clock) == (0, 0.0) and all(not s for s in states)
+    g = torch.Generator().manual_seed(1)
+    x, t, txt = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        want = model.eval()(x, t, txt, mask)[0]
+        for m in (live, ema):
+            assert torch.equal(m.eval()(x, t, txt, mask)[0], want)
+    assert f"init: the DiT's weights from {tmp_path}/pipe" in capsys.readouterr().out
+    read = []
+    monkeypatch.setattr(T, "load_data", lambda *a: read.append(1))
+    with pytest.raises(SystemExit) as e:
+        T.main(args + [f"run_dir={tmp_path}/r2", f"init={tmp_path}/tr", "hidden=128", "heads=4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and not read and err == [
+        f"error: init {tmp_path}/tr is a model of another architecture (hidden=64, not 128; heads=2, not 4); set "
+        "these constants to its values"]
