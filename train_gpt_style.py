@@ -1362,9 +1362,9 @@ def train(hp):
             if hp.preset == "cpu" and not support.STOP["signal"]:
                 scores = score_demo(m, hp, env, run_dir, log)
                 log.metrics(dict(step=state.step, shapes=scores))
+            support.log_end(log, hp, run_dir, last_checkpoint(run_dir), scores)
         except KeyboardInterrupt:
             log(f"scoring stopped ({support.STOP['signal']}); the checkpoint is {last_checkpoint(run_dir)}")
-        support.log_end(log, hp, run_dir, last_checkpoint(run_dir), scores)
     if env.distributed:
         dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
         dist.destroy_process_group()

@@ -95,7 +95,8 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
             "--size", "16", "--seed", "3", "--batch", "2", "--score"])  # batches: lines 0 and 2, then 4 and 5
     printed, err = capsys.readouterr()
     assert "4 images in" in printed and "3 blank lines skipped" in printed
-    assert err == "\rsampled 2/4 images\rsampled 4/4 images\n"  # progress, one line rewritten per batch
+    # progress, one line rewritten per batch (after a warning on the words this fixture's tiny vocabulary lacks)
+    assert err.endswith("\rsampled 2/4 images\rsampled 4/4 images\n")
     from evals import score_shapes
     from PIL import Image
     kept = [i for i, line in enumerate(lines) if line.strip()]
