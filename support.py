@@ -639,6 +639,23 @@ def read_checkpoint(paths, modules, optimizers, apply, warn):
 # ----------------------------------------------------------------------------------------------------------------
 # Constants, paths, kernels
 
+def fit_micro_batches(stages, world):
+    """A stage whose batch gives each of the `world` devices fewer images than its micro-batch (torchrun on the CPU
+    demo: 64 images on 2 processes, micro-batch 64) gets that share as its micro-batch: the global batch, and so the
+    losses, stay the same. -> the lines that say so; ValueError, one line, for a batch the devices cannot split."""
+    notes = []
+    for i, st in enumerate(stages, 1):
+        share = st.batch // world
+        if st.batch % world == 0 and 0 < share < st.micro_batch:
+            notes.append(f"stage{i}.micro_batch {st.micro_batch} lowered to {share}: a batch of {st.batch} gives "
+                         f"each of {world} devices {share} images (the same global batch)")
+            st.micro_batch = share
+        if st.batch % (world * st.micro_batch):
+            raise ValueError(f"stage{i}.batch={st.batch} is not divisible by world size {world} x micro_batch "
+                             f"{st.micro_batch}; change stage{i}.micro_batch")
+    return notes
+
+
 def converted_res(folder):  # the resolution data_prep.py hf converted a folder at (its meta.json), or None
     try:
         return int(json.loads(Path(folder, "meta.json").read_text())["res"])

@@ -965,6 +965,7 @@ class Env:  # this process's place in the run
     device: torch.device
     distributed: bool
     cpu_group: object = None  # gloo: the stop flags need no device sync
+    notes: list = field(default_factory=list)  # what setup changed, logged once there is a log
 
 
 @dataclass
@@ -990,11 +991,12 @@ def setup_env(hp):
         torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    for i, st in enumerate(hp.stages, 1):
-        if st.batch % (world * st.micro_batch):
-            fail(f"stage{i}.batch={st.batch} is not divisible by world size {world} x micro_batch {st.micro_batch}; "
-                 f"change stage{i}.micro_batch")
-    return Env(rank, world, rank == 0, device, distributed, dist.new_group(backend="gloo") if distributed else None)
+    try:  # a device's share of a batch under its micro-batch lowers the micro-batch; the global batch stays
+        notes = support.fit_micro_batches(hp.stages, world)
+    except ValueError as e:
+        fail(e)
+    return Env(rank, world, rank == 0, device, distributed, dist.new_group(backend="gloo") if distributed else None,
+               notes)
 
 
 def open_run_dir(hp, env):
@@ -1231,6 +1233,8 @@ def train(hp):
     timer = dict(t0=time.monotonic(), tick=time.monotonic(), ckpt_s=0.0)  # time_limit counts from here
     env = setup_env(hp)
     run_dir, log, cks = open_run_dir(hp, env)
+    for note in env.notes:
+        log(note)
     torch.manual_seed(hp.seed + env.rank)
     random.seed(hp.seed + env.rank)
     np.random.seed(hp.seed + env.rank)

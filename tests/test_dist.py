@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     data = tmp / "data"  # with damaged rows: replaced by the same rows, and counted the same, on any world size
     damage = corrupt_copy(make_shapes(tmp / "shapes", n=256, shard_rows=128), data, seed=0)
     logs = {1: train(tmp / "w1", data), 2: train(tmp / "w2", data, 2),
-            4: train(tmp / "w4", data, 4, ["shard_size=2"]),
+            4: train(tmp / "w4", data, 4, ["shard_size=2", "stage1.micro_batch=4"]),  # 2 a device: lowered
             "2rc": train(tmp / "w2rc", data, 2, ["recompute=0,2"])}  # FSDP with activation checkpointing
     return tmp, data, logs, damage
 
@@ -55,6 +55,8 @@ def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
     assert "FSDP" not in logs[1]
     assert "FSDP: 2 ranks, 1 x 2 (replicate x shard)" in logs[2]
     assert "FSDP: 4 ranks, 2 x 2 (replicate x shard)" in logs[4]
+    assert "stage1.micro_batch 4 lowered to 2: a batch of 8 gives each of 4 devices 2 images (the same global " \
+           "batch)" in logs[4] and "lowered" not in logs[2]
     ref = losses(tmp / "w1")
     assert sorted(ref) == [1, 2, 3, 4, 5] and len(set(v[0] for v in ref.values())) == 5  # it trains
     for world in (2, 4, "2rc"):

@@ -296,6 +296,20 @@ def test_help_lists_every_constant_with_its_default_and_comment():
     assert "preset=cpu: " in r.stdout and "hidden=128" in r.stdout
 
 
+def test_micro_batch_is_lowered_to_a_devices_share_and_the_global_batch_stays():
+    """torchrun --nproc_per_node=2 on the CPU demo: batch 64, micro-batch 64 -> 32 a device, accumulation 1, the
+    same 64 images a step; a share that still fits is left alone; a batch the devices cannot split is one line."""
+    stages = T.parse_args(["preset=cpu"], False).stages
+    notes = support.fit_micro_batches(stages, 2)
+    assert [(st.batch, st.micro_batch) for st in stages] == [(64, 32), (64, 32)] and notes == [
+        f"stage{i}.micro_batch 64 lowered to 32: a batch of 64 gives each of 2 devices 32 images (the same global "
+        "batch)" for i in (1, 2)]
+    assert support.fit_micro_batches(stages, 1) == [] and stages[0].micro_batch == 32  # fits: unchanged
+    odd = [T.Stage(res=32, batch=12, micro_batch=4, steps=1, repa=False)]
+    with pytest.raises(ValueError, match=r"stage1.batch=12 is not divisible by world size 8 x micro_batch 4"):
+        support.fit_micro_batches(odd, 8)
+
+
 def test_lpips_minimum_side_is_what_lpips_can_run():
     """check_config refuses lpips_weight > 0 exactly when some aspect bucket of a stage is too small for LPIPS."""
     lp = T.load_lpips("cpu", pretrained=False)
