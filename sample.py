@@ -182,7 +182,7 @@ def pipeline_timesteps(steps, shift):
     return (1000 * T.shift_t(torch.linspace(1, 0, steps + 1)[:-1], shift)).tolist()
 
 
-def model_card(hp, ck_dir, run_dir, has_grid):
+def model_card(hp, ck_dir, run_dir, has_grid, ema=True):
     """README.md of an exported pipeline: what was trained, its last scores, samples, how to load it."""
     import json
     rows = support.read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
@@ -195,7 +195,7 @@ def model_card(hp, ck_dir, run_dir, has_grid):
         f"# {Path(run_dir).name}: a prx-speedrun model", "",
         f"A pixel-space x-prediction flow-matching model, the PRX simplified MMDiT ({hp.hidden} wide, {hp.depth} "
         f"blocks, {hp.heads} heads, patch {hp.patch}), trained with prx-speedrun's `train_gpt_style.py` and exported "
-        f"from `{ck_dir}` ({'EMA' if hp.ema_decay else 'live'} weights).",
+        f"from `{ck_dir}` ({'EMA' if ema and hp.ema_decay else 'live'} weights).",
         "Stages: " + "; ".join(f"{st.res} px, batch {st.batch}, {st.steps} steps" for st in hp.stages) + ".",
         f"Text encoder: `{hp.text_encoder or 'the CPU demo random T5Gemma'}`, {hp.text_len} tokens.", "",
         "## Last scores", "", f"`{json.dumps(scores[0])}`" if scores else "none logged", ""]
@@ -381,7 +381,7 @@ def main(argv=None):
             print(f"--out not given: writing to {a.out}")
         if a.export_diffusers:
             grids = sorted(Path(run_dir, "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)[-1:]
-            card = model_card(hp, find_checkpoint(a.ckpt), run_dir, bool(grids))
+            card = model_card(hp, find_checkpoint(a.ckpt), run_dir, bool(grids), ema=not a.no_ema)
             export_diffusers(model, hp, a.export_diffusers, None if a.transformer_only else
                              text_encoder_path(hp, run_dir), torch.bfloat16 if a.dtype == "bf16" else torch.float32,
                              None if a.transformer_only else card, None if a.transformer_only else (grids or [None])[0])
