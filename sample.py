@@ -150,9 +150,8 @@ def diffusers_transformer(model, hp):
         raise ValueError(f"cannot export to diffusers ({e}); pip install a diffusers with PRXTransformer2DModel "
                          "(requirements.txt)") from None
     head = hp.hidden // hp.heads
-    ref = PRXTransformer2DModel(in_channels=3, patch_size=hp.patch, context_in_dim=hp.text_dim,
-                                hidden_size=hp.hidden, mlp_ratio=hp.mlp_ratio, num_heads=hp.heads, depth=hp.depth,
-                                axes_dim=[head // 2, head // 2], bottleneck_size=hp.bottleneck)
+    ref = PRXTransformer2DModel(in_channels=3, axes_dim=[head // 2, head // 2],
+                                **{name: getattr(hp, k) for k, name in support.DIFFUSERS_ARCH.items()})
     try:
         ref.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as e:  # another diffusers version's layout

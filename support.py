@@ -561,6 +561,8 @@ class PlainPlanner(DefaultLoadPlanner):  # DCP's non-tensor items (optimizer set
         super().load_bytes(read_item, value)
 
 
+# the trainer's architecture constants as diffusers' PRXTransformer2DModel names them: init= reads a diffusers config
+# with it, sample.py's export writes one
 DIFFUSERS_ARCH = dict(hidden="hidden_size", depth="depth", heads="num_heads", mlp_ratio="mlp_ratio",
                       patch="patch_size", bottleneck="bottleneck_size", text_dim="context_in_dim")
 
