@@ -11,6 +11,7 @@ data_prep.py import it.
 import itertools
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,21 @@ def eval_features(fns, chunks, device):
     return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
 
 
-def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32):
+def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32, progress=False):
     """The fixed evaluation -> metrics, on every rank. generate(a, b): images (B, 3, H, W) in [0, 1] for prompts a..b-1
     and those prompts (m in all); reference(a, b): the reference images a..b-1 in [0, 1] (n in all); ids: feature
-    name -> model id, naming the cached reference statistics."""
+    name -> model id, naming the cached reference statistics. progress: a line on stderr, rewritten per batch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def shown(fn, what, N):  # fn, saying how far it got
+        def call(a, b):
+            out = fn(a, b)
+            if progress and rank == 0:
+                print(f"\reval: {what} {b}/{N}", end="\n" if b == N else "", file=sys.stderr, flush=True)
+            return out
+        return call
+    generate = shown(generate, "images generated", m)
+    reference = shown(reference, "reference images read", n)
 
     def mine(N):  # this rank's contiguous part of range(N) (ceil(N / world) each, like an FSDP shard), in batches
         c = -(-N // world)
@@ -158,7 +169,7 @@ def prepare_eval(hp, device, reference):
     return load_eval_models(hp, device), ref, [p or "" for p in prompts[:hp.eval_n]]
 
 
-def evaluate(hp, ev, generate, res, cache_dir, device, batch=32):
+def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False):
     """The fixed evaluation at res x res (ev: prepare_eval's) -> metrics, on every rank. generate(prompts, seed):
     uint8 images (B, res, res, 3), prompt j from the noise of seed + j; image i comes from prompt i and the noise of
     eval_seed + i. The reference images are square centre crops, like the square generated ones."""
@@ -168,7 +179,8 @@ def evaluate(hp, ev, generate, res, cache_dir, device, batch=32):
                         prompts[a:b])  # as saved 8-bit PNGs
     reference = lambda a, b: torch.stack([ref[j][0] for j in range(a, b)]) / 255
     ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
-    return run_eval(fns, gen, reference, len(prompts), min(hp.eval_n, len(ref)), ids, res, cache_dir, device, batch)
+    return run_eval(fns, gen, reference, len(prompts), min(hp.eval_n, len(ref)), ids, res, cache_dir, device, batch,
+                    progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------

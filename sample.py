@@ -412,7 +412,8 @@ def main(argv=None):
     if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],
                                  cfg_hi=interval[1])
-        m = T.evaluate(model.to(dev), text, hp, T.prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch)
+        m = T.evaluate(model.to(dev), text, hp, T.prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch,
+                       progress=True)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
         return m
     out, done, kept = Path(a.out), [], []  # done: line indices written; kept: 8-bit copies of the first 64 (all with
@@ -435,7 +436,7 @@ def main(argv=None):
             if a.score or len(kept) < 64:
                 kept.append(u8)
         grid = torch.from_numpy(np.stack(kept[:64])).permute(0, 3, 1, 2) / 127.5 - 1
-        support.save_grid(grid, out / "grid.png", nrow=8)
+        support.save_grid(grid, out / "grid.png", nrow=8, captions=[prompts[i] for i in done[:64]])
     except OSError as e:  # e.g. a full disk
         T.fail(f"writing {out} failed ({e.strerror or e}); free space or choose another --out (images written so "
                "far are kept)")

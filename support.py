@@ -1,6 +1,6 @@
 """The trainer's plumbing, out of the way of reading the recipe: the shard format and its checks, the data stream's
-order and loader workers, files that survive a crash or a full disk (the log, atomic checkpoints), constant and path
-checks, signals and the time limit, the bench's lines. A leaf module: it imports nothing of the project; the
+order and loader workers, files that survive a crash or a full disk (the log, atomic checkpoints), the trackers and
+sample grids, constant, path and device checks, signals and the time limit, the bench's lines. A leaf module: it imports nothing of the project; the
 trainer, data_prep.py and sample.py import it.
 
 The shard format, what data_prep.py writes and the trainer reads:
@@ -296,7 +296,7 @@ mp.util.Finalize(None, lambda: [p.kill() for p in mp.active_children() if p.daem
 
 class Logger:  # rank 0 writes log.txt (and the console) and metrics.jsonl; a full disk costs lines, never the run
     def __init__(self, run_dir, master):
-        self.master, self.lost = master, 0  # lost: lines a full disk took
+        self.master, self.lost, self.tracker = master, 0, None  # lost: lines a full disk took; tracker: Tracker
         if master:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.log = open(Path(run_dir, "log.txt"), "a")
@@ -311,6 +311,19 @@ class Logger:  # rank 0 writes log.txt (and the console) and metrics.jsonl; a fu
     def metrics(self, d):
         if self.master:
             self.write(self.jsonl, json.dumps(d))
+            self.track("scalars", d)
+
+    def track(self, what, *args):  # the tracker's call; a failing tracker is said once and dropped, never the run
+        try:
+            self.tracker and getattr(self.tracker, what)(*args)
+        except Exception as e:
+            self(f"warning: tracker={self.tracker.kind} failed ({brief(e)}); it gets nothing more, metrics.jsonl and "
+                 "samples/ go on")
+            self.tracker = None
+
+    def close(self):  # the tracker's files completed (wandb's run finished)
+        self.track("close")
+        self.tracker = None
 
     def write(self, f, line):  # said once, on stderr
         try:
@@ -321,6 +334,73 @@ class Logger:  # rank 0 writes log.txt (and the console) and metrics.jsonl; a fu
                 print(f"warning: cannot write {f.name} ({e.strerror or e}); training goes on, log lines are lost "
                       "until there is space again", file=sys.stderr, flush=True)
             self.lost += 1
+
+
+class Tracker:
+    """tracker=tensorboard (run_dir/tensorboard) or tracker=wandb (run_dir/wandb; WANDB_MODE=offline needs no network,
+    `wandb sync` uploads later): the numbers of every metrics.jsonl row under its names (nested ones as a/b), each
+    sample grid with its captions. Rank 0 only. A resume: tensorboard hides the stopped process's rows past the
+    checkpoint (purge_step), wandb keeps the run (its id in run_dir/wandb_id) and drops steps it already holds.
+    ValueError, one line: a missing package, a wandb that cannot start (not logged in, no network)."""
+    def __init__(self, kind, run_dir, config):
+        self.kind, self.dir, self.step = kind, Path(run_dir), 0
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                self.out = SummaryWriter(self.dir / "tensorboard")
+            else:
+                import wandb
+        except ImportError:
+            raise ValueError(f"tracker={kind} needs the {kind} package: pip install {kind}, or tracker=none") from None
+        if kind == "wandb":
+            ids = self.dir / "wandb_id"
+            run_id = ids.read_text().strip() if ids.exists() else os.urandom(8).hex()
+            ids.write_text(run_id)
+            try:
+                self.out = wandb.init(dir=self.dir, project=os.environ.get("WANDB_PROJECT", "prx-speedrun"),
+                                      name=self.dir.name, id=run_id, resume="allow", config=config)
+            except Exception as e:
+                raise ValueError(f"tracker=wandb cannot start ({brief(e)}); run wandb login, or set WANDB_MODE=offline "
+                                 "(no network; wandb sync uploads later), or tracker=none") from None
+
+    def scalars(self, row):  # a metrics.jsonl row
+        if "resumed_from" in row and self.kind == "tensorboard":  # rows past the checkpoint: hidden, written again
+            from torch.utils.tensorboard import SummaryWriter
+            self.out.close()
+            self.out = SummaryWriter(self.dir / "tensorboard", purge_step=row["resumed_from"] + 1)
+        self.step = row.get("step", self.step)
+        flat = numbers({k: v for k, v in row.items() if k != "step"})
+        if self.kind == "tensorboard":
+            for k, v in flat.items():
+                self.out.add_scalar(k, v, self.step)
+            self.out.flush()
+        else:
+            self.out.log(flat, step=self.step)
+
+    def images(self, tag, u8, captions, grid):  # u8 (B, H, W, 3), their captions (or None), the grid's PNG file
+        if self.kind == "tensorboard":
+            from PIL import Image
+            self.out.add_image(tag, np.asarray(Image.open(grid).convert("RGB")), self.step, dataformats="HWC")
+            if captions:
+                self.out.add_text(tag, "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), self.step)
+            self.out.flush()
+        else:
+            import wandb
+            self.out.log({tag: [wandb.Image(x, caption=c) for x, c in zip(u8, captions or [None] * len(u8))]},
+                         step=self.step)
+
+    def close(self):
+        self.out.close() if self.kind == "tensorboard" else self.out.finish()
+
+
+def numbers(row, prefix=""):  # {"a": 1, "b": {"c": 2.0}, "d": "x"} -> {"a": 1, "b/c": 2.0}
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[prefix + k] = v
+    return out
 
 
 def read_metrics(run_dir):
@@ -360,10 +440,10 @@ def lock_run_dir(run_dir):
     return fd
 
 
-def open_log(run_dir, token, master, group=None):
-    """run_dir made and locked (lock_run_dir) and its log opened by rank 0, and seen by every rank (group: gloo, under
-    torchrun): else rank 0 would rename checkpoint folders that lack the other nodes' shards. -> Logger; ValueError,
-    one line, on every rank."""
+def open_log(run_dir, token, master, group=None, tracker=("none", None)):
+    """run_dir made and locked (lock_run_dir) and its log and tracker (kind, config) opened by rank 0, and seen by every
+    rank (group: gloo, under torchrun): else rank 0 would rename checkpoint folders that lack the other nodes' shards.
+    -> Logger; ValueError, one line, on every rank."""
     probe, err, log = Path(run_dir, "ckpt", f".probe{token}.tmp"), None, None
     try:  # rank 0 locks, opens log.txt and writes a probe file in ckpt/, which every rank must then see
         if master:
@@ -374,6 +454,7 @@ def open_log(run_dir, token, master, group=None):
             log.lock = lock  # held as long as the log
             probe.parent.mkdir(exist_ok=True)
             probe.touch()
+            log.tracker = None if tracker[0] == "none" else Tracker(tracker[0], run_dir, tracker[1])
     except OSError as e:
         err = f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); set run_dir to another folder"
     except ValueError as e:
@@ -418,26 +499,72 @@ def to_uint8(images):  # (B, 3, H, W) in [-1, 1] -> numpy (B, H, W, 3) uint8
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path, nrow):  # images (B, 3, H, W) in [-1, 1], 2-px white borders
-    from PIL import Image
+GRID_BORDER = 128  # grey 2-px tile borders: seen on white and on black images
+CAPTION_MIN_W = 128  # with captions, narrower tiles are enlarged (nearest, by an integer factor) to fit the text
+CAPTION_LINES = 3  # a caption's lines under its tile at most (the rest cut, "...")
+
+
+def wrap(text, font, width, max_lines):  # text -> lines of at most `width` px in `font`, words kept whole if they fit
+    lines = []
+    for word in text.split():
+        while font.getlength(word) > width:  # a word wider than the tile: cut
+            cut = 1
+            while font.getlength(word[:cut + 1]) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        elif word:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and font.getlength(lines[-1] + "...") > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines
+
+
+def save_grid(images, path, nrow, captions=None):
+    """images (B, 3, H, W) in [-1, 1] -> a PNG grid of nrow columns with 2-px grey borders; captions: each image's,
+    written under it (tiles under CAPTION_MIN_W px wide enlarged to fit it)."""
+    from PIL import Image, ImageDraw, ImageFont
     x = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+    if captions:
+        f = -(-CAPTION_MIN_W // x.shape[-1])
+        x = x.repeat_interleave(f, 2).repeat_interleave(f, 3)
     B, _, H, W = x.shape
+    font = ImageFont.load_default()
+    lines = [wrap(c or "", font, W - 4, CAPTION_LINES) for c in captions] if captions else [[]] * B
+    line_h = font.getbbox("Ag")[3] + 2
+    strip = CAPTION_LINES * line_h + 4 if captions else 0  # the caption's white strip under each tile
     ncol = min(nrow, B)
-    grid = torch.full((3, math.ceil(B / ncol) * (H + 2) + 2, ncol * (W + 2) + 2), 255, dtype=torch.uint8)
+    grid = torch.full((3, math.ceil(B / ncol) * (H + strip + 2) + 2, ncol * (W + 2) + 2), GRID_BORDER,
+                      dtype=torch.uint8)
     for i in range(B):
         r, c = divmod(i, ncol)
-        grid[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        top, left = 2 + r * (H + strip + 2), 2 + c * (W + 2)
+        grid[:, top:top + H, left:left + W] = x[i]
+        grid[:, top + H:top + H + strip, left:left + W] = 255
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(lines):
+        r, c = divmod(i, ncol)
+        for j, line in enumerate(text):
+            draw.text((4 + c * (W + 2), 4 + r * (H + strip + 2) + H + j * line_h), line, fill=(0, 0, 0), font=font)
+    img.save(path)
 
 
-def write_grid(imgs, path, nrow, log):  # a full disk costs the picture, never the run
+def write_grid(imgs, path, nrow, log, captions=None):  # a full disk costs the picture, never the run
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             path.parent.mkdir(exist_ok=True)
-            save_grid(imgs, path, nrow)
+            save_grid(imgs, path, nrow, captions)
             log(f"samples: {path}")
         except OSError as e:
             log(f"samples: {path} not written ({e.strerror or e}); training goes on")
+            return
+        log.track("images", "samples" if path.stem.startswith("step") else path.stem, to_uint8(imgs), captions, path)
 
 
 def all_ranks(obj):  # every rank's obj, in rank order
@@ -677,11 +804,62 @@ def check_paths(hp, demo_data):
     if hp.preset == "cpu" and not hp.bench and missing:  # its vocabulary, sample grid and score
         raise ValueError(f"{hp.data}/prompts_{missing[0]}.txt is missing: preset=cpu (the shapes demo) needs the "
                          "prompt files of data_prep.py's shapes data; set data to such a folder, or preset=record")
+    if hp.tracker not in ("none", "tensorboard", "wandb"):
+        raise ValueError(f"tracker must be none, tensorboard or wandb, got {hp.tracker!r}")
+    try:
+        prompts = grid_prompts(hp, None) if hp.sample_prompts else True
+    except (OSError, ValueError):  # a missing file, a folder, not text
+        prompts = None
+    if not prompts:
+        raise ValueError(f"sample_prompts={hp.sample_prompts} is not a file of prompts (one per line); fix the path, "
+                         "or sample_prompts= for the built-in grid")
     for name in ("text_encoder", "repa_encoder", "pdino_encoder"):
         p = getattr(hp, name)
         hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
         if p and not (hp.bench or hub_id or Path(p).exists()):
             raise ValueError(f"{name}={p} is neither a local folder nor a hub id (org/name); set {name}=PATH or ID")
+
+
+def grid_prompts(hp, default):  # the sample grids' prompts: sample_prompts's lines, the demo's, or `default`
+    if hp.sample_prompts:
+        return [p for p in Path(hp.sample_prompts).read_text().splitlines() if p.strip()]
+    if hp.preset == "cpu" and not hp.bench:  # 4 lines of each prompt file
+        return [p for n in ("seen", "heldout", "two") for p in Path(hp.data, f"prompts_{n}.txt").read_text()
+                .splitlines()[::15][:4]]
+    return default
+
+
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}  # CUDA major version -> the oldest Linux driver that runs it
+
+
+def gpu_driver():  # -> (driver version, GPU names) as nvidia-smi reports them, or None: no driver, no GPU
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[c.strip() for c in line.split(",", 1)] for line in out.stdout.splitlines() if "," in line]
+    return (rows[0][0], [r[1] for r in rows]) if out.returncode == 0 and rows else None
+
+
+def check_device(hp, cuda, argv):
+    """Without a CUDA device torch can use: a GPU that the driver sees (unless preset=cpu was asked for), and the
+    record's model (preset=record with its architecture), are refused. ValueError, one line."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")  # GPUs hidden on purpose
+    seen = None if cuda or hidden or "preset=cpu" in argv else gpu_driver()
+    if seen:
+        driver, names = seen
+        need = MIN_DRIVER.get(int(torch.version.cuda.split(".")[0])) if torch.version.cuda else None
+        why = "it is a CPU-only build" if not torch.version.cuda else f"it is built for CUDA {torch.version.cuda}" + (
+            f", which needs driver >= {need}" if need and int(driver.split(".")[0]) < need else "")
+        raise ValueError(f"the NVIDIA driver {driver} sees {len(names)} GPU(s) ({names[0]}) but torch "
+                         f"{torch.__version__} cannot use them: {why}; install the torch build for your driver's CUDA "
+                         "(README: older NVIDIA drivers) or update the driver; preset=cpu runs the CPU demo")
+    record = type(hp)()  # the record preset's defaults
+    if not cuda and hp.preset == "record" and (hp.hidden, hp.depth) == (record.hidden, record.depth):
+        raise ValueError("preset=record trains the record's 1.2B-parameter model, which needs a CUDA device, and torch "
+                         "sees none; run the CPU demo (no preset), or shrink the model (hidden=, depth=) to run the "
+                         "record's code path on the CPU")
 
 
 def parse_constants(argv, cls, stage_cls, presets, preset):

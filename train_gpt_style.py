@@ -108,6 +108,8 @@ class Hyperparameters:
     # logging, sampling, checkpoints (none of them counted in the training clock)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 5000  # steps between sample grids; 0: only at the end of each stage
+    sample_prompts: str = ""  # the grids' prompts, one per line; "": FIXED_PROMPTS (the demo: its prompt files')
+    tracker: str = "none"  # also send metrics and grids to tensorboard (run_dir/tensorboard) or wandb (docs/log.md)
     ckpt_every: int = 2000  # steps between checkpoints; 0: only at the end
     keep_ckpts: int = 3  # newest step checkpoints kept in run_dir/ckpt; 0 keeps all
     time_limit: float = 0.0  # seconds of wall-clock from start (e.g. a job's limit): stops with a checkpoint before
@@ -1007,7 +1009,7 @@ def open_run_dir(hp, env):
         dist.broadcast_object_list(name, 0)
     run_dir = Path(name[0])
     try:
-        log = support.open_log(run_dir, name[1], env.master, env.cpu_group)
+        log = support.open_log(run_dir, name[1], env.master, env.cpu_group, (hp.tracker, dataclasses.asdict(hp)))
     except ValueError as e:
         fail(e)
     cks = [] if hp.bench else sorted((run_dir / "ckpt").glob("step*"))
@@ -1193,7 +1195,7 @@ def sample(m, hp, env, prompts, res, seed=0, batch=16):  # EMA weights, fixed se
 
 
 def save_samples(m, hp, env, prompts, res, path, log):
-    support.write_grid(sample(m, hp, env, prompts, res), path, 4, log)
+    support.write_grid(sample(m, hp, env, prompts, res), path, 4, log, prompts)
 
 
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now
@@ -1204,12 +1206,12 @@ def prepare_eval(hp, device):  # the fixed evaluation's models, reference images
         fail(f"evaluation: {e}")
 
 
-def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32):  # docs/evaluation.md -> metrics, on every rank
+def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32, progress=False):  # docs/evaluation.md, all ranks
     import evals  # a leaf module
     gen = lambda prompts, seed: support.to_uint8(generate(
         model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
         device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi)))
-    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch)
+    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress)
 
 
 def score_demo(m, hp, env, run_dir, log):
@@ -1222,7 +1224,7 @@ def score_demo(m, hp, env, run_dir, log):
         imgs = sample(m, hp, env, prompts, hp.stages[-1].res, seed=1234, batch=50)
         sc = evals.score_shapes(list(support.to_uint8(imgs)), prompts)
         result[name] = {k: sc[k] for k in ("full", "color", "position", "shape", "size")}
-        support.write_grid(imgs[:32], run_dir / "samples" / f"eval_{name}.png", 8, log)
+        support.write_grid(imgs[:32], run_dir / "samples" / f"eval_{name}.png", 8, log, prompts[:32])
         log(f"shapes score {name}: " + " ".join(f"{k}:{v:.3f}" for k, v in result[name].items()))
     return result
 
@@ -1257,10 +1259,7 @@ def train(hp):
     if cks:  # resume=auto (with resume=off, open_run_dir refused them)
         load_checkpoint(cks, state, m, optimizers, env, log)
     health = torch.tensor([0, 0, state.skipped], device=env.device)  # non-finite steps: streak, longest, total
-    grid = FIXED_PROMPTS  # the sample grid; the demo's: 4 lines of each prompt file
-    if hp.preset == "cpu" and not hp.bench:
-        files = [Path(hp.data, f"prompts_{n}.txt").read_text().splitlines() for n in ("seen", "heldout", "two")]
-        grid = [p for lines in files for p in lines[::15][:4]]
+    grid = support.grid_prompts(hp, FIXED_PROMPTS)  # the sample grids' prompts
     bench_hours = []
     stages = hp.stages  # bench: each device's share of the global batch on bench_devices devices, N + 1 steps
     if hp.bench:
@@ -1369,6 +1368,7 @@ def train(hp):
             support.log_end(log, hp, run_dir, last_checkpoint(run_dir), scores)
         except KeyboardInterrupt:
             log(f"scoring stopped ({support.STOP['signal']}); the checkpoint is {last_checkpoint(run_dir)}")
+    log.close()  # the tracker's files
     if env.distributed:
         dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
         dist.destroy_process_group()
@@ -1378,6 +1378,7 @@ def train(hp):
 def main(argv):
     try:
         hp = parse_args(argv, torch.cuda.is_available())
+        support.check_device(hp, torch.cuda.is_available(), argv)  # a GPU torch cannot use; the record without one
         support.check_paths(hp, PRESETS["cpu"]["data"])
     except ValueError as e:
         fail(str(e))

@@ -536,7 +536,7 @@ def test_a_stage_on_data_converted_at_a_lower_resolution_is_refused_before_any_m
     built = []
     monkeypatch.setattr(T, "build_models", lambda *a: built.append(1) or (_ for _ in ()).throw(SystemExit(0)))
     args = ["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", "text_encoder=x/y", "stages=1",
-            "stage1.batch=6", "stage1.micro_batch=3"]
+            "stage1.batch=6", "stage1.micro_batch=3", "hidden=64", "heads=2"]  # a CPU-sized record model
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         T.main(args + [f"stage1.res={2 * RES}"])

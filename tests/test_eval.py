@@ -316,7 +316,7 @@ def test_eval_sharded_over_two_ranks_equals_one_process(eval_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
+def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path, capsys):
     from data_prep import make_shapes
     data = make_shapes(tmp_path / "shapes", n=256, shard_rows=128)
     write_heldout(data, 8, size=64)
@@ -342,6 +342,8 @@ def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path):
     assert len(list((run / "eval_ref").glob("*.pt"))) == 6  # 3 models x 2 resolutions, computed once each
     assert "shapes" in rows[-1]  # the demo's benchmark still ends the run
     # sample.py --eval on the final checkpoint gives the run's last evaluation, from the cache
+    capsys.readouterr()
     m = S.main(["--ckpt", str(run), "--eval"])
+    assert "eval: images generated 6/6\n" in capsys.readouterr().err  # progress, one line rewritten per batch
     for k in ("fid", "fd_dinov2", "cmmd", "clip_score"):
         assert m[k] == pytest.approx(evaluated[-1][k], rel=1e-4, abs=1e-6)

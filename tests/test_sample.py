@@ -109,7 +109,7 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
         refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
                                amp=hp.amp))
         assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), support.to_uint8(refs[-1])[0]), i
-    support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8)
+    support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8, captions=[lines[i] for i in kept])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
                                                                                                      "grid.png")))
 

@@ -1,9 +1,11 @@
 """The trainer's parts checked against closed forms and reference implementations (diffusers, torch.optim.Muon)."""
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -476,6 +478,55 @@ def test_bad_constant_is_one_clear_line_before_any_model():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "lerning_rate" in lines[0] and "lr" in lines[0] and "Traceback" not in r.stderr
+
+
+def fake_nvidia_smi(folder, driver, names):  # an nvidia-smi on PATH that reports `driver` and GPUs `names`
+    exe = Path(folder, "nvidia-smi")
+    exe.write_text("#!/bin/sh\n" + "".join(f"echo '{driver}, {n}'\n" for n in names))
+    exe.chmod(0o755)
+    return folder
+
+
+def test_a_gpu_torch_cannot_use_is_one_line_naming_driver_wheel_and_fix(tmp_path, monkeypatch, capsys):
+    """No CUDA for torch (this machine) while the driver sees GPUs: refused before anything else, unless preset=cpu."""
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path, '535.104.05', ['NVIDIA H100 80GB HBM3'] * 8)}:"
+                       f"{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert support.gpu_driver() == ("535.104.05", ["NVIDIA H100 80GB HBM3"] * 8)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(SystemExit) as e:
+        T.main(["run_dir=never"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (
+        "error: the NVIDIA driver 535.104.05 sees 8 GPU(s) (NVIDIA H100 80GB HBM3) but torch "
+        f"{torch.__version__} cannot use them: it is built for CUDA 13.0, which needs driver >= 580; install the "
+        "torch build for your driver's CUDA (README: older NVIDIA drivers) or update the driver; preset=cpu runs the "
+        "CPU demo\n")
+    assert not Path("never").exists()
+    hp = T.parse_args([], False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # new enough: another cause, the same fix
+    with pytest.raises(ValueError, match=r"cannot use them: it is built for CUDA 12.8; install"):
+        support.check_device(hp, False, [])
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match=r"torch \S+ cannot use them: it is a CPU-only build;"):
+        support.check_device(hp, False, [])
+    support.check_device(hp, False, ["preset=cpu"])  # the demo asked for: no refusal
+    support.check_device(hp, True, [])  # torch has CUDA: nothing to say
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose
+    support.check_device(hp, False, [])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no driver at all
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert support.gpu_driver() is None
+    support.check_device(hp, False, [])
+
+
+def test_preset_record_without_cuda_is_refused_unless_the_model_is_shrunk(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no driver
+    record = T.parse_args(["preset=record"], True)
+    with pytest.raises(ValueError, match="^preset=record trains the record's 1.2B-parameter model, which needs a CUDA "):
+        support.check_device(record, False, ["preset=record"])
+    support.check_device(record, True, ["preset=record"])
+    support.check_device(T.parse_args(["preset=record", "hidden=64", "heads=2"], True), False, ["preset=record"])
 
 
 # ---------------------------------------------------------------- FLOPs
