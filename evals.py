@@ -276,9 +276,16 @@ def shapes_prompts():
 
 COLOR_TOL = 60  # max RGB distance of a pixel from the white->colour line to count as that colour
 MIN_AREA = 0.15  # a colour blob must cover >= 15 % of (named side)^2 (a triangle covers 50 %)
-SQUARE_FILL = 0.89  # area / (width * height) above this is a square (ideal 1; circle pi/4 = 0.785)
-TRIANGLE_SKEW = -0.25  # rows' coverage skewness below this is an apex-up triangle (ideal -0.57; else 0)
 SIZE_SPLIT = 1 / 4  # extent above S/4 is large (between small S/6 and large S/3)
+# Shape: the blob against the ideal circle, square and triangle of its area and centroid (drawn exactly, FIT_SUB^2
+# samples a pixel). The named one must fit best, its outline off by at most SHAPE_MEAN_DEV px on average (blur:
+# Gaussian sigma 0.5 px passes, 0.75 px fails), and no 3x3-px window may differ from it by more than SHAPE_LOCAL_DEV
+# px of coverage (rounded corners, dents, bent sides, lumps). Validated on renders and degraded ones (tests).
+FIT_SUB = 8
+SHAPE_MEAN_DEV = 0.3
+SHAPE_LOCAL_DEV = 1.0
+AREA_PER_SIDE2 = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side^2 of each ideal shape
+PERIMETER_PER_SIDE = {"circle": np.pi, "square": 4.0, "triangle": 1 + 5 ** 0.5}
 
 
 def _blend(img, color):
@@ -313,17 +320,56 @@ def _components(mask):
     return [lab == i for i in ids[np.argsort(-counts, kind="stable")]]
 
 
+def _silhouette(cover, blob):
+    """One blob's coverage (H, W), as a person sees its outline: inside (pixels whose 4 neighbours are in the blob) 1,
+    whatever the shade; the edge pixels' colour fractions relative to the inside's median shade; two pixels around
+    it taken in, so that a blurred edge counts against the shape."""
+    core = ~_grow(~blob)
+    level = np.median(cover[core]) if core.any() else 1.0
+    return np.where(core, 1.0, np.clip(cover / max(level, 1e-6), 0, 1)) * _grow(_grow(blob))
+
+
 def _measure(weights):
-    """Coverage weights (H, W) of one blob -> area, extent, centroid, fill ratio, row skewness."""
+    """Coverage weights (H, W) of one blob -> area, extent, centroid (x, y)."""
     rows, cols = weights.sum(1), weights.sum(0)  # (H,), (W,)
     area = weights.sum()
-    width, height = rows.max(), cols.max()  # widest row, tallest column (in pixels)
-    y = np.arange(len(rows)) + 0.5
-    cy = rows @ y / area
+    cy = rows @ (np.arange(len(rows)) + 0.5) / area
     cx = cols @ (np.arange(len(cols)) + 0.5) / area
-    var = rows @ (y - cy) ** 2 / area
-    skew = rows @ (y - cy) ** 3 / area / max(var, 1e-9) ** 1.5
-    return area, max(width, height), np.array([cx, cy]), area / max(width * height, 1e-9), skew
+    return area, max(rows.max(), cols.max()), np.array([cx, cy])  # extent: the widest row or tallest column
+
+
+def ideal_shape(shape, cx, cy, side, h, w):
+    """Coverage (h, w) of the exact shape of bounding-box centre (cx, cy) and side `side` (px; pixel i spans [i, i+1)),
+    as render_shapes draws it (triangle: apex up, base = height), FIT_SUB^2 samples a pixel."""
+    o = (np.arange(FIT_SUB) + 0.5) / FIT_SUB
+    y = (np.arange(h)[:, None] + o).reshape(-1, 1) - cy  # (h * FIT_SUB, 1)
+    x = (np.arange(w)[:, None] + o).reshape(1, -1) - cx  # (1, w * FIT_SUB)
+    r = side / 2
+    if shape == "circle":
+        inside = x ** 2 + y ** 2 <= r ** 2
+    elif shape == "square":
+        inside = (np.abs(x) <= r) & (np.abs(y) <= r)
+    else:  # apex (0, -r), base at y = r: half-width (y + r) / 2
+        inside = (y <= r) & (np.abs(x) <= (y + r) / 2)
+    return inside.reshape(h, FIT_SUB, w, FIT_SUB).mean((1, 3))
+
+
+def shape_fit(weights, area, centre):
+    """One blob's coverage (H, W) -> {shape: (mean outline deviation px, largest 3x3-window deviation px^2)} against
+    the ideal shape of the same area and centroid (a triangle's centroid lies side/6 below its box centre)."""
+    ys, xs = np.nonzero(weights)
+    out = {}
+    for shape, k in AREA_PER_SIDE2.items():
+        side = (area / k) ** 0.5
+        pad = int(side / 2) + 3  # the window: the blob's box and room for the ideal shape
+        y0, x0 = max(0, ys.min() - pad), max(0, xs.min() - pad)
+        win = weights[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]
+        cy = centre[1] - (side / 6 if shape == "triangle" else 0) - y0
+        err = np.abs(win - ideal_shape(shape, centre[0] - x0, cy, side, *win.shape))
+        p = np.pad(err, 1)
+        local = sum(p[i:i + err.shape[0], j:j + err.shape[1]] for i in range(3) for j in range(3)).max()
+        out[shape] = (err.sum() / (PERIMETER_PER_SIDE[shape] * side), local)
+    return out
 
 
 def _judge(img, objects):
@@ -339,20 +385,22 @@ def _judge(img, objects):
         idx = [k for k, o in enumerate(objects) if o[1] == c]
         # the len(idx) largest at-least-half-covered blobs, grown by a pixel to take in their edges
         blobs = _components((cover >= 0.5) & (nearest == c))[:len(idx)]
-        stats = [_measure(cover * _grow(b)) for b in blobs]
+        weights = [_silhouette(cover, b) for b in blobs]
+        stats = [_measure(wt) for wt in weights]
         # objects sharing this colour take the blobs in the assignment nearest their anchors
         best = min(itertools.permutations(range(len(stats)), min(len(stats), len(idx))),
                    key=lambda perm: sum(np.hypot(*(stats[b][2] - anchors[objects[k][3]]))
                                         for k, b in zip(idx, perm)))
         for k, b in zip(idx, best):
             size_name, _, shape, position = objects[k]
-            area, extent, centre, fill, skew = stats[b]
+            area, extent, centre = stats[b]
             if area < MIN_AREA * (SHAPES_SIZES[size_name] * S) ** 2:
                 continue
             near = min(anchors, key=lambda p: np.hypot(*(centre - anchors[p])))
-            found = ("triangle" if skew < TRIANGLE_SKEW and fill < SQUARE_FILL
-                     else "square" if fill > SQUARE_FILL else "circle")
-            results[k] = dict(color=True, position=near == position, shape=found == shape,
+            fit = shape_fit(weights[b], area, centre)
+            mean, local = fit[shape]
+            right = min(fit, key=lambda s: fit[s][0]) == shape and mean <= SHAPE_MEAN_DEV and local <= SHAPE_LOCAL_DEV
+            results[k] = dict(color=True, position=near == position, shape=right,
                               size=("large" if extent > SIZE_SPLIT * S else "small") == size_name)
     return results
 
@@ -363,7 +411,7 @@ def score_shapes(images, prompts):
     Returns {'color', 'position', 'shape', 'size': accuracy over objects, 'full': fraction of
     images with every attribute of every object right, 'per_image': [bool] * N}.
     Colour: a blob of pixels blended from the named colour, of area >= MIN_AREA; position: its
-    centroid's nearest anchor; shape: fill ratio and the skew of its rows; size: its extent."""
+    centroid's nearest anchor; shape: the named shape fits it best and closely (shape_fit); size: its extent."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     per_object, per_image = [], []
