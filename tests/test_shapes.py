@@ -281,7 +281,9 @@ def degraded(obj, S, how, k, rng):
     d = SIZES[size_name] * S * ss
     cx, cy = (anchor(position, S) + rng.uniform(-1, 1, 2) * S / 16) * ss
     box = (cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2)
-    apex, right, left = np.array([cx, cy - d / 2]), np.array([cx + d / 2, cy + d / 2]), np.array([cx - d / 2, cy + d / 2])
+    apex = np.array([cx, cy - d / 2])  # the triangle's corners
+    right = np.array([cx + d / 2, cy + d / 2])
+    left = np.array([cx - d / 2, cy + d / 2])
     if how == "rounded":
         draw.rounded_rectangle(box, radius=k * d, fill=fill)
     elif how == "lumpy":
