@@ -1,7 +1,7 @@
 """The trainer's plumbing, out of the way of reading the recipe: the shard format and its checks, the data stream's
 order and loader workers, files that survive a crash or a full disk (the log, atomic checkpoints), the trackers and
-sample grids, constant, path and device checks, signals and the time limit, the bench's lines. A leaf module: it imports nothing of the project; the
-trainer, data_prep.py and sample.py import it.
+sample grids, constant, path and device checks, signals and the time limit, the bench's lines. A leaf module: it
+imports nothing of the project; the trainer, data_prep.py and sample.py import it.
 
 The shard format, what data_prep.py writes and the trainer reads:
 
@@ -1045,7 +1045,9 @@ def synthetic_batches(stage, hp, world):
     return iter(lambda: (imgs, None, emb), None)
 
 
-def log_bench(stage, k, hp, env, state, start, step_flops, log):  # the bench line of stage k -> its hours on one device
+def log_bench(stage, k, hp, env, state, start, step_flops, log, hours_so_far):
+    """The bench line of stage k; its hours on one device appended to hours_so_far; after the last stage, the
+    schedule's projected total."""
     dt = (state.train_time - start[0]) / max(1, state.timed_steps - start[1])  # its timed steps
     ips = stage.batch / dt / env.world  # images per second per device
     tflops = step_flops / stage.batch * ips / 1e12
@@ -1058,4 +1060,8 @@ def log_bench(stage, k, hp, env, state, start, step_flops, log):  # the bench li
         f"peak_mem:{f'{peak:.1f}GiB' if peak else 'n/a'} stage_hours@{hp.bench_devices}:{hours / hp.bench_devices:.2f}")
     log.metrics(dict(bench=True, stage=k + 1, res=stage.res, step_ms=dt * 1000, img_s=ips, dit_tflops=tflops,
                      peak_mem_gib=peak))
-    return hours
+    hours_so_far.append(hours)
+    if k == len(hp.stages) - 1:
+        total = sum(hours_so_far)
+        log(f"bench projected schedule: {total / 8:.2f} h on 8 devices, {total / hp.bench_devices:.2f} h on "
+            f"{hp.bench_devices} (DiT and encoders, no data loading or communication)")

@@ -95,6 +95,7 @@ class Hyperparameters:
     grad_clip: float = 0.2  # global gradient-norm clip (PRX); inf: none
     ema_decay: float = 0.999  # EMA of the weights, used for samples and evaluation; 0: the live weights
     ema_every: int = 10  # steps between EMA updates
+    stage_switch: str = "carry"  # a later stage's start: carry on, reset (new optimiser states, warm-up), reset_ema
     # systems
     compile: bool = True  # torch.compile the denoiser and the frozen encoders
     amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
@@ -185,6 +186,8 @@ def check_config(hp):
     for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops"):
         need(getattr(hp, name) > 0, f"{name} must be > 0, got {getattr(hp, name)}")
     need(hp.resume in ("auto", "off"), f"resume must be auto or off, got {hp.resume!r}")
+    need(hp.stage_switch in ("carry", "reset", "reset_ema"),
+         f"stage_switch must be carry, reset or reset_ema, got {hp.stage_switch!r}")
     need(0 < hp.t_min_div < 1, f"t_min_div must be in (0, 1), got {hp.t_min_div}")
     need(all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)),
          "cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
@@ -773,12 +776,14 @@ def build_optimizers(model, extra, hp):
 
 
 def lr_factor(step, hp):
-    """Linear warm-up at the start of the run, constant, and an optional linear cool-down to 0 over the final
-    `cooldown` fraction of each stage (the next stage starts again at the full rate)."""
+    """Linear warm-up at the start of the run (and of each stage with stage_switch=reset*), constant, and an optional
+    linear cool-down to 0 over the final `cooldown` fraction of each stage (the next starts again at the full rate)."""
     ends = np.cumsum([st.steps for st in hp.stages])
     k = min(int(np.searchsorted(ends, step, side="right")), len(ends) - 1)  # the stage of this step
     cool = int(hp.cooldown * hp.stages[k].steps)
-    return float(min(1.0, (step + 1) / max(1, hp.warmup)) * (min(1.0, (ends[k] - step) / cool) if cool else 1.0))
+    start = ends[k - 1] if k and hp.stage_switch != "carry" else 0  # where the warm-up starts
+    warm = min(1.0, (step - start + 1) / max(1, hp.warmup))
+    return float(warm * (min(1.0, (ends[k] - step) / cool) if cool else 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1194,10 +1199,6 @@ def sample(m, hp, env, prompts, res, seed=0, batch=16):  # EMA weights, fixed se
                     seed, batch, device=env.device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
 
 
-def save_samples(m, hp, env, prompts, res, path, log):
-    support.write_grid(sample(m, hp, env, prompts, res), path, 4, log, prompts)
-
-
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now
     import evals  # a leaf module
     try:
@@ -1275,12 +1276,17 @@ def train(hp):
         if state.step >= first_step + stage.steps or stop:
             continue  # a stage finished before the resume, or a stop
         state.stage = k
+        if k and state.step == first_step and hp.stage_switch != "carry":  # docs/constants.md: the stage switch
+            optimizers = build_optimizers(m.model, m.repa or nn.Module(), hp)  # fresh states; lr_factor warms up
+            if hp.stage_switch == "reset_ema":
+                ema_update(m.ema, m.model, 0.0)  # the EMA restarts from the live weights
         batches = support.synthetic_batches(stage, hp, env.world) if hp.bench else \
             make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
         accum = stage.batch // (env.world * stage.micro_batch)
         step_flops = dit_train_flops(hp, stage.res, m.repa.proj[0].out_features if m.repa and stage.repa else 0)
         log(f"stage {k + 1}/{len(stages)}: {stage.res} px, batch {stage.batch} ({env.world} x {stage.micro_batch} x "
-            f"{accum} accum), {stage.steps} steps, REPA {'on' if stage.repa and m.repa else 'off'}")
+            f"{accum} accum), {stage.steps} steps, REPA {'on' if stage.repa and m.repa else 'off'}" +
+            (f", stage_switch={hp.stage_switch}" if k else ""))
         clock = None  # None until this stage's first step (it compiles) has run: that step is not timed
         pending = 0  # steps run since the clock last stopped
         start = (state.train_time, state.timed_steps)  # at the stage's start, for the bench
@@ -1330,7 +1336,8 @@ def train(hp):
                     log(msg, console=False)
                     fail(msg)
             if sample_now:
-                save_samples(m, hp, env, grid, stage.res, run_dir / "samples" / f"step{state.step:07d}.png", log)
+                path = run_dir / "samples" / f"step{state.step:07d}.png"
+                support.write_grid(sample(m, hp, env, grid, stage.res), path, 4, log, grid)
             if ckpt_now:
                 t_ck = time.monotonic()
                 state.skipped = int(health[2])
@@ -1347,17 +1354,13 @@ def train(hp):
                 clock = time.perf_counter()  # restart after logging, sampling, checkpointing, evaluating
                 timer["tick"] = time.monotonic()  # and time_limit's step time leaves them out too
         if hp.bench:
-            bench_hours.append(support.log_bench(stage, k, hp, env, state, start, step_flops, log))
+            support.log_bench(stage, k, hp, env, state, start, step_flops, log, bench_hours)  # the last: the total
         else:
             log(f"data: bad rows replaced or converted so far (all ranks): {bad_row_counts(bad_rows, state) or 'none'}")
-    if hp.bench:
-        log(f"bench projected schedule: {sum(bench_hours) / 8:.2f} h on 8 devices, "
-            f"{sum(bench_hours) / hp.bench_devices:.2f} h on {hp.bench_devices} (DiT and encoders, no data loading or "
-            "communication)")
-    elif stop:
+    if stop and not hp.bench:
         log(f"stopped after step {state.step}/{total} ({stop}); the checkpoint is {last_checkpoint(run_dir)}; "
             "run the same command to resume")
-    else:
+    elif not hp.bench:
         log(f"done: {state.step} steps, train_time {state.train_time:.1f}s")
         scores = None
         try:  # training is done and saved: a signal from here on ends the scoring at once

@@ -43,6 +43,32 @@ def test_stream_sampler_same_global_batch_for_any_world_size():
 
 
 @pytest.mark.slow
+def test_stage_switch_policies(shapes, tmp_path, monkeypatch):
+    """stage_switch: carry keeps stage 1's optimiser states (Adam's step count runs on), reset starts stage 2 with
+    fresh ones, reset_ema also restarts the EMA from the live weights. ema_decay=1 makes the EMA a witness: it holds
+    the initial weights, or with reset_ema the live weights at the end of stage 1 (those of a stage-1-only run)."""
+    made = []  # every optimizer list build_optimizers returns, in order
+    real = T.build_optimizers
+    monkeypatch.setattr(T, "build_optimizers", lambda *a: made.append(real(*a)) or made[-1])
+    args = ["preset=cpu", f"data={shapes}", "hidden=64", "heads=2", "stage1.steps=3", "stage1.batch=4",
+            "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4", "log_every=1",
+            "sample_steps=1", "warmup=2", "ema_decay=1", "lpips_weight=0", "pdino_weight=0"]
+    _, one = T.main(args + ["stages=1", f"run_dir={tmp_path}/one"])
+    init = {k: v.clone() for k, v in one.ema.state_dict().items()}  # decay 1: the EMA never moved
+    live = {k: v.clone() for k, v in one.model.state_dict().items()}
+    assert any(not torch.equal(init[k], live[k]) for k in init)
+    for policy, adam_steps, ema in (("carry", 5, init), ("reset", 2, init), ("reset_ema", 2, live)):
+        made.clear()
+        _, m = T.main(args + [f"stage_switch={policy}", f"run_dir={tmp_path}/{policy}"])
+        assert len(made) == (1 if policy == "carry" else 2)
+        adam = made[-1][-1]  # the optimizer of the last steps; its Adam (the REPA projector's idle in stage 2)
+        assert {int(adam.state[p]["step"]) for p in m.model.parameters() if p in adam.state} == {adam_steps}, policy
+        assert all(torch.equal(m.ema.state_dict()[k], ema[k]) for k in ema), policy
+        assert f"stage 2/2: 64 px, batch 4 (1 x 4 x 1 accum), 2 steps, REPA off, stage_switch={policy}" in \
+            (tmp_path / policy / "log.txt").read_text()
+
+
+@pytest.mark.slow
 def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     run = tmp_path / "run"
     args = ["preset=cpu", f"data={shapes}", f"run_dir={run}", "stage1.steps=4", "stage1.batch=8",

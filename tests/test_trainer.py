@@ -431,6 +431,10 @@ def test_lr_schedule():
     assert f[100] == pytest.approx(1.0) and f[119] == pytest.approx(1.0)  # stage 2 starts again at full rate
     assert f[130] == pytest.approx(0.5) and f[139] == pytest.approx(0.05)
     assert all(T.lr_factor(s, T.Hyperparameters(warmup=10)) == 1.0 for s in range(9, 200))  # record: constant
+    for policy in ("reset", "reset_ema"):  # the warm-up starts again with stage 2; stage 1 unchanged
+        g = [T.lr_factor(s, dataclasses.replace(hp, stage_switch=policy)) for s in range(140)]
+        assert g[:100] == f[:100]
+        assert g[100:] == pytest.approx([min(1, (i + 1) / 10) * min(1, (40 - i) / 20) for i in range(40)])
 
 
 def test_training_steps_reduce_loss_on_fixed_batch():
