@@ -102,8 +102,13 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     S.main(nxt[1][nxt[1].index("--ckpt"):])
     assert (run / "diffusers" / "model_index.json").is_file()
     from PIL import Image
-    assert Image.open(run / "samples" / "step0000004.png").size[0] < Image.open(run / "samples" /
-                                                                                "step0000006.png").size[0]
+    import numpy as np
+    # each stage's grid at its resolution: the first tile, enlarged to 128 px for its caption, is made of 4x4-pixel
+    # blocks at 32 px and of 2x2 ones at 64 px
+    grids = [Image.open(run / "samples" / f"step000000{s}.png").convert("RGB") for s in (4, 6)]
+    tiles = [np.asarray(g)[2:130, 2:130] for g in grids]
+    blocks = lambda t, f: np.array_equal(t, t[::f, ::f].repeat(f, 0).repeat(f, 1))
+    assert blocks(tiles[0], 4) and blocks(tiles[1], 2) and not blocks(tiles[1], 4)
     ck = torch.load(run / "ckpt" / "step0000006" / "extra.pt", weights_only=False)
     assert ck["step"] == 6 and ck["stage"] == 1 and ck["data_pos"] == 4 * 8 + 2 * 4
     assert {"rng", "config", "train_time"} <= set(ck)
