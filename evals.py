@@ -25,6 +25,8 @@ from PIL import Image, ImageDraw
 # with the reference images. Reference statistics are computed once per model and resolution, and cached.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MMD_FEATURES = {"clip": "cmmd", "dino_mmd": "dino_mmd"}  # features compared by MMD (their embeddings cached)
+VAL_BINS = (0.3, 0.6)  # the validation loss reported for t in [0, .3), [.3, .6), [.6, 1], as the trainer's flow loss
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -50,10 +52,13 @@ def mmd(x, y, sigma=10.0, scale=1000.0, unbiased=True):
     return (scale * (within(k(x, x)) + within(k(y, y)) - 2 * k(x, y).mean())).item()
 
 
+DINO_MMD_RES = 518  # PRX's DINO-MMD: DINOv2-L/14 with registers at 518 px (37 x 37 patches)
+
+
 def load_eval_models(hp, device):
-    """Frozen float32 feature extractors of hp.eval_inception, eval_dino, eval_clip (hub ids or folders; "" skips
-    one): name -> fn(images (B, 3, H, W) in [0, 1]) -> (B, D); "clip_text": prompts -> unit CLIP text embeddings.
-    A model that cannot be loaded: ValueError, one line."""
+    """Frozen float32 feature extractors of hp.eval_inception, eval_dino, eval_dino_mmd, eval_clip (hub ids or folders;
+    "" skips one): name -> fn(images (B, 3, H, W) in [0, 1]) -> (B, D); "clip_text": prompts -> unit CLIP text
+    embeddings. A model that cannot be loaded: ValueError, one line."""
     def prep(x, size, mean, std):  # bicubic resize, then the model's normalisation
         x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
@@ -70,6 +75,11 @@ def load_eval_models(hp, device):
             dino = AutoModel.from_pretrained(name, dtype=torch.float32).to(device).eval()
             norm = (224, 224), IMAGENET_MEAN, IMAGENET_STD
             fns["dinov2"] = lambda x: dino(pixel_values=prep(x, *norm)).pooler_output
+        if name := hp.eval_dino_mmd:  # PRX's: the unit CLS token after the final norm, at DINO_MMD_RES
+            from transformers import AutoModel
+            reg = AutoModel.from_pretrained(name, dtype=torch.float32).to(device).eval()
+            big = (DINO_MMD_RES, DINO_MMD_RES), IMAGENET_MEAN, IMAGENET_STD
+            fns["dino_mmd"] = lambda x: F.normalize(reg(pixel_values=prep(x, *big)).pooler_output, dim=-1)
         if name := hp.eval_clip:
             from transformers import AutoTokenizer, CLIPModel
             clip, tok = CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name)
@@ -107,10 +117,11 @@ def eval_features(fns, chunks, device):
     return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
 
 
-def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32, progress=False):
+def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32, progress=False, val_loss=None):
     """The fixed evaluation -> metrics, on every rank. generate(a, b): images (B, 3, H, W) in [0, 1] for prompts a..b-1
     and those prompts (m in all); reference(a, b): the reference images a..b-1 in [0, 1] (n in all); ids: feature
-    name -> model id, naming the cached reference statistics. progress: a line on stderr, rewritten per batch."""
+    name -> model id, naming the cached reference statistics. progress: a line on stderr, rewritten per batch.
+    val_loss(a, b): the per-image validation losses of reference images a..b-1 and their t, or None."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def shown(fn, what, N):  # fn, saying how far it got
@@ -138,7 +149,7 @@ def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=
         if rank == 0:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             for k in todo[0]:  # CMMD needs the embeddings themselves, FD only their Gaussian statistics
-                torch.save(f[k] if k == "clip" else gaussian_stats(f[k]), paths[k].with_suffix(".tmp"))
+                torch.save(f[k] if k in MMD_FEATURES else gaussian_stats(f[k]), paths[k].with_suffix(".tmp"))
                 os.replace(paths[k].with_suffix(".tmp"), paths[k])
         if dist.is_initialized():
             dist.barrier()
@@ -147,10 +158,25 @@ def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=
     for k, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
         if k in ref_stats:
             out[metric] = frechet_distance(*gaussian_stats(gen[k]), *ref_stats[k])
+    for k, metric in MMD_FEATURES.items():  # 3 (n x n) kernels: on the device
+        if k in ref_stats:
+            out[metric] = mmd(gen[k].to(device), ref_stats[k].to(device))
     if "clip" in ref_stats:
-        out["cmmd"] = mmd(gen["clip"].to(device), ref_stats["clip"].to(device))  # 3 (n x n) kernels: on the device
         out["clip_score"] = gen["clip_score"].mean().item()
+    if val_loss:  # the per-image losses of every rank, in order
+        losses, ts = (torch.cat(part) for part in zip(*all_ranks([val_loss(a, b) for a, b in mine(n)])))
+        out["val_loss"] = losses.mean().item()
+        for i, (lo, hi) in enumerate(zip((0,) + VAL_BINS, VAL_BINS + (1.01,))):
+            out[f"val_loss_t{i}"] = losses[(ts >= lo) & (ts < hi)].mean().item()
     return out
+
+
+def all_ranks(items):  # this rank's list of (losses, t) -> every rank's, in rank order
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [(a.cpu(), b.cpu()) for a, b in items])
+    return [x for p in parts for x in p]
 
 
 def prepare_eval(hp, device, reference):
@@ -169,18 +195,35 @@ def prepare_eval(hp, device, reference):
     return load_eval_models(hp, device), ref, [p or "" for p in prompts[:hp.eval_n]]
 
 
-def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False):
+def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False, flow=None):
     """The fixed evaluation at res x res (ev: prepare_eval's) -> metrics, on every rank. generate(prompts, seed):
     uint8 images (B, res, res, 3), prompt j from the noise of seed + j; image i comes from prompt i and the noise of
-    eval_seed + i. The reference images are square centre crops, like the square generated ones."""
+    eval_seed + i. The reference images are square centre crops, like the square generated ones. flow: the trainer's
+    (x0_pred(x_t, t, captions), add_noise, flow_loss) for the validation loss: reference image j with its caption,
+    noised at t = (j + 1/2) / n by the noise of eval_seed + j (fixed, so comparable across runs; no sampling)."""
     fns, ref, prompts = ev
     ref.set_stage(res, hp.patch, 1.0)
     gen = lambda a, b: (torch.from_numpy(generate(prompts[a:b], hp.eval_seed + a)).permute(0, 3, 1, 2) / 255,
                         prompts[a:b])  # as saved 8-bit PNGs
     reference = lambda a, b: torch.stack([ref[j][0] for j in range(a, b)]) / 255
-    ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "clip": hp.eval_clip}
-    return run_eval(fns, gen, reference, len(prompts), min(hp.eval_n, len(ref)), ids, res, cache_dir, device, batch,
-                    progress)
+    ids = {"inception": hp.eval_inception, "dinov2": hp.eval_dino, "dino_mmd": hp.eval_dino_mmd, "clip": hp.eval_clip}
+    n = min(hp.eval_n, len(ref))
+    dev = torch.device(device)
+
+    @torch.no_grad()
+    def val_loss(a, b):
+        x0_pred, add_noise, flow_loss = flow
+        items = [ref[j] for j in range(a, b)]  # (uint8 image, caption, ...)
+        x0 = (torch.stack([it[0] for it in items]) / 127.5 - 1).to(dev)
+        t = ((torch.arange(a, b) + 0.5) / n).to(dev)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(hp.eval_seed + j))
+                             for j in range(a, b)]).to(dev)
+        x_t = add_noise(x0, noise, t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp.amp):
+            pred = x0_pred(x_t, t, [it[1] for it in items])
+        return flow_loss(pred.float(), x0, x_t, t, hp.t_min_div), t
+    return run_eval(fns, gen, reference, len(prompts), n, ids, res, cache_dir, device, batch, progress,
+                    val_loss if flow else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -964,10 +964,18 @@ def attention_backend(device, order="flash,efficient,cudnn,math"):
     return sdpa_kernel([kernels[k] for k in order.split(",")], set_priority=True)
 
 
-def quiet_transformers():
+def quiet_transformers():  # and two harmless warnings: the REPA projector's output is a view; DCP on one process
     import transformers
+    import warnings
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
+
+
+def seed_all(seed):  # torch's, Python's and numpy's global generators
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import datetime
 import functools
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -126,6 +125,7 @@ class Hyperparameters:
     eval_prompts: str = ""  # file, one prompt per line; "": the captions of the held-out reference images
     eval_inception: str = "timm/inception_v3.tf_in1k"  # FID: a timm id or folder (not the TF-FID weights); "" skips
     eval_dino: str = "facebook/dinov2-large"  # FD-DINOv2: CLS features of DINOv2-L/14 at 224 px; "" skips
+    eval_dino_mmd: str = "facebook/dinov2-with-registers-large"  # PRX's DINO-MMD: DINOv2-L/14-reg at 518 px; "" skips
     eval_clip: str = "openai/clip-vit-large-patch14-336"  # CMMD and CLIP score; "" skips both
     stages: list = field(default_factory=lambda: [
         Stage(res=512, batch=1024, micro_batch=32, steps=100_000, repa=True),
@@ -1212,7 +1212,8 @@ def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32, progress=Fal
     gen = lambda prompts, seed: support.to_uint8(generate(
         model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
         device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi)))
-    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress)
+    x0_pred = lambda x_t, t, captions: model(x_t, t, *text(captions))[0]  # the held-out validation loss's
+    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress, (x0_pred, add_noise, flow_loss))
 
 
 def score_demo(m, hp, env, run_dir, log):
@@ -1238,12 +1239,9 @@ def train(hp):
     run_dir, log, cks = open_run_dir(hp, env)
     for note in env.notes:
         log(note)
-    torch.manual_seed(hp.seed + env.rank)
-    random.seed(hp.seed + env.rank)
-    np.random.seed(hp.seed + env.rank)
+    support.seed_all(hp.seed + env.rank)
     support.describe_run(log, __file__, dataclasses.asdict(hp), hp.preset == "cpu", env.device, env.world)
-    support.quiet_transformers()  # and two harmless warnings: the REPA projector's output is a view; DCP on one process
-    warnings.filterwarnings("ignore", message=".*(returned a view tensor|assuming the intent is to)")
+    support.quiet_transformers()  # no progress bars, info lines or two harmless warnings
     init = None  # weights only, read (and their architecture checked) before data and encoders; a resume wins
     if hp.init and not hp.bench:
         try:

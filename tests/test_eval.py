@@ -130,7 +130,8 @@ def eval_models(tmp_path_factory):
     """Tiny random CLIP, DINOv2 and timm models of the real classes, saved to folders: -> {role: folder}."""
     import timm
     from timm.models import save_for_hf
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+    from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel)
     d = tmp_path_factory.mktemp("eval_models")
     torch.manual_seed(0)
     tok = _word_tokenizer([" ".join(CAPTIONS) + " orange yellow"])
@@ -143,12 +144,16 @@ def eval_models(tmp_path_factory):
     tok.save_pretrained(d / "clip")
     Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              patch_size=14, image_size=224)).save_pretrained(d / "dinov2")
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, patch_size=14, image_size=518,
+                                                       num_register_tokens=4)).save_pretrained(d / "dino_mmd")
     save_for_hf(timm.create_model("test_resnet", pretrained=False), d / "inception")
-    return {k: str(d / k) for k in ("clip", "dinov2", "inception")}
+    return {k: str(d / k) for k in ("clip", "dinov2", "dino_mmd", "inception")}
 
 
 def hp_with(models, **kw):
-    paths = dict(eval_clip=models["clip"], eval_dino=models["dinov2"], eval_inception=models["inception"])
+    paths = dict(eval_clip=models["clip"], eval_dino=models["dinov2"], eval_inception=models["inception"],
+                 eval_dino_mmd=models["dino_mmd"])
     return dataclasses.replace(T.Hyperparameters(), **{**paths, **kw})
 
 
@@ -163,7 +168,7 @@ def prep(x, size, mean, std):  # the preprocessing, written out: bicubic resize,
 
 def test_clip_score_is_clipped_cosine_of_clip_embeddings(eval_models, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
-    fns = evals.load_eval_models(hp_with(eval_models, eval_dino="", eval_inception=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_dino="", eval_inception="", eval_dino_mmd=""), "cpu")
     assert set(fns) == {"clip", "clip_text"}
     x = images01(3)
     prompts = CAPTIONS
@@ -182,13 +187,13 @@ def test_clip_score_is_clipped_cosine_of_clip_embeddings(eval_models, tmp_path):
     clip.save_pretrained(tmp_path / "neg")
     tok.save_pretrained(tmp_path / "neg")
     fns = evals.load_eval_models(hp_with(eval_models, eval_clip=str(tmp_path / "neg"), eval_dino="",
-                                         eval_inception=""), "cpu")
+                                         eval_inception="", eval_dino_mmd=""), "cpu")
     assert torch.equal(evals.eval_features(fns, [(x, prompts)], "cpu")["clip_score"], torch.zeros(3, 1))
 
 
 def test_fd_dinov2_features_through_the_loading_path(eval_models):
     from transformers import Dinov2Model
-    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception="", eval_dino_mmd=""), "cpu")
     x, y = images01(6), images01(5, seed=1) * 0.5
     f = evals.eval_features(fns, [(x[:4], None), (x[4:], None)], "cpu")["dinov2"]
     dino = Dinov2Model.from_pretrained(eval_models["dinov2"]).eval()
@@ -201,7 +206,7 @@ def test_fd_dinov2_features_through_the_loading_path(eval_models):
 
 def test_inception_features_through_timm_loading_path(eval_models):
     import timm
-    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_dino=""), "cpu")
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_dino="", eval_dino_mmd=""), "cpu")
     x = images01(3)
     f = evals.eval_features(fns, [(x, None)], "cpu")["inception"]
     net = timm.create_model("local-dir:" + eval_models["inception"], pretrained=True, num_classes=0).eval()
@@ -211,9 +216,60 @@ def test_inception_features_through_timm_loading_path(eval_models):
     assert f.shape == (3, net.num_features) and torch.allclose(f, ref, atol=1e-5)
 
 
+def test_dino_mmd_is_mmd_of_unit_cls_features_of_dinov2_reg_at_518(eval_models):
+    """PRX's DINO-MMD: the CLS token after the final norm of DINOv2-with-registers at 518 px (bicubic), L2-normalised,
+    compared by CMMD's MMD (sigma 10, scale 1000)."""
+    from transformers import Dinov2WithRegistersModel
+    fns = evals.load_eval_models(hp_with(eval_models, eval_clip="", eval_inception="", eval_dino=""), "cpu")
+    assert set(fns) == {"dino_mmd"}
+    x, y = images01(4), images01(3, seed=1) * 0.5
+    f = evals.eval_features(fns, [(x, None)], "cpu")["dino_mmd"]
+    reg = Dinov2WithRegistersModel.from_pretrained(eval_models["dino_mmd"]).eval()
+    with torch.no_grad():
+        ref = reg(pixel_values=prep(x, (518, 518), evals.IMAGENET_MEAN, evals.IMAGENET_STD)).last_hidden_state[:, 0]
+    assert torch.allclose(f, F.normalize(ref, dim=-1), atol=1e-5)
+    g = evals.eval_features(fns, [(y, None)], "cpu")["dino_mmd"]
+    assert evals.mmd(f, g) > 0 and evals.mmd(f, g) == pytest.approx(evals.mmd(f, g, 10.0, 1000.0))
+
+
+def test_validation_loss_is_the_flow_loss_at_fixed_t_and_noise(eval_models, tmp_path):
+    """val_loss: reference image j (its caption) noised at t = (j + 1/2) / n by the noise of eval_seed + j, the flow
+    loss of the model's x0 prediction, averaged over all and per t-bin; the same in every call."""
+    write_heldout(tmp_path / "data", 6)
+    hp = hp_with(eval_models, data=str(tmp_path / "data"), eval_n=6, sample_steps=1, amp=False, eval_inception="",
+                 eval_dino="", eval_clip="", eval_dino_mmd="", hidden=32, depth=2, heads=2, patch=8, bottleneck=8,
+                 text_dim=24, tread_start=0, tread_end=1)
+    torch.manual_seed(0)
+    model = T.PRXDiT(hp).eval()
+    for p in model.parameters():  # the zero-initialised output layer would predict 0 everywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    ev = T.prepare_eval(hp, "cpu")
+    got = T.evaluate(model, ToyText(), hp, ev, 16, tmp_path / "cache", "cpu", batch=4)
+    ref = T.ShardDataset(tmp_path / "data" / "heldout")
+    ref.set_stage(16, hp.patch, 1.0)
+    losses = []
+    for j in range(6):
+        img, caption = ref[j][0], ref[j][1]
+        x0 = (img[None].float() / 255) * 2 - 1
+        t = torch.tensor([(j + 0.5) / 6])
+        noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(hp.eval_seed + j))[None]
+        x_t = (1 - t) * x0 + t * noise
+        with torch.no_grad():
+            pred = model(x_t, t, *ToyText()([caption]))[0]
+        v = lambda x: (x_t - x) / t.clamp(min=hp.t_min_div)
+        losses.append((v(pred) - v(x0)).pow(2).mean().item())
+    assert got["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    t = (np.arange(6) + 0.5) / 6  # 0.083, 0.25 | 0.42, 0.58 | 0.75, 0.92
+    for i, (lo, hi) in enumerate(((0, 0.3), (0.3, 0.6), (0.6, 1.01))):
+        assert got[f"val_loss_t{i}"] == pytest.approx(np.mean([l for l, tt in zip(losses, t) if lo <= tt < hi]),
+                                                      rel=1e-5)
+    again = T.evaluate(model, ToyText(), hp, ev, 16, tmp_path / "cache", "cpu", batch=5)
+    assert all(again[k] == pytest.approx(got[k], rel=1e-6) for k in got)
+
+
 def test_missing_eval_model_is_one_line(tmp_path, capsys):
     hp = dataclasses.replace(T.Hyperparameters(), data=str(tmp_path / "data"), eval_n=3, eval_inception="",
-                             eval_dino="", eval_clip=str(tmp_path / "nope"))
+                             eval_dino="", eval_dino_mmd="", eval_clip=str(tmp_path / "nope"))
     # the leaf module raises a one-line ValueError
     with pytest.raises(ValueError) as e:
         evals.load_eval_models(hp, "cpu")
@@ -259,15 +315,16 @@ def test_evaluate_caches_reference_statistics(eval_models, tmp_path, monkeypatch
     monkeypatch.setattr(T.ShardDataset, "__getitem__", lambda self, i: decoded.append(i) or orig(self, i))
     cache = tmp_path / "cache"
     first = T.evaluate(model, ToyText(), hp, ev, 16, cache, "cpu", batch=2)
-    assert sorted(decoded) == [0, 1, 2, 3, 4]  # the first eval_n reference images, once
+    assert sorted(decoded) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # the first eval_n: statistics, validation loss
     files = sorted(cache.iterdir())
-    assert [f.name.split("-")[0] for f in files] == ["clip", "dinov2", "inception"] and all("res16-n5" in f.name
-                                                                                          for f in files)
+    assert [f.name.split("-")[0] for f in files] == ["clip", "dino_mmd", "dinov2", "inception"]
+    assert all("res16-n5" in f.name for f in files)
     mtimes = [f.stat().st_mtime_ns for f in files]
     decoded.clear()
     second = T.evaluate(model, ToyText(), hp, ev, 16, cache, "cpu", batch=3)
-    assert decoded == [] and [f.stat().st_mtime_ns for f in files] == mtimes  # reused, not recomputed
-    assert set(first) == {"eval_n", "eval_res", "fid", "fd_dinov2", "cmmd", "clip_score"}
+    assert decoded == [0, 1, 2, 3, 4] and [f.stat().st_mtime_ns for f in files] == mtimes  # statistics reused
+    assert set(first) == {"eval_n", "eval_res", "fid", "fd_dinov2", "cmmd", "dino_mmd", "clip_score", "val_loss",
+                          "val_loss_t0", "val_loss_t1", "val_loss_t2"}
     for k in first:  # same seeds: same images whatever the batch, so the same metrics
         assert second[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6)
     # the cached statistics are those of the reference images
@@ -277,8 +334,9 @@ def test_evaluate_caches_reference_statistics(eval_models, tmp_path, monkeypatch
     mu, cov = torch.load(next(cache.glob("dinov2-*")), weights_only=True)
     f = ev[0]["dinov2"](x)
     assert torch.allclose(mu, f.double().mean(0), atol=1e-5) and torch.allclose(cov, torch.cov(f.double().T), atol=1e-5)
+    decoded.clear()
     T.evaluate(model, ToyText(), hp, ev, 24, cache, "cpu", batch=5)  # another resolution: its own statistics
-    assert len(decoded) == 5 and len(list(cache.glob("*res24-n5.pt"))) == 3
+    assert len(decoded) == 10 and len(list(cache.glob("*res24-n5.pt"))) == 4
 
 
 class ToyText:
@@ -325,7 +383,7 @@ def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path, 
             "stage1.batch=4", "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4",
             "log_every=2", "ckpt_every=3", "sample_steps=2", "warmup=2", "eval_every=2", "eval_n=6", "cfg_lo=0.2",
             f"eval_clip={eval_models['clip']}", f"eval_dino={eval_models['dinov2']}",
-            f"eval_inception={eval_models['inception']}"]
+            f"eval_inception={eval_models['inception']}", f"eval_dino_mmd={eval_models['dino_mmd']}"]
     # as users launch it: the trainer is __main__, and its evaluation calls the leaf module evals
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt_style.py"), *args], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
@@ -335,15 +393,15 @@ def test_tiny_run_writes_eval_lines_and_sample_py_agrees(eval_models, tmp_path, 
     assert [(r["step"], r["eval_res"]) for r in evaluated] == [(2, 32), (4, 64), (5, 64)]  # every 2 steps, the last
     for r in evaluated:
         assert r["eval_n"] == 6 and r["eval_time_s"] > 0
-        assert all(math.isfinite(r[k]) for k in ("fid", "fd_dinov2", "cmmd", "clip_score"))
+        assert all(math.isfinite(r[k]) for k in ("fid", "fd_dinov2", "cmmd", "dino_mmd", "clip_score", "val_loss"))
     assert evaluated[1]["fid"] != evaluated[2]["fid"]  # the model changed between evaluations
     log = (run / "log.txt").read_text()
     assert log.count("\neval step:") == 3 and "fd_dinov2:" in log
-    assert len(list((run / "eval_ref").glob("*.pt"))) == 6  # 3 models x 2 resolutions, computed once each
+    assert len(list((run / "eval_ref").glob("*.pt"))) == 8  # 4 models x 2 resolutions, computed once each
     assert "shapes" in rows[-1]  # the demo's benchmark still ends the run
     # sample.py --eval on the final checkpoint gives the run's last evaluation, from the cache
     capsys.readouterr()
     m = S.main(["--ckpt", str(run), "--eval"])
     assert "eval: images generated 6/6\n" in capsys.readouterr().err  # progress, one line rewritten per batch
-    for k in ("fid", "fd_dinov2", "cmmd", "clip_score"):
+    for k in ("fid", "fd_dinov2", "cmmd", "dino_mmd", "clip_score", "val_loss", "val_loss_t2"):
         assert m[k] == pytest.approx(evaluated[-1][k], rel=1e-4, abs=1e-6)
