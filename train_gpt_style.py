@@ -66,6 +66,7 @@ class Hyperparameters:
     mlp_ratio: float = 3.5
     patch: int = 32  # pixel patches: 256 tokens at 512 px
     bottleneck: int = 256  # img_in: 3*32*32 -> 256 -> hidden
+    weight_init: str = "prx"  # prx: PyTorch's default init, modulation and output zeroed (PRX); xavier: DiT's
     text_dim: int = 2304  # text encoder width (T5Gemma-2B)
     # diffusion
     t_shift: float = 3.0  # timestep shift s: t -> s t / (1 + (s - 1) t), toward noise
@@ -147,7 +148,7 @@ PRESETS = {
         lr=4e-3,  # a 1.6M-parameter model takes a large rate
         warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
-        cfg=3.0,
+        cfg=3.0, weight_init="xavier",  # weight_init: its measured runs' (ablation against prx: docs/demo.md)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
                 Stage(res=64, batch=64, micro_batch=64, steps=1760, repa=False)],
@@ -185,9 +186,9 @@ def check_config(hp):
             need(getattr(hp, name) >= bound, f"{name} must be >= {bound}, got {getattr(hp, name)}")
     for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops"):
         need(getattr(hp, name) > 0, f"{name} must be > 0, got {getattr(hp, name)}")
-    need(hp.resume in ("auto", "off"), f"resume must be auto or off, got {hp.resume!r}")
-    need(hp.stage_switch in ("carry", "reset", "reset_ema"),
-         f"stage_switch must be carry, reset or reset_ema, got {hp.stage_switch!r}")
+    for name, ok in (("resume", ("auto", "off")), ("stage_switch", ("carry", "reset", "reset_ema")),
+                     ("weight_init", ("prx", "xavier"))):
+        need(getattr(hp, name) in ok, f"{name} must be one of {', '.join(ok)}, got {getattr(hp, name)!r}")
     need(0 < hp.t_min_div < 1, f"t_min_div must be in (0, 1), got {hp.t_min_div}")
     need(all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)),
          "cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
@@ -351,16 +352,17 @@ class PRXDiT(nn.Module):
         self.final_layer = FinalLayer(hp.hidden, patch_dim)
         self.tread = (hp.tread_start, hp.tread_end)
         self.recompute = support.block_set(hp.recompute, hp.depth)  # these blocks keep only their inputs for backward
-        self.initialize_weights()
+        self.initialize_weights(hp.weight_init)
 
-    def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_in.in_layer.weight, std=0.02)
-        nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
+    def initialize_weights(self, style):  # prx: PyTorch's default init of every layer but these zeroed
+        if style == "xavier":  # DiT's: Xavier-uniform weights, zero biases, N(0, 0.02) timestep MLP
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            nn.init.normal_(self.time_in.in_layer.weight, std=0.02)
+            nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
         zero = [b.modulation.lin for b in self.blocks]  # adaLN-Zero: every block starts as the identity
         zero += [self.final_layer.adaLN_modulation[1], self.final_layer.linear]  # and the output is 0
         for lin in zero:

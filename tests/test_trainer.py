@@ -423,6 +423,40 @@ def test_every_parameter_in_exactly_one_group_and_muon_gets_block_matrices():
         == mu | ad
 
 
+@pytest.mark.parametrize("style", ["prx", "xavier"])
+def test_weight_init_prx_and_xavier(style):
+    """prx (the record): every Linear with PyTorch's default init, U(+-1/sqrt(fan_in)) weights and biases, but the
+    blocks' modulation and the final layer zero (adaLN-Zero). xavier (the demo): U(+-sqrt(6/(fan_in+fan_out)))
+    weights, zero biases, N(0, 0.02) for the timestep MLP's weights; the same layers zero."""
+    torch.manual_seed(0)
+    hp = dataclasses.replace(T.Hyperparameters(), hidden=256, depth=3, heads=4, bottleneck=64, text_dim=96,
+                             weight_init=style)
+    model = T.PRXDiT(hp)
+    zero = {id(b.modulation.lin) for b in model.blocks} | {id(model.final_layer.adaLN_modulation[1]),
+                                                          id(model.final_layer.linear)}
+    timestep = {id(model.time_in.in_layer), id(model.time_in.out_layer)}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w, b = m.weight.detach(), (m.bias if m.bias is not None else torch.zeros(0)).detach()  # some have none
+        if id(m) in zero:
+            assert not w.any() and not b.any(), name
+            continue
+        fan_out, fan_in = w.shape
+        if style == "xavier" and id(m) in timestep:
+            assert w.std().item() == pytest.approx(0.02, rel=0.1) and not b.any(), name
+            continue
+        bound = 1 / math.sqrt(fan_in) if style == "prx" else math.sqrt(6 / (fan_in + fan_out))
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+        if style == "prx" and len(b):
+            assert b.abs().max() <= bound and b.abs().max() > bound / 2, name  # random, not zero
+        else:
+            assert not b.any(), name
+    assert T.Hyperparameters().weight_init == "prx" and T.PRESETS["cpu"]["weight_init"] == "xavier"
+    with pytest.raises(ValueError, match="weight_init must be one of prx, xavier, got 'he'"):
+        T.parse_args(["weight_init=he"], True)
+
+
 def test_lr_schedule():
     hp = T.Hyperparameters(warmup=10, cooldown=0.5, stages=[T.Stage(32, 4, 4, 100, True), T.Stage(64, 4, 4, 40, False)])
     f = [T.lr_factor(s, hp) for s in range(140)]
