@@ -238,10 +238,10 @@ def test_time_limit_step_time_leaves_out_sampling(shapes, tmp_path, monkeypatch)
     (45 + 20 + 6.5 > 65), not after step 2 (35 + 2 * 25 + 6.5)."""
     now = [0.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
-    train_step, save_samples, steps = T.train_step, T.save_samples, []
+    train_step, sample, steps = T.train_step, T.sample, []
     monkeypatch.setattr(T, "train_step", lambda *a: now.__setitem__(0, now[0] + 10) or steps.append(1) or train_step(*a))
-    monkeypatch.setattr(T, "save_samples", lambda *a: now.__setitem__(0, now[0] + 15 * (len(steps) == 1))
-                        or save_samples(*a))
+    monkeypatch.setattr(T, "sample", lambda *a, **k: now.__setitem__(0, now[0] + 15 * (len(steps) == 1))
+                        or sample(*a, **k))
     state, _ = run(shapes, tmp_path, "stage1.steps=8", "ckpt_every=0", "sample_every=1", "time_limit=65")
     assert state.step == 3 and now[0] == 45
 

@@ -51,8 +51,8 @@ def test_stage_switch_policies(shapes, tmp_path, monkeypatch):
     real = T.build_optimizers
     monkeypatch.setattr(T, "build_optimizers", lambda *a: made.append(real(*a)) or made[-1])
     args = ["preset=cpu", f"data={shapes}", "hidden=64", "heads=2", "stage1.steps=3", "stage1.batch=4",
-            "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4", "log_every=1",
-            "sample_steps=1", "warmup=2", "ema_decay=1", "lpips_weight=0", "pdino_weight=0"]
+            "stage1.micro_batch=4", "stage2.steps=2", "stage2.batch=4", "stage2.micro_batch=4", "stage2.res=32",
+            "log_every=1", "sample_steps=1", "warmup=2", "ema_decay=1", "lpips_weight=0", "pdino_weight=0"]
     _, one = T.main(args + ["stages=1", f"run_dir={tmp_path}/one"])
     init = {k: v.clone() for k, v in one.ema.state_dict().items()}  # decay 1: the EMA never moved
     live = {k: v.clone() for k, v in one.model.state_dict().items()}
@@ -64,7 +64,7 @@ def test_stage_switch_policies(shapes, tmp_path, monkeypatch):
         adam = made[-1][-1]  # the optimizer of the last steps; its Adam (the REPA projector's idle in stage 2)
         assert {int(adam.state[p]["step"]) for p in m.model.parameters() if p in adam.state} == {adam_steps}, policy
         assert all(torch.equal(m.ema.state_dict()[k], ema[k]) for k in ema), policy
-        assert f"stage 2/2: 64 px, batch 4 (1 x 4 x 1 accum), 2 steps, REPA off, stage_switch={policy}" in \
+        assert f"stage 2/2: 32 px, batch 4 (1 x 4 x 1 accum), 2 steps, REPA off, stage_switch={policy}" in \
             (tmp_path / policy / "log.txt").read_text()
 
 
