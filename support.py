@@ -364,10 +364,12 @@ class Tracker:
                                  "(no network; wandb sync uploads later), or tracker=none") from None
 
     def scalars(self, row):  # a metrics.jsonl row
-        if "resumed_from" in row and self.kind == "tensorboard":  # rows past the checkpoint: hidden, written again
-            from torch.utils.tensorboard import SummaryWriter
-            self.out.close()
-            self.out = SummaryWriter(self.dir / "tensorboard", purge_step=row["resumed_from"] + 1)
+        if "resumed_from" in row:  # a resume's marker, no figures
+            if self.kind == "tensorboard":  # the stopped process's rows past the checkpoint: hidden, written again
+                from torch.utils.tensorboard import SummaryWriter
+                self.out.close()
+                self.out = SummaryWriter(self.dir / "tensorboard", purge_step=row["resumed_from"] + 1)
+            return
         self.step = row.get("step", self.step)
         flat = numbers({k: v for k, v in row.items() if k != "step"})
         if self.kind == "tensorboard":
@@ -390,7 +392,10 @@ class Tracker:
                          step=self.step)
 
     def close(self):
-        self.out.close() if self.kind == "tensorboard" else self.out.finish()
+        if self.kind == "tensorboard":
+            self.out.close()
+        else:
+            self.out.finish()
 
 
 def numbers(row, prefix=""):  # {"a": 1, "b": {"c": 2.0}, "d": "x"} -> {"a": 1, "b/c": 2.0}
