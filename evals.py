@@ -26,7 +26,6 @@ from PIL import Image, ImageDraw
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MMD_FEATURES = {"clip": "cmmd", "dino_mmd": "dino_mmd"}  # features compared by MMD (their embeddings cached)
-VAL_BINS = (0.3, 0.6)  # the validation loss reported for t in [0, .3), [.3, .6), [.6, 1], as the trainer's flow loss
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -117,11 +116,13 @@ def eval_features(fns, chunks, device):
     return {k: torch.cat([t for p in parts for t in p.get(k, [])]) for k in set().union(*parts)}
 
 
-def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32, progress=False, val_loss=None):
+def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=32, progress=False, val_loss=None,
+             bins=()):
     """The fixed evaluation -> metrics, on every rank. generate(a, b): images (B, 3, H, W) in [0, 1] for prompts a..b-1
     and those prompts (m in all); reference(a, b): the reference images a..b-1 in [0, 1] (n in all); ids: feature
     name -> model id, naming the cached reference statistics. progress: a line on stderr, rewritten per batch.
-    val_loss(a, b): the per-image validation losses of reference images a..b-1 and their t, or None."""
+    val_loss(a, b): the per-image validation losses of reference images a..b-1 and their t, or None; reported in all
+    and per t-bin, bins being the inner edges."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def shown(fn, what, N):  # fn, saying how far it got
@@ -166,7 +167,7 @@ def run_eval(fns, generate, reference, m, n, ids, res, cache_dir, device, batch=
     if val_loss:  # the per-image losses of every rank, in order
         losses, ts = (torch.cat(part) for part in zip(*all_ranks([val_loss(a, b) for a, b in mine(n)])))
         out["val_loss"] = losses.mean().item()
-        for i, (lo, hi) in enumerate(zip((0,) + VAL_BINS, VAL_BINS + (1.01,))):
+        for i, (lo, hi) in enumerate(zip((0,) + tuple(bins), tuple(bins) + (1.01,))):
             out[f"val_loss_t{i}"] = losses[(ts >= lo) & (ts < hi)].mean().item()
     return out
 
@@ -199,8 +200,8 @@ def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False,
     """The fixed evaluation at res x res (ev: prepare_eval's) -> metrics, on every rank. generate(prompts, seed):
     uint8 images (B, res, res, 3), prompt j from the noise of seed + j; image i comes from prompt i and the noise of
     eval_seed + i. The reference images are square centre crops, like the square generated ones. flow: the trainer's
-    (x0_pred(x_t, t, captions), add_noise, flow_loss) for the validation loss: reference image j with its caption,
-    noised at t = (j + 1/2) / n by the noise of eval_seed + j (fixed, so comparable across runs; no sampling)."""
+    (x0_pred(x_t, t, captions), add_noise, flow_loss, T_BINS) for the validation loss: reference image j with its
+    caption, noised at t = (j + 1/2) / n by the noise of eval_seed + j (fixed, comparable across runs; no sampling)."""
     fns, ref, prompts = ev
     ref.set_stage(res, hp.patch, 1.0)
     gen = lambda a, b: (torch.from_numpy(generate(prompts[a:b], hp.eval_seed + a)).permute(0, 3, 1, 2) / 255,
@@ -212,7 +213,7 @@ def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False,
 
     @torch.no_grad()
     def val_loss(a, b):
-        x0_pred, add_noise, flow_loss = flow
+        x0_pred, add_noise, flow_loss, _ = flow
         items = [ref[j] for j in range(a, b)]  # (uint8 image, caption, ...)
         x0 = (torch.stack([it[0] for it in items]) / 127.5 - 1).to(dev)
         t = ((torch.arange(a, b) + 0.5) / n).to(dev)
@@ -223,7 +224,7 @@ def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False,
             pred = x0_pred(x_t, t, [it[1] for it in items])
         return flow_loss(pred.float(), x0, x_t, t, hp.t_min_div), t
     return run_eval(fns, gen, reference, len(prompts), n, ids, res, cache_dir, device, batch, progress,
-                    val_loss if flow else None)
+                    val_loss if flow else None, flow[3] if flow else ())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1214,8 +1214,8 @@ def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32, progress=Fal
     gen = lambda prompts, seed: support.to_uint8(generate(
         model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
         device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi)))
-    x0_pred = lambda x_t, t, captions: model(x_t, t, *text(captions))[0]  # the held-out validation loss's
-    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress, (x0_pred, add_noise, flow_loss))
+    flow = (lambda x_t, t, c: model(x_t, t, *text(c))[0], add_noise, flow_loss, T_BINS)  # the validation loss's
+    return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress, flow)
 
 
 def score_demo(m, hp, env, run_dir, log):
