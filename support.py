@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import fcntl
 import io
+import itertools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -177,10 +179,10 @@ def text_emb_meta(captions, text_encoder):
     return {"text_encoder": str(text_encoder), "captions": digest, "cleaning": CLEANING}
 
 
-def open_text_emb(root, files, rows, captions, text_encoder=""):
+def open_text_emb(root, files, rows, captions, text_encoder="", text_dim=0):
     """The sidecars of `files` (rows each; captions: the shards' caption column) as one memory-mapped dataset, or
     None when there is no text_emb/. Each must record its shard's captions and, when text_encoder is given, that
-    encoder; all or none must exist (never a silent fall-back to encoding)."""
+    encoder (and text_dim, when given, its width); all or none must exist (never a silent fall-back to encoding)."""
     import datasets
     import pyarrow as pa
     embs = [text_emb_path(root, f) for f in files]
@@ -208,7 +210,12 @@ def open_text_emb(root, files, rows, captions, text_encoder=""):
         if text_encoder and have.get("text_encoder") != text_encoder:
             raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
                              f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
-    return datasets.concatenate_datasets(parts)
+    out = datasets.concatenate_datasets(parts)
+    dim = len(out[0]["text_emb"]) // (2 * max(1, out[0]["n_tokens"]))  # bf16 bytes of n tokens: the width follows
+    if text_dim and dim != text_dim:
+        raise ValueError(f"{root}/text_emb holds {dim}-d embeddings but text_dim={text_dim}; encode them with the "
+                         "run's text encoder (data_prep.py encode-text) or set text_dim")
+    return out
 
 
 def pack_text_emb(h, mask):
@@ -218,13 +225,31 @@ def pack_text_emb(h, mask):
             for hi, mi in zip(h, mask)]
 
 
+TEXT_MULTIPLE = 32  # a batch's text is padded to its longest caption rounded up to this (a few kernel shapes)
+
+
+def text_pad_len(longest, max_len):  # the padded text length of a batch whose longest caption has `longest` tokens
+    return min(max_len, max(1, -(-longest // TEXT_MULTIPLE) * TEXT_MULTIPLE))
+
+
+def pad_text(txt, mask, length):  # (B, L, D), (B, L) -> zero-padded to `length` >= L tokens
+    return F.pad(txt, (0, 0, 0, length - txt.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
+
+
+def same_text_len(*pairs):  # (txt, mask) pairs, each padded to its own longest caption -> all to the longest's
+    L = max(t.shape[1] for t, _ in pairs)
+    return [pad_text(t, m, L) for t, m in pairs]
+
+
 def unpack_text_emb(items, max_len, dim):
-    """Inverse of pack_text_emb, padded with zeros to max_len: -> (B, max_len, dim) bf16 (as stored: half the
-    loader's shared memory and the host-to-device copy of fp32), mask (B, max_len)."""
-    txt = torch.zeros(len(items), max_len, dim, dtype=torch.bfloat16)
-    mask = torch.zeros(len(items), max_len, dtype=torch.bool)
+    """Inverse of pack_text_emb, padded with zeros to the longest caption's text_pad_len (at most max_len tokens):
+    -> (B, L, dim) bf16 (as stored: half the loader's shared memory and the host-to-device copy of fp32), mask
+    (B, L)."""
+    L = text_pad_len(max(n for _, n in items), max_len)
+    txt = torch.zeros(len(items), L, dim, dtype=torch.bfloat16)
+    mask = torch.zeros(len(items), L, dtype=torch.bool)
     for b, (raw, n) in enumerate(items):
-        n = min(n, max_len)
+        n = min(n, L)
         e = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).view(-1, dim)
         txt[b, :n], mask[b, :n] = e[:n], True
     return txt, mask
@@ -577,6 +602,15 @@ def all_ranks(obj):  # every rank's obj, in rank order
     if dist.is_initialized():
         dist.all_gather_object(out, obj)
     return out
+
+
+def bad_row_counts(here, before):  # bad rows met by cause, summed over ranks, with those before a resume
+    seen = all_ranks(here) + [before]
+    return {c: sum(b.get(c, 0) for b in seen) for c in sorted(set().union(*seen))}
+
+
+def last_checkpoint(run_dir):
+    return ([str(p) for p in sorted(Path(run_dir, "ckpt").glob("step*"))] or ["none"])[-1]
 
 
 def on_master(fn, *args):  # fn(*args) on rank 0 only (it writes files); every rank gets its result
@@ -1046,16 +1080,35 @@ def etas(stages, k, state, start, loop, costs):
     return f"eta_stage:{hms[0]} eta_run:{hms[1]}"
 
 
-def synthetic_batches(stage, hp, world):
-    """The bench's micro-batches: random images and text embeddings of the stage's shapes, forever. It also starts
-    the device's peak-memory count of the stage."""
+BENCH_CAPTION_TOKENS = (130, 60)  # the bench's caption lengths: mean and spread of a normal (clipped to 1..text_len)
+
+
+def bench_stages(hp, world):
+    """The bench's stages: each device does its share of the global batch on hp.bench_devices devices (its
+    accumulation, optimizer and EMA cadence), for N + 2 steps: the first two (one per aspect bucket) compile."""
+    share = [max(st.micro_batch, st.batch // hp.bench_devices) * world for st in hp.stages]
+    return [dataclasses.replace(st, steps=hp.bench + 2, batch=b) for st, b in zip(hp.stages, share)]
+
+
+def synthetic_batches(stage, hp, world, buckets):
+    """The bench's micro-batches, forever: random images, global batches alternating between the squarest and the
+    most elongated of `buckets` (w, h); random text embeddings of caption lengths drawn around BENCH_CAPTION_TOKENS,
+    padded as the loader pads (unpack_text_emb); pinned on a GPU host. It also starts the device's peak-memory count
+    of the stage."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     B = min(stage.micro_batch, stage.batch // world)
-    imgs = torch.randint(0, 256, (B, 3, stage.res, stage.res), dtype=torch.uint8, generator=g)
-    emb = (torch.randn(B, hp.text_len, hp.text_dim, generator=g), torch.ones(B, hp.text_len, dtype=torch.bool))
-    return iter(lambda: (imgs, None, emb), None)
+    pin = (lambda t: t.pin_memory()) if torch.cuda.is_available() else (lambda t: t)
+    cycle = []
+    for w, h in (min(buckets, key=lambda b: abs(math.log(b[0] / b[1]))), buckets[0]):
+        for _ in range(stage.batch // (world * B)):  # one global batch of each bucket
+            n = torch.normal(*map(float, BENCH_CAPTION_TOKENS), (B,), generator=g).round().clamp(1, hp.text_len)
+            txt, mask = unpack_text_emb([(torch.randn(int(k), hp.text_dim, generator=g).bfloat16().view(
+                torch.int16).numpy().tobytes(), int(k)) for k in n], hp.text_len, hp.text_dim)
+            imgs = torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8, generator=g)
+            cycle.append((pin(imgs), None, (pin(txt), pin(mask))))
+    return itertools.cycle(cycle)
 
 
 def log_bench(stage, k, hp, env, state, start, step_flops, log, hours_so_far):

@@ -56,7 +56,8 @@ class Hyperparameters:
     # data and text
     data: str = "data/shapes"  # folder of parquet shards written by data_prep.py; <data>/heldout: the eval reference
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
-    text_len: int = 256  # tokens per caption (padded, masked)
+    text_len: int = 256  # tokens per caption at most (a batch is padded to its longest caption's, masked)
+    text_online: bool = False  # record: encode captions every step when a data folder has no text_emb/ (slower)
     num_workers: int = 8  # image decoding processes per rank
     aspect_max: float = 2.0  # aspect-ratio buckets span ratios 1/aspect_max..aspect_max (1: square crops only)
     # model: PRX simplified MMDiT, 1.2B at the record size
@@ -492,6 +493,7 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
     ts = shift_t(torch.linspace(1, 0, steps + 1), shift)  # on the host: deciding where to guide needs no sync
     guided = [cfg_interval[0] <= t <= cfg_interval[1] and cfg != 1 for t in ts.tolist()]
     ts = ts.to(dev)
+    (txt, txt_mask), (null_txt, null_mask) = support.same_text_len((txt, txt_mask), (null_txt, null_mask))
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
     def vel(x, i):
@@ -563,7 +565,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class TextEncoder:
     """Frozen transformers encoder: captions, cleaned (support.clean_caption: as diffusers' PRXPixelPipeline) ->
-    (last_hidden_state (B, L, D), padding mask (B, L) bool)."""
+    (last_hidden_state (B, L, D), padding mask (B, L) bool); L: the longest caption's support.text_pad_len."""
 
     def __init__(self, path, max_len, device, dtype):
         from transformers import AutoModel, AutoTokenizer
@@ -577,8 +579,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions):
-        b = self.tok([support.clean_caption(c) for c in captions], padding="max_length", max_length=self.max_len,
-                     truncation=True, return_tensors="pt").to(self.device)
+        ids = self.tok([support.clean_caption(c) for c in captions], truncation=True, max_length=self.max_len)
+        L = support.text_pad_len(max(map(len, ids.input_ids)), self.max_len)
+        b = self.tok.pad(ids, padding="max_length", max_length=L, return_tensors="pt").to(self.device)
         h = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
         return h.float() * b.attention_mask[..., None], b.attention_mask.bool()
 
@@ -654,12 +657,13 @@ def load_lpips(device, pretrained):
         warnings.simplefilter("ignore")  # torchvision's "pretrained" deprecation chatter
         torch.manual_seed(0)
         m = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained, verbose=False)
-    return m.to(device).eval().requires_grad_(False)
+    return m.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # VGG's faster layout
 
 
 def lpips_loss(lp, pred, x0):  # -> (B,)
     dt = next(lp.parameters()).dtype  # bf16 on GPU
-    half = lambda x: F.interpolate(x.float(), scale_factor=0.5, mode="bilinear", align_corners=False).to(dt)
+    half = lambda x: F.interpolate(x.float(), scale_factor=0.5, mode="bilinear", align_corners=False).to(
+        dt, memory_format=torch.channels_last)
     return lp(half(pred), half(x0)).flatten().float()
 
 
@@ -750,7 +754,9 @@ class Muon(torch.optim.Optimizer):
             if not ps:
                 continue
             grads = [local(p.grad) for p in ps]
-            bufs = [local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))) for p in ps]
+            for p in [p for p in ps if "momentum_buffer" not in self.state[p]]:  # allocated once
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
             if skip is not None:  # skipped: the buffers lerp onto themselves, the update is scaled to 0
                 grads = [torch.where(skip > 0, b, gr) for b, gr in zip(bufs, grads)]
             torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
@@ -758,7 +764,8 @@ class Muon(torch.optim.Optimizer):
             group = None
             if isinstance(ps[0], DTensor):  # the mesh dimension that splits rows
                 group = ps[0].device_mesh.get_group([pl.is_shard() for pl in ps[0].placements].index(True))
-            upd = orthogonalise(nesterov, [p.shape for p in ps], group, g["ns_steps"])
+            # Newton-Schulz runs in bf16: the matrices travel in bf16 both ways (half the bytes, the same result)
+            upd = orthogonalise([n.bfloat16() for n in nesterov], [p.shape for p in ps], group, g["ns_steps"])
             for p, u in zip(ps, upd):
                 u = u if skip is None else u * (1 - skip)
                 local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
@@ -825,12 +832,12 @@ class ShardDataset(torch.utils.data.Dataset):
     """The training shards of a folder (support.py: format and checks), with their precomputed text embeddings when
     <folder>/text_emb/ holds them. set_stage(res): each row's aspect bucket (from width/height; square without)."""
 
-    def __init__(self, folder, text_encoder=""):
+    def __init__(self, folder, text_encoder="", text_dim=0):
         self.root = Path(folder)
         files, rows, self.ds = support.open_shards(folder)
         self.sizes = [self.ds.data.column(c).to_numpy() if c in self.ds.column_names else np.ones(len(self.ds))
                       for c in ("width", "height")]
-        self.emb = support.open_text_emb(self.root, files, rows, self.ds.data.column("caption"), text_encoder)
+        self.emb = support.open_text_emb(self.root, files, rows, self.ds.data.column("caption"), text_encoder, text_dim)
         self.has_emb = self.emb is not None
         self.skipped = {}  # bad rows met by cause (make_loader counts them)
 
@@ -893,26 +900,17 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
 # checkpoint is complete or absent (support.py: the log file that survives a full disk, atomic folders).
 
 
-def last_checkpoint(run_dir):
-    return ([str(p) for p in sorted(Path(run_dir, "ckpt").glob("step*"))] or ["none"])[-1]
-
-
-def bad_row_counts(here, state):  # bad rows met by cause, summed over ranks, those before a resume included
-    seen = support.all_ranks(here) + [state.bad_rows]
-    return {c: sum(b.get(c, 0) for b in seen) for c in sorted(set().union(*seen))}
-
-
 def save_checkpoint(run_dir, tag, state, bad_rows, m, optimizers, hp, env, log, final=False):
     """ckpt/<tag>/: the DiT, the REPA projector and the optimizers (sharded), ema.pt (the EMA weights and the config:
     what sample.py reads), extra.pt (the State, every rank's RNG states, the config). A failed save is logged and
     training goes on, unless it is the final one."""
-    extra = dict(dataclasses.asdict(state), bad_rows=bad_row_counts(bad_rows, state), config=dataclasses.asdict(hp),
-                 rng=support.all_ranks(support.rng_states(env.device)))  # tensors and plain values: load_plain
+    extra = dict(dataclasses.asdict(state), bad_rows=support.bad_row_counts(bad_rows, state.bad_rows),
+                 config=dataclasses.asdict(hp), rng=support.all_ranks(support.rng_states(env.device)))  # load_plain
     files = {"ema.pt": dict(ema=m.ema.state_dict(), config=dataclasses.asdict(hp)), "extra.pt": extra}
     err = support.write_checkpoint(Path(run_dir, "ckpt", tag), m.trainable, optimizers, files, hp.keep_ckpts)
     if err:  # training goes on without this one, unless it is the last
         msg = f"checkpoint {Path(run_dir, 'ckpt', tag)} not written ({err}); the last good one is " \
-              f"{last_checkpoint(run_dir)}"
+              f"{support.last_checkpoint(run_dir)}"
         log(msg + ("; stopping" if final else "; training continues"))
         if final:
             fail(msg)
@@ -1042,14 +1040,13 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
     bad_rows = {}
     for d in dict.fromkeys(folders):  # each checked before any model is built
         try:
-            ds = datasets[d] = ShardDataset(d, hp.text_encoder)
+            ds = datasets[d] = ShardDataset(d, hp.text_encoder, hp.text_dim)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         ds.skipped = bad_rows  # the bad rows of every folder counted together, logged after each stage
-        dim = len(ds.emb[0]["text_emb"]) // (2 * max(1, ds.emb[0]["n_tokens"])) if ds.has_emb else hp.text_dim
-        if dim != hp.text_dim:  # (bf16 bytes of n tokens: the width follows)
-            fail(f"{d}/text_emb holds {dim}-d embeddings but text_dim={hp.text_dim}; encode them with the run's text "
-                 "encoder (data_prep.py encode-text) or set text_dim")
+        if not (ds.has_emb or hp.text_online or hp.preset == "cpu"):
+            fail(f"{d} has no text_emb/: the record encodes its captions once (data_prep.py encode-text --shards {d}),"
+                 " not every step; or set text_online=1 (the cost: data_prep.py budget text_online=1)")
         log(f"data: {len(ds)} images from {d} for stage {','.join(str(k) for k, f in enumerate(folders, 1) if f == d)}"
             f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}")
     for i, (st, d) in enumerate(zip(hp.stages, folders), 1):  # upscaled images would train silently
@@ -1136,8 +1133,9 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
     weights = dict(flow=1.0, repa=hp.repa_weight, lpips=hp.lpips_weight, pdino=hp.pdino_weight)
     repa = m.repa if stage.repa else None
     for a in range(accum):
-        for root in m.sharded:  # reduce-scatter gradients after the last micro-batch only
-            root.set_requires_gradient_sync(a == accum - 1)
+        for root in m.sharded:  # reduce-scatter gradients after the last micro-batch only, and (reshard=0) keep the
+            root.set_requires_gradient_sync(a == accum - 1)  # gathered weights until then: one all-gather per step
+            root.set_reshard_after_backward(a == accum - 1 or hp.reshard)
         imgs, captions, emb = next(batches)
         if a == 0:  # the global batch is one aspect bucket: its token count shapes the TREAD draws
             n_tok = (imgs.shape[2] // hp.patch) * (imgs.shape[3] // hp.patch)
@@ -1151,8 +1149,9 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
         first = env.rank * (stage.batch // env.world) + a * B  # this micro-batch's place in the global batch
         drop, t = drops[first:first + B], ts[first:first + B]  # drop: caption dropout (for CFG)
         keep = keeps[first:first + B] if keeps is not None else None
-        txt = torch.where(drop[:, None, None], m.null[0], txt)
-        mask = torch.where(drop[:, None], m.null[1], mask)
+        null_txt, null_mask = support.pad_text(*m.null, txt.shape[1])  # the batch's text is at least as long
+        txt = torch.where(drop[:, None, None], null_txt, txt)
+        mask = torch.where(drop[:, None], null_mask, mask)
         x_t = add_noise(x0, sample_noise(hp, x0.shape, state.data_pos + first, gen), t)
         nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp.amp), support.attention_backend(dev, hp.sdpa):
@@ -1262,10 +1261,7 @@ def train(hp):
     health = torch.tensor([0, 0, state.skipped], device=env.device)  # non-finite steps: streak, longest, total
     grid = support.grid_prompts(hp, FIXED_PROMPTS)  # the sample grids' prompts
     bench_hours = []
-    stages = hp.stages  # bench: each device's share of the global batch on bench_devices devices, N + 1 steps
-    if hp.bench:
-        share = [max(st.micro_batch, st.batch // hp.bench_devices) * env.world for st in stages]
-        stages = [dataclasses.replace(st, steps=hp.bench + 1, batch=b) for st, b in zip(stages, share)]
+    stages = support.bench_stages(hp, env.world) if hp.bench else hp.stages
     total = sum(st.steps for st in stages)
     timer.update(tick=time.monotonic(), ckpt_s=min(120.0, hp.time_limit / 10))  # until a checkpoint is measured
     stop = support.stop_reason(hp.time_limit, timer, env.cpu_group)  # a signal during setup: no step at all
@@ -1280,8 +1276,8 @@ def train(hp):
             optimizers = build_optimizers(m.model, m.repa or nn.Module(), hp)  # fresh states; lr_factor warms up
             if hp.stage_switch == "reset_ema":
                 ema_update(m.ema, m.model, 0.0)  # the EMA restarts from the live weights
-        batches = support.synthetic_batches(stage, hp, env.world) if hp.bench else \
-            make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
+        batches = support.synthetic_batches(stage, hp, env.world, aspect_buckets(stage.res, hp.patch, hp.aspect_max)) \
+            if hp.bench else make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
         accum = stage.batch // (env.world * stage.micro_batch)
         step_flops = dit_train_flops(hp, stage.res, m.repa.proj[0].out_features if m.repa and stage.repa else 0)
         log(f"stage {k + 1}/{len(stages)}: {stage.res} px, batch {stage.batch} ({env.world} x {stage.micro_batch} x "
@@ -1332,7 +1328,7 @@ def train(hp):
                                  lr=hp.lr * lr_factor(state.step - 1, hp), step_avg_ms=avg * 1000))
                 if worst >= hp.max_bad_steps:  # the weights are still those of the last good step
                     msg = (f"{worst} non-finite steps in a row (skipped) by step {state.step}; the last good "
-                           f"checkpoint is {last_checkpoint(run_dir)}; lower lr or check the data, then resume")
+                           f"checkpoint is {support.last_checkpoint(run_dir)}; lower lr or check the data, then resume")
                     log(msg, console=False)
                     fail(msg)
             if sample_now:
@@ -1353,12 +1349,15 @@ def train(hp):
             if pending == 0:
                 clock = time.perf_counter()  # restart after logging, sampling, checkpointing, evaluating
                 timer["tick"] = time.monotonic()  # and time_limit's step time leaves them out too
+            if hp.bench and state.step == first_step + 1:  # the bench's second aspect bucket compiles too: untimed
+                clock = None
         if hp.bench:
             support.log_bench(stage, k, hp, env, state, start, step_flops, log, bench_hours)  # the last: the total
         else:
-            log(f"data: bad rows replaced or converted so far (all ranks): {bad_row_counts(bad_rows, state) or 'none'}")
+            bad = support.bad_row_counts(bad_rows, state.bad_rows)
+            log(f"data: bad rows replaced or converted so far (all ranks): {bad or 'none'}")
     if stop and not hp.bench:
-        log(f"stopped after step {state.step}/{total} ({stop}); the checkpoint is {last_checkpoint(run_dir)}; "
+        log(f"stopped after step {state.step}/{total} ({stop}); the checkpoint is {support.last_checkpoint(run_dir)}; "
             "run the same command to resume")
     elif not hp.bench:
         log(f"done: {state.step} steps, train_time {state.train_time:.1f}s")
@@ -1368,9 +1367,9 @@ def train(hp):
             if hp.preset == "cpu" and not support.STOP["signal"]:
                 scores = score_demo(m, hp, env, run_dir, log)
                 log.metrics(dict(step=state.step, shapes=scores))
-            support.log_end(log, hp, run_dir, last_checkpoint(run_dir), scores)
+            support.log_end(log, hp, run_dir, support.last_checkpoint(run_dir), scores)
         except KeyboardInterrupt:
-            log(f"scoring stopped ({support.STOP['signal']}); the checkpoint is {last_checkpoint(run_dir)}")
+            log(f"scoring stopped ({support.STOP['signal']}); the checkpoint is {support.last_checkpoint(run_dir)}")
     log.close()  # the tracker's files
     if env.distributed:
         dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it

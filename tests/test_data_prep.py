@@ -461,7 +461,7 @@ def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path, monkeyp
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
     enc = evals.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
     steps, batch = 8, 6
-    T.main(["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", f"text_encoder={enc[0]}",
+    T.main(["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", f"text_encoder={enc[0]}", "text_online=1",
             f"repa_encoder={enc[1]}", "text_dim=32", "text_len=16", "hidden=32", "depth=3", "heads=2", "patch=8",
             "bottleneck=16", "tread_frac=0.5", "tread_start=0", "tread_end=1", "repa_block=1", "lpips_weight=0",
             "pdino_weight=0", "compile=0", "amp=0", "num_workers=0", "sample_steps=1", "log_every=1", "ckpt_every=0",
@@ -538,6 +538,12 @@ def test_a_stage_on_data_converted_at_a_lower_resolution_is_refused_before_any_m
     args = ["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", "text_encoder=x/y", "stages=1",
             "stage1.batch=6", "stage1.micro_batch=3", "hidden=64", "heads=2"]  # a CPU-sized record model
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the record encodes its captions once: a folder without them is refused
+        T.main(args + [f"stage1.res={RES}"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: {bucketed} has no text_emb/: the record encodes its captions once (data_prep.py encode-text --shards "
+        f"{bucketed}), not every step; or set text_online=1 to encode them every step (+51 % per step)"]
+    args.append("text_online=1")
     with pytest.raises(SystemExit) as e:
         T.main(args + [f"stage1.res={2 * RES}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -722,6 +728,7 @@ def test_fuzz_training_continues_and_counts_every_bad_row(tmp_path, seed):
     run = tmp_path / "run"
     steps = [(32, 8, 4, 5), (32, 4, 2, 3)]  # (res, batch, micro, steps): two stages
     args = ["preset=record", f"data={data}", f"run_dir={run}", f"text_encoder={enc}", "text_dim=32", "text_len=16",
+            "text_online=1",
             "hidden=32", "depth=2", "heads=2", "patch=8", "bottleneck=16", "tread_frac=0", "repa_weight=0",
             "lpips_weight=0", "pdino_weight=0", "compile=0", "amp=0", "num_workers=2", "sample_steps=1",
             "log_every=1", "ckpt_every=0", "warmup=1", "eval_every=0"]

@@ -140,6 +140,8 @@ def muon_worker():
     calls = []
     ns = T.newton_schulz
     T.newton_schulz = lambda X, steps: calls.append(X.shape[0]) or ns(X, steps)  # count matrices per rank
+    sent, a2a = set(), dist.all_to_all_single
+    dist.all_to_all_single = lambda out, inp, *a, **k: sent.add(str(inp.dtype)) or a2a(out, inp, *a, **k)
     ref = [torch.nn.Parameter(w.clone()) for w in w0]
     opt = T.Muon(ref, lr=0.02)
     for step in grads:
@@ -160,7 +162,7 @@ def muon_worker():
         counts = [None] * world
         dist.all_gather_object(counts, sum(calls))
         calls[:] = []
-        result[str(mesh_shape)] = dict(err=err, counts=counts, full=full_calls)
+        result[str(mesh_shape)] = dict(err=err, counts=counts, full=full_calls, sent=sorted(sent))
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result))
     dist.barrier()  # a rank that tears gloo down while another still uses it aborts ("terminate called ...")
@@ -177,7 +179,7 @@ def test_sharded_muon_update_equals_the_unsharded_one():
     n = 7 * 3  # matrices x steps
     for mesh, res in result.items():
         assert res["err"] < 1e-6, (mesh, res)  # the same full matrices go through Newton-Schulz
-        assert res["full"] == n
+        assert res["full"] == n and res["sent"] == ["torch.bfloat16"]  # the matrices travel in bf16 both ways
         if mesh == "(4,)":  # round-robin over 4 ranks: matrices 0,4 / 1,5 / 2,6 / 3
             assert res["counts"] == [6, 6, 6, 3]
         else:  # each 2-rank shard group splits the work; the two groups (replicas) do the same
@@ -186,3 +188,62 @@ def test_sharded_muon_update_equals_the_unsharded_one():
 
 if __name__ == "__main__":
     muon_worker()
+
+
+@pytest.mark.parametrize("reshard", [0, 1])
+def test_accumulation_gathers_the_weights_once_per_step_and_equals_the_unsharded_step(tmp_path, monkeypatch,
+                                                                                      reshard):
+    """reshard=0: the gathered weights stay from the first micro-batch's forward to the last one's backward (one
+    all-gather per FSDP unit and optimizer step, not one per micro-batch), and are sharded again before the
+    optimizer steps: the step equals train_step on the unsharded model. reshard=1 gathers again for every forward and
+    backward, as it did."""
+    import copy
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    import train_gpt_style as T
+    gathers, unshard = [], _fsdp_param_group.FSDPParamGroup.unshard
+
+    def counted(group, *a, **k):  # an unshard that gathers (with one rank FSDP skips only the collective itself)
+        gathers.extend([1] if group._all_gather_result is None and not group.is_unsharded else [])
+        return unshard(group, *a, **k)
+    monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        hp = T.parse_args(["preset=cpu", "amp=0", "tread_frac=0", "caption_dropout=0", "ema_every=1",
+                           f"reshard={reshard}"], False)
+        stage = T.Stage(res=16, batch=6, micro_batch=2, steps=2, repa=False)  # 3 micro-batches per step
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g), None,
+                    (torch.randn(2, 8, hp.text_dim, generator=g), torch.ones(2, 8, dtype=torch.bool)))
+                   for _ in range(6)]
+        torch.manual_seed(0)
+        ref = T.PRXDiT(hp)
+        for p in ref.parameters():
+            p.data.normal_(0, 0.05)
+        null = (torch.zeros(1, 1, hp.text_dim), torch.ones(1, 1, dtype=torch.bool))
+        results = {}
+        for distributed in (False, True):
+            model = copy.deepcopy(ref)
+            env = T.Env(rank=0, world=1, master=True, device=torch.device("cpu"), distributed=distributed)
+            sharded = T.shard(hp, env, [model], lambda *a: None) if distributed else []
+            m = T.Models(model, model, copy.deepcopy(ref).requires_grad_(False), None, null, None, None, None, None,
+                         sharded)
+            optimizers = T.build_optimizers(model, torch.nn.Module(), hp)
+            state, health, it = T.State(), torch.zeros(3, dtype=torch.long), iter(batches)
+            gathers.clear()
+            for _ in range(2):
+                sums = T.train_step(stage, it, state, m, optimizers, hp, env, torch.Generator(), health)[0]
+                state.step += 1
+                state.data_pos += stage.batch
+            results[distributed] = (sums[0].item(), len(gathers), [p.full_tensor() if hasattr(p, "full_tensor")
+                                                                   else p for p in model.parameters()])
+            assert all(type(p).__name__ == "DTensor" for p in model.parameters()) == distributed  # sharded again
+        units = hp.depth + 1  # each block, and the rest of the DiT
+        assert results[False][1] == 0
+        assert results[True][1] == 2 * units * (1 if not reshard else 2 * 3)  # reshard=1: forward and backward
+        assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+        for a, b in zip(results[True][2], results[False][2]):
+            assert torch.allclose(a, b, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -255,6 +255,12 @@ def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
     left_mask = torch.stack([mask[i].roll(int(12 - n[i]), 0) for i in range(2)])
     assert not left_mask[1, 0] and support.pack_text_emb(left, left_mask) == support.pack_text_emb(h, mask)
     assert all(sum(raw) != 0 for raw, _ in support.pack_text_emb(left, left_mask))
+    # a batch is padded to its longest caption rounded up to TEXT_MULTIPLE, not to max_len: the same embeddings
+    h64, mask64 = T.TextEncoder(enc, 64, torch.device("cpu"), torch.float32)(["a small red circle in the top left",
+                                                                              "a"])
+    assert h64.shape[1] == support.TEXT_MULTIPLE == 32 and torch.equal(mask64[:, :12], mask)
+    assert not mask64[:, 12:].any()
+    assert torch.allclose(h64[:, :12], h, atol=1e-5)
 
 
 def test_captions_are_cleaned_as_diffusers_prx_pixel_pipeline_cleans_prompts(tmp_path):

@@ -100,6 +100,34 @@ def test_padding_tokens_are_ignored():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_batch_padded_to_its_longest_caption_gives_the_full_padding_result():
+    """Text padded to the batch's longest caption rounded up to TEXT_MULTIPLE (what the loader, the text encoder and
+    the bench give) instead of text_len: outputs and gradients equal the fully padded, masked reference."""
+    hp = tiny_hp(text_len=96)
+    model = randomized(T.PRXDiT(hp))
+    g = torch.Generator().manual_seed(3)
+    n = [37, 5, 12]  # tokens per caption; the longest rounds up to 64
+    full = torch.randn(3, hp.text_len, hp.text_dim, generator=g)
+    mask = torch.arange(hp.text_len)[None] < torch.tensor(n)[:, None]
+    full = full * mask[..., None]
+    txt, short_mask = support.unpack_text_emb(support.pack_text_emb(full, mask), hp.text_len, hp.text_dim)
+    assert support.TEXT_MULTIPLE == 32 and txt.shape[1] == support.text_pad_len(37, 96) == 64
+    assert torch.equal(short_mask, mask[:, :64]) and support.text_pad_len(200, 96) == 96
+    x, t = torch.randn(3, 3, 16, 16, generator=g), torch.rand(3, generator=g)
+    outs, grads = [], []
+    for emb, m in ((full, mask), (txt.float(), short_mask)):
+        model.zero_grad()
+        out = model(x, t, emb.to(torch.bfloat16).float(), m)[0]
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert not torch.equal(outs[0], torch.zeros_like(outs[0]))
+    # the empty caption (dropout, CFG) brought to the batch's length: zeros and False added, nothing else
+    (a, am), (b, bm) = support.same_text_len((txt[:1, :32], short_mask[:1, :32]), (txt, short_mask))
+    assert a.shape[1:] == b.shape[1:] == txt.shape[1:] and torch.equal(a[:, :32], txt[:1, :32]) and not am[:, 32:].any()
+
+
 # ---------------------------------------------------------------- TREAD
 
 
@@ -397,6 +425,28 @@ def test_muon_matches_torch_reference():
         assert ((a - w) - (b - w)).norm() / (b - w).norm() < 3e-2
 
 
+def test_muon_state_is_allocated_once_and_bf16_transport_changes_no_bit():
+    """Newton-Schulz works in bf16, so sending the matrices in bf16 (half the all-to-all's bytes) must give exactly
+    the update of fp32 matrices; the momentum buffers are made at the first step and updated in place after."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 32), (48, 32), (16, 64)]
+    w0 = [torch.randn(*s, generator=g) for s in shapes]
+    ps = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = T.Muon(ps, lr=0.02)
+    ref, bufs, ptrs = [w.clone() for w in w0], [torch.zeros_like(w) for w in w0], []
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=g) for s in shapes]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        opt.step()
+        ptrs.append([opt.state[p]["momentum_buffer"].data_ptr() for p in ps])
+        for w, b, gr in zip(ref, bufs, grads):  # written out: fp32 in, Newton-Schulz's own bf16 inside
+            b.lerp_(gr, 0.05)
+            w.add_(T.newton_schulz(gr.lerp(b, 0.95)[None])[0], alpha=-0.02 * 0.2 * math.sqrt(max(w.shape)))
+    assert all(torch.equal(p.data, w) for p, w in zip(ps, ref))
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
 def test_shard_rows_is_fsdp_chunking_and_unsharded_orthogonalise_is_newton_schulz():
     for n in (1, 5, 30, 64):
         for world in (1, 2, 3, 4, 8):
@@ -587,6 +637,35 @@ def test_analytic_flops_match_flop_counter(tread_frac):
     measured = fc.get_total_flops() / B
     analytic = T.dit_train_flops(hp, res, repa_dim=64)
     assert abs(analytic - measured) / measured < 0.05, (analytic, measured)
+
+
+def test_bench_runs_the_records_accumulation_on_two_buckets_with_padded_captions():
+    """The bench's stages and synthetic micro-batches at the record configuration (text width shrunk): each device's
+    share of the global batch on 8 devices (stage 1: 4 micro-batches of 32, stage 2: 8 of 8), N + 2 steps (one
+    compiling step per bucket), one bucket per global batch (the square one, then the most elongated), captions of
+    BENCH_CAPTION_TOKENS' mean length padded as the loader pads."""
+    hp = T.parse_args(["preset=record", "bench=3", "text_dim=8"], False)
+    stages = support.bench_stages(hp, 1)
+    assert [(st.batch, st.micro_batch, st.steps) for st in stages] == [(128, 32, 5), (64, 8, 5)]
+    assert support.BENCH_CAPTION_TOKENS[0] == 130 and hp.text_len == 256
+    for st, accum in zip(stages, (4, 8)):
+        st = dataclasses.replace(st, res=st.res // 8)  # the shapes are what is checked, not the pixels
+        buckets = T.aspect_buckets(st.res, 8, hp.aspect_max)
+        it = support.synthetic_batches(st, hp, 1, buckets)
+        got = [next(it) for _ in range(4 * accum)]  # two global batches of each bucket
+        shapes = [tuple(imgs.shape[2:]) for imgs, _, _ in got]
+        square = min(buckets, key=lambda b: abs(math.log(b[0] / b[1])))
+        want = [square[::-1]] * accum + [buckets[0][::-1]] * accum
+        assert shapes == want * 2 and square[0] == square[1] and buckets[0][0] != buckets[0][1]
+        lengths = []
+        for imgs, captions, (txt, mask) in got:
+            n = mask.sum(1)
+            assert imgs.shape[0] == st.micro_batch and captions is None and txt.dtype == torch.bfloat16
+            assert mask.shape[1] == support.text_pad_len(int(n.max()), hp.text_len) == txt.shape[1]
+            assert torch.equal(mask, torch.arange(mask.shape[1])[None] < n[:, None])  # real tokens first
+            assert not txt[~mask].any() and txt[mask].abs().sum(-1).min() > 0
+            lengths += n.tolist()
+        assert 115 < sum(lengths) / len(lengths) < 145 and min(lengths) < 100 and max(lengths) > 160
 
 
 def test_record_flops_match_the_recipe():
