@@ -682,6 +682,90 @@ def memory_report(hp, world=8, log=print, budget=MEM_BUDGET, **kw):  # `python d
             f" max_micro_batch@{budget:g}GiB:{fit} recompute:{hp.recompute or 'none'}")
 
 
+# The time budget: one optimizer step's work per device at a configuration, by part, from FLOPs (2 per multiply-add)
+# and bytes at stated fractions of an H100's peak; what the GPU check will replace (docs/systems.md#time-budget).
+BUDGET_EFF = dict(dit=0.45, encoders=0.50, newton_schulz=0.60, memory=0.70)  # assumed fractions of the peak
+HBM_TB_S = 3.35  # H100 SXM memory bandwidth, TB/s
+NVLINK_GB_S = 360.0  # NCCL bus bandwidth reached on 8 H100 NVLink (all-gather, reduce-scatter), GB/s
+
+
+T5GEMMA_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256)  # the record's text encoder (Gemma 2 2B layers), encoder side
+
+
+def text_encoder_flops(cfg, tokens):  # forward FLOPs of a Gemma-style encoder over `tokens` tokens (no embedding)
+    D, F_, Q = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"] * cfg["head_dim"]
+    KV = cfg["num_key_value_heads"] * cfg["head_dim"]
+    return cfg["num_hidden_layers"] * (2 * tokens * (2 * D * Q + 2 * D * KV + 3 * D * F_) + 4 * tokens * tokens * Q)
+
+
+def vit_flops(cfg, tokens):  # forward FLOPs of a ViT encoder over `tokens` tokens: its linears and attention
+    D, F_, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    return layers * (2 * tokens * (4 * D * D + 2 * D * F_) + 4 * tokens * tokens * D)
+
+
+def vgg_flops(side):  # forward FLOPs of LPIPS' VGG-16 convolutions (to relu5_3) on a side x side image
+    total, c_in = 0, 3
+    for level, (c, k) in enumerate(VGG16):
+        for _ in range(k):
+            total += 2 * 9 * c_in * c * (side >> level) ** 2
+            c_in = c
+    return total
+
+
+def newton_schulz_flops(shape, steps=5):  # the quintic iteration on an m x n matrix (m <= n after transposing)
+    m, n = sorted(shape)
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def time_budget(hp, world=8, peak=None, eff=None):
+    """Per stage: ms per optimizer step on each of `world` devices by part, the step time and the stage's hours.
+    Compute parts: FLOPs / (peak x efficiency); memory-bound parts: bytes / (HBM x efficiency); communication is
+    shown alone (FSDP2 overlaps it with compute) and not added."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from train_gpt_style import REPA, PRXDiT, dit_train_flops, uses_muon
+
+    from evals import REAL_VITS
+    eff, peak = {**BUDGET_EFF, **(eff or {})}, (peak or hp.peak_tflops) * 1e12
+    with torch.device("meta"):
+        dit = PRXDiT(hp)
+        repa = REPA(hp, DINOv3ViTModel(DINOv3ViTConfig(**REAL_VITS[0])))
+    n = sum(p.numel() for p in dit.parameters())
+    mats = [p.shape for k, p in dit.named_parameters() if uses_muon(k, p)]
+    n_muon = sum(a * b for a, b in mats)
+    owned = sorted((newton_schulz_flops(s) for s in mats), reverse=True)[::world]  # the busiest rank's share, about
+    out = []
+    for st in hp.stages:
+        G = st.batch / world  # images per device per step
+        nb = G * hp.perc_frac
+        use_repa = st.repa and hp.repa_weight > 0
+        flops = dict(dit=G * dit_train_flops(hp, st.res, repa.proj[0].out_features if use_repa else 0),
+                     text_encoder=G * text_encoder_flops(T5GEMMA_2B, hp.text_len) if hp.text_online else 0,
+                     repa_target=G * vit_flops(REAL_VITS[0], (st.res // 32) ** 2 + 5) if use_repa else 0,
+                     lpips=nb * 3 * vgg_flops(st.res // 2) if hp.lpips_weight else 0,  # x0, pred, pred's backward
+                     pdino=nb * 3 * vit_flops(REAL_VITS[1], (hp.pdino_res // 14) ** 2 + 5) if hp.pdino_weight else 0,
+                     newton_schulz=sum(owned) if hp.muon else 0)
+        ms = {k: 1e3 * f / (peak * eff[k if k in eff else "encoders"]) for k, f in flops.items()}
+        opt_bytes = (28 * (n - n_muon) + 20 * n_muon) / world + 12 * n / hp.ema_every  # Adam, Muon; EMA (replicated)
+        ms["optimizer_ema"] = 1e3 * opt_bytes / (HBM_TB_S * 1e12 * eff["memory"])
+        comm = (2 * n + 4 * n + 2 * 2 * n_muon) * (world - 1) / world  # all-gather bf16, reduce-scatter fp32, Muon
+        step = sum(ms.values())
+        out.append(dict(res=st.res, images=G, tflop=sum(flops.values()) / 1e12, ms=ms, step_ms=step,
+                        comm_ms=1e3 * comm / (NVLINK_GB_S * 1e9), hours=st.steps * step / 3.6e6))
+    return out
+
+
+def budget_report(hp, world=8, log=print, **kw):  # `python data_prep.py budget`
+    rows = time_budget(hp, world, **kw)
+    for i, r in enumerate(rows, 1):
+        log(f"budget stage:{i} res:{r['res']} images/device:{r['images']:g} tflop/device:{r['tflop']:.1f} " +
+            " ".join(f"{k}:{v:.0f}ms" for k, v in r["ms"].items()) +
+            f" step:{r['step_ms']:.0f}ms hours:{r['hours']:.2f} comm_if_not_overlapped:{r['comm_ms']:.0f}ms")
+    log(f"budget schedule: {sum(r['hours'] for r in rows):.2f} h on {world} devices")
+
+
 def _floats(text):
     return [float(x) for x in text.split(",")]
 
@@ -729,6 +813,9 @@ def main(argv=None):
     p.add_argument("--batch-per-step", type=int, default=1024, help="record pace: images per step (stage 1)")
     p.add_argument("--steps-per-s", type=float, default=1.0, help="record pace: optimizer steps per second")
     p.add_argument("--gpus", type=int, default=8, help="GPUs fed by the node's cores")
+    p = sub.add_parser("budget", help="the time budget of a trainer configuration from FLOPs (no GPU needed)")
+    p.add_argument("constants", nargs="*", help="the trainer's name=value overrides (default: the record preset)")
+    p.add_argument("--devices", type=int, default=8, help="devices the run shards over")
     p = sub.add_parser("memory", help="the analytic memory plan of a trainer configuration (no GPU needed)")
     p.add_argument("constants", nargs="*", help="the trainer's name=value overrides (default: the record preset)")
     p.add_argument("--devices", type=int, default=8, help="devices the run shards over")
@@ -744,6 +831,9 @@ def main(argv=None):
         elif args.command == "memory":
             from train_gpt_style import parse_args
             memory_report(parse_args(["preset=record", *args.constants], False), args.devices, budget=args.budget)
+        elif args.command == "budget":
+            from train_gpt_style import parse_args
+            budget_report(parse_args(["preset=record", *args.constants], False), args.devices)
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
         elif args.command == "bench-decode":

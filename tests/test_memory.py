@@ -358,3 +358,60 @@ def test_memory_cli_prints_train_memory_of_the_record_preset_with_the_overrides(
     with pytest.raises(SystemExit) as e:  # a bad override: one line, exit code 2
         dp.main(["memory", "recompute=x"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the time budget (data_prep.py budget)
+
+
+def test_time_budget_flops_match_the_flop_counter_and_the_parts_add_up(capsys):
+    """The budget's closed forms against torch's FLOP counter on the real classes (a DINOv2-with-registers ViT,
+    LPIPS' VGG-16, Newton-Schulz), and its arithmetic: each part is FLOPs over peak x efficiency, the step their
+    sum, the hours steps x step."""
+    import warnings
+
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    def counted(fn, skip=()):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return sum(v for k, v in fc.get_flop_counts()["Global"].items() if str(k) not in skip)
+    cfg = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)  # MLP ratio 4
+    config = Dinov2WithRegistersConfig(**cfg, patch_size=14, num_register_tokens=4)
+    config._attn_implementation = "eager"  # attention as matmuls, which the counter counts
+    vit = Dinov2WithRegistersModel(config).eval()
+    with torch.no_grad():  # 16 patches + CLS + 4 registers; the patch embedding (a convolution) is left out
+        got = counted(lambda: vit(pixel_values=torch.randn(1, 3, 56, 56)), skip=("aten.convolution",))
+    assert dp.vit_flops(cfg, 16 + 5) == got
+    from transformers import T5GemmaConfig, T5GemmaModel  # the record's text encoder's classes (text_online=1)
+    mod = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=24)
+    enc = T5GemmaModel(T5GemmaConfig(encoder=mod, decoder=mod, vocab_size=50, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        got = counted(lambda: enc.get_encoder()(input_ids=torch.randint(0, 50, (1, 20)),
+                                                attention_mask=torch.ones(1, 20, dtype=torch.long)))
+    assert dp.text_encoder_flops(mod, 20) == got
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import lpips
+        vgg = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).net
+    with torch.no_grad():
+        assert dp.vgg_flops(64) == counted(lambda: vgg(torch.randn(1, 3, 64, 64)))
+    for shape in ((48, 32), (16, 64)):
+        assert dp.newton_schulz_flops(shape) == counted(lambda: T.newton_schulz(torch.randn(*shape)))
+    hp = T.parse_args(["preset=record"], False)
+    rows = dp.time_budget(hp, 8)
+    for st, r in zip(hp.stages, rows):
+        assert r["images"] == st.batch / 8 and r["step_ms"] == pytest.approx(sum(r["ms"].values()))
+        assert r["hours"] == pytest.approx(st.steps * r["step_ms"] / 3.6e6)
+        dit = st.batch / 8 * T.dit_train_flops(hp, st.res, 1024 if st.repa else 0)  # REPA projector: to DINOv3-L
+        assert r["ms"]["dit"] == pytest.approx(1e3 * dit / (989e12 * dp.BUDGET_EFF["dit"]))
+        assert (r["ms"]["repa_target"] > 0) == st.repa
+        assert r["ms"]["text_encoder"] == 0  # precomputed: the record requires text_emb/
+    off = dp.time_budget(T.parse_args(["preset=record", "lpips_weight=0", "muon=0", "text_online=1"], False), 8)
+    assert off[0]["ms"]["lpips"] == off[0]["ms"]["newton_schulz"] == 0
+    assert off[0]["ms"]["text_encoder"] == pytest.approx(1e3 * 128 * dp.text_encoder_flops(dp.T5GEMMA_2B, 256) /
+                                                         (989e12 * dp.BUDGET_EFF["encoders"]))
+    dp.main(["budget"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"budget schedule: {sum(r['hours'] for r in rows):.2f} h on 8 devices"
