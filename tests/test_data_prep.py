@@ -542,7 +542,7 @@ def test_a_stage_on_data_converted_at_a_lower_resolution_is_refused_before_any_m
         T.main(args + [f"stage1.res={RES}"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: {bucketed} has no text_emb/: the record encodes its captions once (data_prep.py encode-text --shards "
-        f"{bucketed}), not every step; or set text_online=1 to encode them every step (+51 % per step)"]
+        f"{bucketed}), not every step; or set text_online=1 (the cost: data_prep.py budget text_online=1)"]
     args.append("text_online=1")
     with pytest.raises(SystemExit) as e:
         T.main(args + [f"stage1.res={2 * RES}"])
