@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -766,6 +767,186 @@ def budget_report(hp, world=8, log=print, **kw):  # `python data_prep.py budget`
     log(f"budget schedule: {sum(r['hours'] for r in rows):.2f} h on {world} devices")
 
 
+# The GPU check (docs/systems.md#the-gpu-check): what one H100/H200 does at the record's shapes, in a few minutes,
+# compile included; check.json is rewritten after every measurement, so a timeout keeps what was measured.
+CHECK_TOY = ["preset=cpu", "bench=2", "compile=0", "stage1.batch=8", "stage1.micro_batch=4", "stage2.batch=8",
+             "stage2.micro_batch=4"]  # the CPU stand-in (CI): the same phases on the CPU demo's model
+
+
+def _timed(fn, device, reps):  # median seconds of fn() over reps runs, after two warm-up runs
+    import torch
+    times = []
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[reps // 2]
+
+
+def attention_check(hp, device, reps=10):
+    """Forward + backward of one block's attention at each stage's shapes (a micro-batch, TREAD's routed token count
+    and the full one, [text; image] keys with ~130-token captions padded as the loader pads): each SDPA kernel
+    alone, with the text mask and without, and the kernel the trainer's `sdpa` order runs, read from the profiler."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import support
+    kernels = dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                   cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k, st in enumerate(hp.stages, 1):
+        N = (st.res // hp.patch) ** 2
+        n = torch.normal(130.0, 60.0, (st.micro_batch,), generator=g).round().clamp(1, hp.text_len)
+        L = support.text_pad_len(int(n.max()), hp.text_len)
+        keys = (torch.arange(L)[None] < n[:, None]).to(device)
+        for q_len in sorted({N, N - round(N * hp.tread_frac)}):
+            shape = (st.micro_batch, hp.heads, q_len, hp.hidden // hp.heads)
+            q = torch.randn(shape, device=device, dtype=dt, requires_grad=True)
+            kv = [torch.randn(shape[:2] + (L + q_len, shape[3]), device=device, dtype=dt, requires_grad=True)
+                  for _ in range(2)]
+            mask = torch.cat([keys, torch.ones(st.micro_batch, q_len, dtype=torch.bool, device=device)], 1)
+            flops = 3.5 * 4 * st.micro_batch * hp.heads * q_len * (L + q_len) * shape[3]  # forward + backward
+            row = dict(stage=k, queries=q_len, keys=L + q_len, micro_batch=st.micro_batch)
+            for masked in (True, False):
+                step = lambda: F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None] if masked
+                                                              else None).sum().backward()  # noqa: E731
+                for name, kernel in kernels.items():
+                    try:
+                        with sdpa_kernel(kernel):
+                            sec = _timed(step, device, reps)
+                        row[f"{name}{'' if masked else '_nomask'}_ms"] = round(1e3 * sec, 3)
+                        row[f"{name}{'' if masked else '_nomask'}_tflops"] = round(flops / sec / 1e12, 1)
+                    except RuntimeError:  # this kernel does not take these inputs here
+                        row[f"{name}{'' if masked else '_nomask'}_ms"] = None
+            with torch.profiler.profile() as prof, support.attention_backend(device, hp.sdpa):
+                F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None]).sum().backward()
+            ran = {e.key for e in prof.key_averages() if "attention" in e.key.lower() or "fmha" in e.key.lower()
+                   or "flash" in e.key.lower()}
+            row["ran"] = sorted(ran)[:4]
+            out.append(row)
+    return out
+
+
+def newton_schulz_check(hp, device, world=8, reps=5):
+    """Newton-Schulz of one rank's share of the block matrices (every world-th), batched by shape as Muon does."""
+    import torch
+
+    from train_gpt_style import PRXDiT, orthogonalise, uses_muon
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for k, p in PRXDiT(hp).named_parameters() if uses_muon(k, p)][::world]
+    mats = [torch.randn(s, device=device).bfloat16() for s in shapes]
+    sec = _timed(lambda: orthogonalise(mats, shapes, None, 5), device, reps)
+    flops = sum(newton_schulz_flops(s) for s in shapes)
+    return dict(matrices=len(shapes), ms=round(1e3 * sec, 2), tflops=round(flops / sec / 1e12, 1))
+
+
+def gpu_check(out, seconds=480, toy=False, log=print):
+    """The check's phases in order, each skipped when what is left of `seconds` is under its need; out/check.json
+    after every one. The real step: `bench=5` of each stage on one process under torchrun (FSDP2 on one rank, NCCL
+    on a GPU), compiled, host syncs reported; at the end the 8-device schedule projected from the measured steps."""
+    import subprocess
+    import torch
+
+    from train_gpt_style import parse_args
+    report = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  torch=torch.__version__, toy=toy, seconds=seconds, phases={})
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    left = lambda: seconds - (time.monotonic() - t0)  # noqa: E731
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extra = CHECK_TOY if toy else []
+    hp = parse_args(["preset=record", *extra], False)  # the constants that follow the preset override it
+
+    def save(name, value):
+        report["phases"][name] = value
+        report["elapsed_s"] = round(time.monotonic() - t0, 1)
+        tmp = out / "check.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out / "check.json")
+        log(f"gpu-check {name}: {json.dumps(value)[:400]}")
+    save("attention", attention_check(hp, device, reps=10 if not toy else 2))
+    save("newton_schulz", newton_schulz_check(hp, device, reps=5 if not toy else 1))
+    stages = [("stage1", ["stages=1"]),
+              ("stage2", ["stages=1", *(f"stage1.{k}={getattr(hp.stages[1], k)}" for k in
+                                        ("res", "batch", "micro_batch", "repa"))])]
+    need = 60 if toy else 150  # compile and warm-up of one stage
+    for k, (name, args) in enumerate(stages):
+        if left() < need:
+            save(name, dict(skipped=f"{left():.0f} s left, {need} s needed"))
+            continue
+        run = out / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(Path(__file__).resolve()), "gpu-step", "--", "preset=record", "bench=5", "compile=1",
+               f"run_dir={run}", *extra, *args]
+        limit = max(need, left() - 5 - (need if k == 0 else 0))  # stage 1 leaves stage 2 its need
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own group: a timeout kills torchrun's worker too
+        try:
+            text = proc.communicate(timeout=limit)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            (out / f"{name}.log").write_text(proc.communicate()[0])
+            save(name, dict(skipped=f"timed out after {limit:.0f} s"))
+            continue
+        (out / f"{name}.log").write_text(text)
+        lines = text.splitlines()
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "metrics.jsonl").exists() else []
+        bench = next((x for x in rows if x.get("bench")), None)
+        if proc.returncode or bench is None:
+            save(name, dict(failed=proc.returncode, tail=lines[-5:]))
+            continue
+        st = hp.stages[0 if name == "stage1" else 1]
+        budget = time_budget(hp, 8)[0 if name == "stage1" else 1]
+        bench["all_in_mfu"] = round(100 * budget["tflop"] * 1e12 * 8 / st.batch * bench["img_s"] / (
+            hp.peak_tflops * 1e12), 1) if device.type == "cuda" else None  # budget FLOPs at the measured rate
+        bench["dit_mfu"] = round(100 * bench["dit_tflops"] / hp.peak_tflops, 1) if device.type == "cuda" else None
+        bench["estimate_gib"] = round(sum(train_memory(hp, st, 1).values()), 1)
+        bench["syncs"] = [x for x in lines if x.startswith("host sync:")][:10]
+        bench["hours_8"] = st.steps * st.batch / bench["img_s"] / 8 / 3600
+        save(name, bench)
+    done = [report["phases"].get(n, {}) for n, _ in stages]
+    total = sum(x["hours_8"] for x in done if "hours_8" in x) if all("hours_8" in x for x in done) else None
+    save("projection", dict(hours_8_devices=round(total, 2) if total else None,
+                            note="DiT and encoders at the measured per-device rate; no communication or loading"))
+    return report
+
+
+def gpu_step(argv):
+    """One bench run of the trainer (under torchrun) with host-sync detection on a GPU: each syncing source line of
+    the timed steps is printed once as 'host sync: file:line (count)'."""
+    import torch
+    import warnings
+
+    import train_gpt_style as T
+    seen = {}
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+        show = warnings.showwarning
+
+        def count(message, category, filename, lineno, *a, **k):
+            if "synchroniz" in str(message):
+                seen[f"{filename}:{lineno}"] = seen.get(f"{filename}:{lineno}", 0) + 1
+            else:
+                show(message, category, filename, lineno, *a, **k)
+        warnings.showwarning = count
+        warnings.simplefilter("always")
+    T.main(argv)
+    for where, n in sorted(seen.items(), key=lambda kv: -kv[1]):
+        print(f"host sync: {where} ({n})")
+
+
 def _floats(text):
     return [float(x) for x in text.split(",")]
 
@@ -813,6 +994,12 @@ def main(argv=None):
     p.add_argument("--batch-per-step", type=int, default=1024, help="record pace: images per step (stage 1)")
     p.add_argument("--steps-per-s", type=float, default=1.0, help="record pace: optimizer steps per second")
     p.add_argument("--gpus", type=int, default=8, help="GPUs fed by the node's cores")
+    p = sub.add_parser("gpu-check", help="the GPU check: kernels and the real step of both stages in minutes")
+    p.add_argument("--out", default="runs/gpu_check", help="folder of check.json and the runs' logs")
+    p.add_argument("--seconds", type=float, default=480, help="wall-clock budget; phases that would not fit skip")
+    p.add_argument("--toy", action="store_true", help="the same phases on a tiny model (CPU, CI)")
+    p = sub.add_parser("gpu-step", help="(used by gpu-check under torchrun) one trainer bench with sync detection")
+    p.add_argument("constants", nargs="*")
     p = sub.add_parser("budget", help="the time budget of a trainer configuration from FLOPs (no GPU needed)")
     p.add_argument("constants", nargs="*", help="the trainer's name=value overrides (default: the record preset)")
     p.add_argument("--devices", type=int, default=8, help="devices the run shards over")
@@ -831,6 +1018,10 @@ def main(argv=None):
         elif args.command == "memory":
             from train_gpt_style import parse_args
             memory_report(parse_args(["preset=record", *args.constants], False), args.devices, budget=args.budget)
+        elif args.command == "gpu-check":
+            gpu_check(Path(args.out), args.seconds, args.toy)
+        elif args.command == "gpu-step":
+            gpu_step(args.constants)
         elif args.command == "budget":
             from train_gpt_style import parse_args
             budget_report(parse_args(["preset=record", *args.constants], False), args.devices)

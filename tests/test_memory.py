@@ -1,6 +1,7 @@
 """Activation checkpointing (recompute) and the analytic memory estimate (train_memory), checked against the bytes
 autograd really saves (torch.autograd.graph.saved_tensors_hooks) and the parameters and optimizer states built."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -415,3 +416,46 @@ def test_time_budget_flops_match_the_flop_counter_and_the_parts_add_up(capsys):
     dp.main(["budget"])
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"budget schedule: {sum(r['hours'] for r in rows):.2f} h on 8 devices"
+
+
+# ---------------------------------------------------------------- the GPU check (bench_gpu.sh), at toy size
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_phase_at_toy_size_and_keeps_what_it_measured(tmp_path):
+    """bash bench_gpu.sh with TOY=1: the attention kernels at each stage's shapes (the mask's and the full query
+    counts), Newton-Schulz of one rank's share, the real step of both stages through torchrun (the bench, FSDP on
+    one rank), the projection as the sum of the stages' hours; with too little time the stages are skipped and
+    check.json still holds what was measured."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = dict(os.environ, TOY="1", PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    r = subprocess.run(["bash", str(ROOT / "bench_gpu.sh"), str(tmp_path / "full")], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((tmp_path / "full" / "check.json").read_text())
+    phases = report["phases"]
+    assert list(phases) == ["attention", "newton_schulz", "stage1", "stage2", "projection"] and report["toy"]
+    hp = T.parse_args(dp.CHECK_TOY, False)
+    N = [(st.res // hp.patch) ** 2 for st in hp.stages]
+    assert [(a["stage"], a["queries"]) for a in phases["attention"]] == [
+        (k, q) for k, n in enumerate(N, 1) for q in sorted({n, n - round(n * hp.tread_frac)})]
+    for a in phases["attention"]:
+        assert a["math_ms"] > 0 and a["math_nomask_ms"] > 0 and a["micro_batch"] == 4
+        assert any("math" in k for k in a["ran"])  # on CPU the trainer runs the math kernel (support.attention_backend)
+    assert phases["newton_schulz"]["matrices"] == len(range(0, 7 * hp.depth, 8)) and phases["newton_schulz"]["ms"] > 0
+    for k, name in enumerate(("stage1", "stage2")):
+        st, got = hp.stages[k], phases[name]
+        assert got["res"] == st.res and got["step_ms"] > 0 and got["syncs"] == []  # no sync detection on CPU
+        assert got["hours_8"] == pytest.approx(st.steps * st.batch / got["img_s"] / 8 / 3600)
+    assert phases["projection"]["hours_8_devices"] == pytest.approx(phases["stage1"]["hours_8"] +
+                                                                    phases["stage2"]["hours_8"], abs=0.01)
+    r = subprocess.run(["bash", str(ROOT / "bench_gpu.sh"), str(tmp_path / "short")], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(env, CHECK_SECONDS="1"), timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    phases = json.loads((tmp_path / "short" / "check.json").read_text())["phases"]
+    assert phases["attention"] and phases["stage1"]["skipped"].endswith("60 s needed")
+    assert "skipped" in phases["stage2"] and phases["projection"]["hours_8_devices"] is None
