@@ -668,7 +668,7 @@ def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_
         E, F2, n2 = (vits[1][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
         act += nb / B * ((4 + a) * 3 * hp.pdino_res ** 2 + T_ * (n2 * (8 * E + a * (4 * E + F2)) + 12 * E))
     gib = lambda x: x / 2 ** 30
-    return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon)) / world + 4 * count(dit)), gathered=gib(held),
+    return dict(weights_opt=gib(4 * (2 * n + muon + 2 * (n - muon) + count(dit)) / world), gathered=gib(held),
                 encoders=gib(2 * sum(encs) + 4 * EVAL_MODELS * (hp.eval_every > 0)), activations=gib(B * act))
 
 
@@ -749,7 +749,7 @@ def time_budget(hp, world=8, peak=None, eff=None):
                      pdino=nb * 3 * vit_flops(REAL_VITS[1], (hp.pdino_res // 14) ** 2 + 5) if hp.pdino_weight else 0,
                      newton_schulz=sum(owned) if hp.muon else 0)
         ms = {k: 1e3 * f / (peak * eff[k if k in eff else "encoders"]) for k, f in flops.items()}
-        opt_bytes = (28 * (n - n_muon) + 20 * n_muon) / world + 12 * n / hp.ema_every  # Adam, Muon; EMA (replicated)
+        opt_bytes = (28 * (n - n_muon) + 20 * n_muon + 12 * n / hp.ema_every) / world  # Adam, Muon, EMA: sharded
         ms["optimizer_ema"] = 1e3 * opt_bytes / (HBM_TB_S * 1e12 * eff["memory"])
         comm = (2 * n + 4 * n + 2 * 2 * n_muon) * (world - 1) / world  # all-gather bf16, reduce-scatter fp32, Muon
         step = sum(ms.values())
@@ -819,8 +819,9 @@ def attention_check(hp, device, reps=10):
             flops = 3.5 * 4 * st.micro_batch * hp.heads * q_len * (L + q_len) * shape[3]  # forward + backward
             row = dict(stage=k, queries=q_len, keys=L + q_len, micro_batch=st.micro_batch)
             for masked in (True, False):
-                step = lambda: F.scaled_dot_product_attention(q, *kv, attn_mask=mask[:, None, None] if masked
-                                                              else None).sum().backward()  # noqa: E731
+                def step():
+                    m = mask[:, None, None] if masked else None
+                    F.scaled_dot_product_attention(q, *kv, attn_mask=m).sum().backward()
                 for name, kernel in kernels.items():
                     try:
                         with sdpa_kernel(kernel):

@@ -681,6 +681,21 @@ def refused(path, e):  # -> NotPlainData naming the file and what its pickle ask
                         "refused (load only checkpoints from a source you trust, or move this one away)")
 
 
+def architecture_error(cks, arch):
+    """The newest readable checkpoint of `cks` (oldest first) against `arch` ({constant: value}) -> one line, or None
+    (also when none is readable: loading names those)."""
+    for path in reversed(cks):
+        try:
+            saved = load_plain(path / "extra.pt")["config"]
+        except NotPlainData as e:
+            return str(e)
+        except Exception:
+            continue
+        diff = "; ".join(f"{k}={saved.get(k)}, not {v}" for k, v in arch.items() if saved.get(k) != v)
+        return f"{path} is a checkpoint of another architecture ({diff}); use a new run_dir" if diff else None
+    return None
+
+
 def load_plain(path):  # torch.load of tensors and plain values only -> the object; NotPlainData, or the load's error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -775,6 +790,14 @@ def set_rng_states(rng, device):
     random.setstate(rng["python"])
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
+def load_full_state(module, sd):  # a full state dict into a module, FSDP-sharded (each rank keeps its rows) or not
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return module.load_state_dict(sd)
+    set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
 
 
 def read_checkpoint(paths, modules, optimizers, apply, warn):

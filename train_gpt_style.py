@@ -796,13 +796,23 @@ def lr_factor(step, hp):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EMA of the DiT's weights every ema_every steps, in fp32 (bf16 would lose the updates), replicated on every rank;
-# samples and evaluations use it. Off: ema_decay=0 (a copy of the live weights at each update).
+# EMA of the DiT's weights every ema_every steps, in fp32 (bf16 would lose the updates), sharded as the DiT is; samples,
+# evaluations and ema.pt gather it. Off: ema_decay=0 (a copy of the live weights at each update).
 
 
-def ema_update(ema, model, decay):
-    full = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]  # FSDP: gather the shards
-    torch._foreach_lerp_(list(ema.parameters()), full, 1 - decay)
+@torch.no_grad()
+def ema_update(ema, model, decay):  # each rank averages its own rows: the EMA is sharded like the model
+    local = lambda ps: [p.to_local() if isinstance(p, DTensor) else p for p in ps]  # noqa: E731
+    torch._foreach_lerp_(local(ema.parameters()), local(model.parameters()), 1 - decay)
+
+
+def gathered(ema, hp):  # the EMA as one unsharded module (every rank takes part): samples, evaluations, ema.pt
+    if not isinstance(next(ema.parameters()), DTensor):
+        return ema.eval()
+    with torch.device("meta"):
+        full = PRXDiT(hp)
+    full.load_state_dict({k: v.full_tensor() for k, v in ema.state_dict().items()}, assign=True)
+    return full.requires_grad_(False).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -906,7 +916,7 @@ def save_checkpoint(run_dir, tag, state, bad_rows, m, optimizers, hp, env, log, 
     training goes on, unless it is the final one."""
     extra = dict(dataclasses.asdict(state), bad_rows=support.bad_row_counts(bad_rows, state.bad_rows),
                  config=dataclasses.asdict(hp), rng=support.all_ranks(support.rng_states(env.device)))  # load_plain
-    files = {"ema.pt": dict(ema=m.ema.state_dict(), config=dataclasses.asdict(hp)), "extra.pt": extra}
+    files = {"ema.pt": dict(ema=gathered(m.ema, hp).state_dict(), config=dataclasses.asdict(hp)), "extra.pt": extra}
     err = support.write_checkpoint(Path(run_dir, "ckpt", tag), m.trainable, optimizers, files, hp.keep_ckpts)
     if err:  # training goes on without this one, unless it is the last
         msg = f"checkpoint {Path(run_dir, 'ckpt', tag)} not written ({err}); the last good one is " \
@@ -921,7 +931,7 @@ def load_checkpoint(paths, state, m, optimizers, env, log):
     RNG (the sharded state resharded to this run's world size)."""
     try:
         path, files = support.read_checkpoint(paths, m.trainable, optimizers,
-                                              lambda f: m.ema.load_state_dict(f["ema.pt"]["ema"]), log)
+                                              lambda f: support.load_full_state(m.ema, f["ema.pt"]["ema"]), log)
     except support.NotPlainData as e:
         fail(e)
     if path is None:
@@ -1020,17 +1030,8 @@ def open_run_dir(hp, env):
     cks = [] if hp.bench else sorted((run_dir / "ckpt").glob("step*"))
     if cks and hp.resume == "off":
         fail(f"run_dir {run_dir} holds checkpoints of an earlier run; use a new run_dir, or resume=auto to continue it")
-    for path in reversed(cks):  # the newest readable one's architecture
-        try:
-            saved = support.load_plain(path / "extra.pt")["config"]
-        except support.NotPlainData as e:
-            fail(e)
-        except Exception:
-            continue  # load_checkpoint names the unreadable ones
-        diff = [f"{k}={saved.get(k)}, not {getattr(hp, k)}" for k in ARCH if saved.get(k) != getattr(hp, k)]
-        if diff:
-            fail(f"{path} is a checkpoint of another architecture ({'; '.join(diff)}); use a new run_dir")
-        break
+    if err := support.architecture_error(cks, {k: getattr(hp, k) for k in ARCH}):  # the newest readable one's
+        fail(err)
     return run_dir, log, cks
 
 
@@ -1094,15 +1095,15 @@ def build_models(hp, env, run_dir, log, init=None):
     if env.distributed:  # same initial weights on every rank
         for p in trainable.parameters():
             dist.broadcast(p.data, 0)
-    ema = copy.deepcopy(model).requires_grad_(False)  # replicated, fp32 (bf16 would lose updates)
-    sharded = shard(hp, env, [model] + ([repa] if repa else []), log) if env.distributed else []
+    ema = copy.deepcopy(model).requires_grad_(False)  # fp32 (bf16 would lose updates); sharded as the model
+    sharded = shard(hp, env, [model] + ([repa] if repa else []), log, ema) if env.distributed else []
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {hp.depth} blocks of width "
         f"{hp.hidden}, patch {hp.patch}")
     forward = torch.compile(model) if hp.compile else model
     return Models(model, forward, ema, text, null, repa, lp, dino2, trainable, sharded)
 
 
-def shard(hp, env, roots, log):
+def shard(hp, env, roots, log, ema=None):
     """FSDP2: each block, then the rest of the DiT, and the REPA projector, sharded over `shard_size` ranks and
     replicated across shard groups (hybrid: shard within a node, replicate across nodes). -> the FSDP roots."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -1116,7 +1117,7 @@ def shard(hp, env, roots, log):
     # scale 1000) and RoPE's cos/sin would differ from what the unsharded EMA sees when it samples
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if hp.amp else \
         MixedPrecisionPolicy()
-    for m in [*roots[0].blocks, *roots]:
+    for m in [*roots[0].blocks, *roots] + ([ema] if ema is not None else []):  # the EMA: its rows split alike
         fully_shard(m, mesh=mesh, reshard_after_forward=hp.reshard, mp_policy=mp)
     log(f"FSDP: {env.world} ranks, {env.world // size} x {size} (replicate x shard), reshard after forward "
         f"{hp.reshard}, {'bf16' if hp.amp else 'fp32'} weights gathered")
@@ -1196,7 +1197,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
 
 
 def sample(m, hp, env, prompts, res, seed=0, batch=16):  # EMA weights, fixed seeds -> (B, 3, res, res) in [-1, 1]
-    return generate(m.ema.eval(), m.text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
+    return generate(gathered(m.ema, hp), m.text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
                     seed, batch, device=env.device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
 
 
@@ -1234,7 +1235,7 @@ def score_demo(m, hp, env, run_dir, log):
 
 def train(hp):
     """The run: setup, then the loop over stages and steps -> (State, Models). bench=N: the same loop for N timed
-    steps per stage (and one more that compiles) on synthetic data, with random encoders; nothing saved."""
+    steps per stage (and two more that compile) on synthetic data, with random encoders; nothing saved."""
     timer = dict(t0=time.monotonic(), tick=time.monotonic(), ckpt_s=0.0)  # time_limit counts from here
     env = setup_env(hp)
     run_dir, log, cks = open_run_dir(hp, env)
@@ -1342,7 +1343,7 @@ def train(hp):
                 timer["ckpt_s"] = time.monotonic() - t_ck
             if eval_now:
                 t_ev = time.perf_counter()
-                metrics = evaluate(m.ema.eval(), m.text, hp, ev, stage.res, run_dir / "eval_ref", env.device)
+                metrics = evaluate(gathered(m.ema, hp), m.text, hp, ev, stage.res, run_dir / "eval_ref", env.device)
                 metrics["eval_time_s"] = time.perf_counter() - t_ev
                 log(f"eval step:{state.step} " + " ".join(f"{k}:{v:.4g}" for k, v in metrics.items()))
                 log.metrics(dict(step=state.step, stage=k + 1, **metrics))
