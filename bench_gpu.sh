@@ -5,7 +5,8 @@
 #   pip download --no-deps -d wheels lpips==0.1.4 ftfy wcwidth
 # TOY=1: the same phases on the CPU demo's model, on any machine (the tests run it).
 set -u
-out=${1:-runs/gpu_check}
+out=$(realpath -m "${1:-runs/gpu_check}")
+cd "$(dirname "$0")"
 py=${PYTHON:-python3}
 "$py" -c "import lpips, ftfy" 2>/dev/null || "$py" -m pip install -q --no-index --find-links wheels lpips ftfy wcwidth
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null

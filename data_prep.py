@@ -612,7 +612,9 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
 # Memory plan (`memory`): the analytic GiB per device of the trainer's step, by part, and the largest micro-batch that
 # fits a budget; the trainer's bench logs the measured peak next to it
 
-T5GEMMA_2B_ENCODER = 2_614_341_888  # parameters of the text encoder (tests: built on meta from its config)
+T5GEMMA_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256)  # the record's text encoder (Gemma 2 2B layers), encoder side
+T5GEMMA_2B_ENCODER = 2_614_341_888  # its parameters, with the 256,000-token embedding (tests: built on meta)
 EVAL_MODELS = 754_098_401  # fp32 parameters of the evaluation's CLIP ViT-L/14-336, DINOv2-L and Inception-v3
 MEM_BUDGET = 79.6  # GiB per device the plan fits the micro-batch into (H100 80 GB: 81,559 MiB)
 MEM_MARGIN = 0.9  # the fit leaves 10 % of the budget to allocator fragmentation, cuBLAS/NCCL workspaces, CUDA context
@@ -621,7 +623,7 @@ VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # LPIPS's VGG-16: (ch
 
 def train_memory(hp, stage, world=1, micro=None, vits=None, text_params=T5GEMMA_2B_ENCODER):
     """GiB per device of one training step by part, for eager autograd on CUDA (a compiled graph may save less):
-    fp32 weights, gradients, Muon / Adam states sharded over `world` + the replicated fp32 EMA; bf16 weights held
+    fp32 weights, gradients, Muon / Adam states and the fp32 EMA sharded over `world`; bf16 weights held
     through backward (FSDP, reshard=0: all; one process: autocast's copies) and, when several micro-batches
     accumulate under FSDP, the unsharded fp32 gradients; frozen bf16 encoders and fp32 evaluation models; what autograd
     saves (fused attention: q, k, v, out, logsumexp; recomputed blocks: their input; perceptual encoders on x0)."""
@@ -688,10 +690,6 @@ def memory_report(hp, world=8, log=print, budget=MEM_BUDGET, **kw):  # `python d
 BUDGET_EFF = dict(dit=0.45, encoders=0.50, newton_schulz=0.60, memory=0.70)  # assumed fractions of the peak
 HBM_TB_S = 3.35  # H100 SXM memory bandwidth, TB/s
 NVLINK_GB_S = 360.0  # NCCL bus bandwidth reached on 8 H100 NVLink (all-gather, reduce-scatter), GB/s
-
-
-T5GEMMA_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=256)  # the record's text encoder (Gemma 2 2B layers), encoder side
 
 
 def text_encoder_flops(cfg, tokens):  # forward FLOPs of a Gemma-style encoder over `tokens` tokens (no embedding)
@@ -807,7 +805,8 @@ def attention_check(hp, device, reps=10):
     out = []
     for k, st in enumerate(hp.stages, 1):
         N = (st.res // hp.patch) ** 2
-        n = torch.normal(130.0, 60.0, (st.micro_batch,), generator=g).round().clamp(1, hp.text_len)
+        n = torch.normal(*map(float, support.BENCH_CAPTION_TOKENS), (st.micro_batch,), generator=g)
+        n = n.round().clamp(1, hp.text_len)
         L = support.text_pad_len(int(n.max()), hp.text_len)
         keys = (torch.arange(L)[None] < n[:, None]).to(device)
         for q_len in sorted({N, N - round(N * hp.tread_frac)}):

@@ -271,8 +271,7 @@ def test_weights_and_optimizer_states_match_the_built_modules_after_one_step():
 
 def test_encoder_parameter_counts_are_the_real_architectures():
     from transformers import T5GemmaConfig, T5GemmaModel
-    gemma2_2b = dict(vocab_size=256_000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=256)  # google/t5gemma-2b-2b-ul2 encoder
+    gemma2_2b = dict(vocab_size=256_000, **dp.T5GEMMA_2B)  # google/t5gemma-2b-2b-ul2's encoder
     with torch.device("meta"):
         enc = T5GemmaModel(T5GemmaConfig(encoder=gemma2_2b, decoder=gemma2_2b)).get_encoder()
     assert sum(p.numel() for p in enc.parameters()) == dp.T5GEMMA_2B_ENCODER
