@@ -797,7 +797,7 @@ def load_full_state(module, sd):  # a full state dict into a module, FSDP-sharde
     from torch.distributed.tensor import DTensor
     if not any(isinstance(p, DTensor) for p in module.parameters()):
         return module.load_state_dict(sd)
-    set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(module, dict(sd), options=StateDictOptions(full_state_dict=True))  # (it rewrites the dict)
 
 
 def read_checkpoint(paths, modules, optimizers, apply, warn):

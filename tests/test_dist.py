@@ -207,6 +207,7 @@ def test_accumulation_gathers_the_weights_once_per_step_and_equals_the_unsharded
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
+    import support
     import train_gpt_style as T
     gathers, unshard = [], _fsdp_param_group.FSDPParamGroup.unshard
 
@@ -256,5 +257,9 @@ def test_accumulation_gathers_the_weights_once_per_step_and_equals_the_unsharded
         assert ema.keys() == results[False][3].keys() and not any(v.is_meta for v in ema.values())
         assert all(torch.allclose(ema[k], results[False][3][k], atol=1e-6) for k in ema)
         assert not all(torch.equal(ema[k], ref.state_dict()[k]) for k in ema)  # it moved
+        fresh = copy.deepcopy(ref).requires_grad_(False)  # a resume: ema.pt's full tensors into a sharded EMA
+        T.shard(hp, env, [copy.deepcopy(ref)], lambda *a: None, fresh)
+        support.load_full_state(fresh, ema)
+        assert all(torch.equal(v, ema[k]) for k, v in T.gathered(fresh, hp).state_dict().items())
     finally:
         dist.destroy_process_group()
