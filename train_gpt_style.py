@@ -99,7 +99,7 @@ class Hyperparameters:
     stage_switch: str = "carry"  # a later stage's start: carry on, reset (new optimiser states, warm-up), reset_ema
     # systems
     compile: bool = True  # torch.compile the denoiser and the frozen encoders
-    amp: bool = True  # bf16 autocast (weights stay fp32); under torchrun FSDP also gathers the weights in bf16
+    amp: bool = True  # bf16 autocast (weights stay fp32), Muon in bf16; under torchrun FSDP gathers bf16 weights
     shard_size: int = 0  # torchrun: processes per FSDP shard group, replicated across groups; 0 = LOCAL_WORLD_SIZE
     reshard: bool = False  # FSDP: free gathered weights after forward (less memory, one more all-gather)
     recompute: str = ""  # blocks recomputed in backward (activation checkpointing): "0-3,7", "all"; "": none
@@ -148,6 +148,7 @@ PRESETS = {
         lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125,
         lr=4e-3,  # a 1.6M-parameter model takes a large rate
         warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
+        amp=support.cpu_has_bf16(),  # bf16 only on CPUs with bf16 instructions: elsewhere fp32 is ~6x faster
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, weight_init="xavier",  # weight_init: its measured runs' (ablation against prx: docs/demo.md)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
@@ -366,9 +367,8 @@ class PRXDiT(nn.Module):
             nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
         zero = [b.modulation.lin for b in self.blocks]  # adaLN-Zero: every block starts as the identity
         zero += [self.final_layer.adaLN_modulation[1], self.final_layer.linear]  # and the output is 0
-        for lin in zero:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for w in [w for lin in zero for w in (lin.weight, lin.bias)]:
+            nn.init.zeros_(w)
 
     def forward(self, x, t, txt, txt_mask, keep=None, hook=-1):
         """x (B, 3, H, W) noisy image, t (B,), txt (B, L, text_dim), txt_mask (B, L) bool.
@@ -682,11 +682,11 @@ def pdino_loss(dino, pred, x0, res):  # -> (B,) mean over patches of 1 - cosine;
 # Muon for the 2-D weights inside the blocks, Adam for everything else; warm-up; clipping. Off: muon=0 (all Adam).
 
 
-def newton_schulz(G, steps=5, eps=1e-7):
-    """Approximate orthogonalisation U V^T of G (..., m, n) (quintic iteration; Jordan et al. 2024).
+def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
+    """Approximate orthogonalisation U V^T of G (..., m, n) (quintic iteration; Jordan et al. 2024), in `dtype`.
     Singular values go to ~[0.7, 1.2]; a leading batch dimension orthogonalises each matrix on its own."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()  # bf16 is enough for an approximate orthogonalisation, and twice as fast
+    X = G.to(dtype)  # bf16 (amp) is enough for an approximate orthogonalisation, and twice as fast
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = X.shape[-2] > X.shape[-1]
     if tall:
@@ -711,7 +711,7 @@ def all_to_all(chunks, sizes, group):
     return recv.split([n for s in sizes for n in s])
 
 
-def orthogonalise(updates, shapes, group, ns_steps):
+def orthogonalise(updates, shapes, group, ns_steps, dtype=torch.bfloat16):
     """Newton-Schulz of full matrices. updates[i]: this rank's rows of matrix i (global shape shapes[i]), sharded over
     `group` (None: whole matrices). Rank i % S of the group orthogonalises matrix i: one all-to-all brings each rank
     the full matrices it owns, one sends the results' rows back; matrices of one shape share a batched iteration."""
@@ -729,7 +729,7 @@ def orthogonalise(updates, shapes, group, ns_steps):
     for i in mine:
         by_shape.setdefault(tuple(shapes[i]), []).append(i)
     for idx in by_shape.values():
-        full.update(zip(idx, newton_schulz(torch.stack([full[i] for i in idx]), ns_steps).unbind(0)))
+        full.update(zip(idx, newton_schulz(torch.stack([full[i] for i in idx]), ns_steps, dtype=dtype).unbind(0)))
     if S == 1:
         return [full[i] for i in range(n)]
     back = all_to_all([[full[i].split(rows[i])[j] for i in mine] for j in range(S)],
@@ -742,8 +742,9 @@ class Muon(torch.optim.Optimizer):
     """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols)). Parameters may be
     FSDP shards (DTensor, rows split over ranks): momentum stays sharded, Newton-Schulz see `orthogonalise`."""
 
-    def __init__(self, params, lr, momentum=0.95, ns_steps=5):
+    def __init__(self, params, lr, momentum=0.95, ns_steps=5, dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.dtype = dtype  # Newton-Schulz's and its all-to-all's (bf16: half the bytes, the same result)
 
     @torch.no_grad()
     def step(self, closure=None):  # closure: unused, part of the optimizer interface (DCP calls step(closure=None))
@@ -760,12 +761,11 @@ class Muon(torch.optim.Optimizer):
             if skip is not None:  # skipped: the buffers lerp onto themselves, the update is scaled to 0
                 grads = [torch.where(skip > 0, b, gr) for b, gr in zip(bufs, grads)]
             torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
-            nesterov = torch._foreach_lerp(grads, bufs, g["momentum"])
+            nesterov = [n.to(self.dtype) for n in torch._foreach_lerp(grads, bufs, g["momentum"])]
             group = None
             if isinstance(ps[0], DTensor):  # the mesh dimension that splits rows
                 group = ps[0].device_mesh.get_group([pl.is_shard() for pl in ps[0].placements].index(True))
-            # Newton-Schulz runs in bf16: the matrices travel in bf16 both ways (half the bytes, the same result)
-            upd = orthogonalise([n.bfloat16() for n in nesterov], [p.shape for p in ps], group, g["ns_steps"])
+            upd = orthogonalise(nesterov, [p.shape for p in ps], group, g["ns_steps"], self.dtype)
             for p, u in zip(ps, upd):
                 u = u if skip is None else u * (1 - skip)
                 local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
@@ -781,7 +781,7 @@ def build_optimizers(model, extra, hp):
     adam = [p for n, p in model.named_parameters() if not (uses_muon(n, p) and hp.muon)]
     adam += [p for p in extra.parameters()]
     adam_opt = torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    return [Muon(muon, lr=hp.lr), adam_opt] if muon else [adam_opt]
+    return [Muon(muon, lr=hp.lr, dtype=torch.bfloat16 if hp.amp else torch.float32), adam_opt] if muon else [adam_opt]
 
 
 def lr_factor(step, hp):

@@ -145,7 +145,7 @@ def muon_worker():
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
     calls = []
     ns = T.newton_schulz
-    T.newton_schulz = lambda X, steps: calls.append(X.shape[0]) or ns(X, steps)  # count matrices per rank
+    T.newton_schulz = lambda X, *a, **k: calls.append(X.shape[0]) or ns(X, *a, **k)  # count matrices per rank
     sent, a2a = set(), dist.all_to_all_single
     dist.all_to_all_single = lambda out, inp, *a, **k: sent.add(str(inp.dtype)) or a2a(out, inp, *a, **k)
     ref = [torch.nn.Parameter(w.clone()) for w in w0]

@@ -447,6 +447,39 @@ def test_muon_state_is_allocated_once_and_bf16_transport_changes_no_bit():
     assert ptrs[0] == ptrs[1] == ptrs[2]
 
 
+def test_muon_without_amp_orthogonalises_in_fp32():
+    """amp=0 (the CPU demo on a CPU without bf16 instructions): Newton-Schulz and its transport stay in fp32, so the
+    update is the fp32 iteration's, closer to the fp64 iteration than bf16's is."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 48, 32, generator=g)
+    exact = T.newton_schulz(G.double(), dtype=torch.float64)
+    err = {dt: ((T.newton_schulz(G, dtype=dt).double() - exact).norm() / exact.norm()).item()
+           for dt in (torch.float32, torch.bfloat16)}
+    assert err[torch.float32] < 1e-5 < 1e-3 < err[torch.bfloat16], err
+    hp = tiny_hp(amp=False)
+    muon = T.build_optimizers(T.PRXDiT(hp), torch.nn.Linear(1, 1), hp)[0]
+    assert muon.dtype == torch.float32
+    hp = tiny_hp(amp=True)
+    assert T.build_optimizers(T.PRXDiT(hp), torch.nn.Linear(1, 1), hp)[0].dtype == torch.bfloat16
+    w0 = torch.randn(48, 32, generator=g)
+    p = torch.nn.Parameter(w0.clone())
+    opt = T.Muon([p], lr=0.02, dtype=torch.float32)
+    p.grad = torch.randn(48, 32, generator=g)
+    opt.step()  # first step: momentum 0.05 grad, Nesterov 0.0975 grad (Newton-Schulz normalises the scale away)
+    ref = w0 - 0.02 * 0.2 * math.sqrt(48) * T.newton_schulz(p.grad * (0.05 * 0.95 + 0.05), dtype=torch.float32)
+    assert torch.allclose(p.data, ref, atol=1e-6)
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags_and_picks_the_demo_precision(tmp_path):
+    cases = (("fpu sse avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True),
+             ("avx512f avx512_bf16x", False))
+    for flags, has in cases:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert support.cpu_has_bf16(str(tmp_path / "cpuinfo")) is has, flags
+    assert support.cpu_has_bf16(str(tmp_path / "missing")) is False  # no /proc (macOS, Windows): fp32
+    assert T.PRESETS["cpu"]["amp"] == support.cpu_has_bf16() and T.Hyperparameters().amp  # the record keeps bf16
+
+
 def test_shard_rows_is_fsdp_chunking_and_unsharded_orthogonalise_is_newton_schulz():
     for n in (1, 5, 30, 64):
         for world in (1, 2, 3, 4, 8):
