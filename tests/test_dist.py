@@ -75,7 +75,8 @@ def test_fsdp_and_hybrid_sharding_give_the_one_process_losses(runs):
     # each rank wrote its own shard of the weights and optimizer states
     assert len(list((tmp / "w4" / "ckpt" / "step0000005").glob("*.distcp"))) == 4
     # the EMA, sharded under FSDP and updated shard by shard, is saved whole: the one-process run's, as close as the
-    # weights are (summation orders, and Newton-Schulz in bf16, move them by up to 4e-5 in 5 steps; measured)
+    # weights are (summation orders, and Newton-Schulz in bf16 before amp=0 took it to fp32, moved them by up to 4e-5
+    # in 5 steps; measured)
     ema = {w: torch.load(tmp / f"w{w}" / "ckpt" / "step0000005" / "ema.pt")["ema"] for w in (1, 2, 4, "2rc")}
     for w in (2, 4, "2rc"):
         assert ema[w].keys() == ema[1].keys()
