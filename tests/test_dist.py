@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, corrupt_copy, expected_skips
+from conftest import ROOT, corrupt_copy, expected_skips, few_prompts
 
 # One tiny run: same seed, same global batch (8) and micro-batch (2) whatever the number of processes, every part on
 # (TREAD, REPA, LPIPS, P-DINO, caption dropout, Muon, EMA); fp32 so that the only differences are summation orders.
@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
     from data_prep import make_shapes
     tmp = tmp_path_factory.mktemp("dist")
     data = tmp / "data"  # with damaged rows: replaced by the same rows, and counted the same, on any world size
-    damage = corrupt_copy(make_shapes(tmp / "shapes", n=256, shard_rows=128), data, seed=0)
+    damage = corrupt_copy(few_prompts(make_shapes(tmp / "shapes", n=256, shard_rows=128)), data, seed=0)
     logs = {1: train(tmp / "w1", data), 2: train(tmp / "w2", data, 2),
             4: train(tmp / "w4", data, 4, ["shard_size=2", "stage1.micro_batch=4"]),  # 2 a device: lowered
             "2rc": train(tmp / "w2rc", data, 2, ["recompute=0,2"])}  # FSDP with activation checkpointing

@@ -11,6 +11,7 @@ import torch
 
 import support
 import train_gpt_style as T
+from conftest import few_prompts
 
 TINY = ["preset=cpu", "stages=1", "stage1.batch=4", "stage1.micro_batch=4", "log_every=1", "sample_steps=1",
         "warmup=2", "lpips_weight=0", "pdino_weight=0"]
@@ -19,7 +20,7 @@ TINY = ["preset=cpu", "stages=1", "stage1.batch=4", "stage1.micro_batch=4", "log
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     from data_prep import make_shapes
-    return make_shapes(tmp_path_factory.mktemp("shapes"), n=64, shard_rows=32)
+    return few_prompts(make_shapes(tmp_path_factory.mktemp("shapes"), n=64, shard_rows=32))
 
 
 def run(shapes, run_dir, *args):
