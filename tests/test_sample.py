@@ -156,7 +156,7 @@ def test_demo_text_encoder_warns_on_words_it_does_not_know(run, tmp_path, capsys
 
 def test_cli_defaults_are_the_checkpoints_steps_cfg_and_interval(run, tmp_path):
     d, hp, model = run
-    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5)  # the fixture's run: 20 steps, CFG 3, [0, 1]
+    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5)  # the fixture's run: 20 steps, CFG 3, [0.3, 1]
     ck = tmp_path / "r" / "ckpt" / "step1"
     ck.mkdir(parents=True)
     (tmp_path / "r" / "demo_encoders").symlink_to(d / "demo_encoders")
