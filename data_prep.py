@@ -725,7 +725,7 @@ def time_budget(hp, world=8, peak=None, eff=None):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     from evals import REAL_VITS
-    from train_gpt_style import REPA, PRXDiT, dit_train_flops, uses_muon
+    from train_gpt_style import REPA, PRXDiT, uses_muon
     eff, peak = {**BUDGET_EFF, **(eff or {})}, (peak or hp.peak_tflops) * 1e12
     with torch.device("meta"):
         dit = PRXDiT(hp)
@@ -739,7 +739,7 @@ def time_budget(hp, world=8, peak=None, eff=None):
         G = st.batch / world  # images per device per step
         nb = G * hp.perc_frac
         use_repa = st.repa and hp.repa_weight > 0
-        flops = dict(dit=G * dit_train_flops(hp, st.res, repa.proj[0].out_features if use_repa else 0),
+        flops = dict(dit=G * support.dit_train_flops(hp, st.res, repa.proj[0].out_features if use_repa else 0),
                      text_encoder=G * text_encoder_flops(T5GEMMA_2B, hp.text_len) if hp.text_online else 0,
                      repa_target=G * vit_flops(REAL_VITS[0], (st.res // hp.patch) ** 2 + 5) if use_repa else 0,
                      lpips=nb * 3 * vgg_flops(st.res // 2) if hp.lpips_weight else 0,  # x0, pred, pred's backward

@@ -1077,7 +1077,7 @@ def stop_reason(time_limit, timer, group=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The bench: synthetic batches, one line per stage
+# The bench: synthetic batches, one line per stage; the analytic FLOPs of a step (also the log's mfu and ETAs)
 
 SHAPES_TARGETS = dict(seen=0.95, heldout=0.90, two=0.85)  # the CPU demo's targets, fully right (docs/demo.md)
 
@@ -1113,6 +1113,30 @@ def etas(stages, k, state, start, loop, costs):
 
 
 BENCH_CAPTION_TOKENS = (130, 60)  # the bench's caption lengths: mean and spread of a normal (clipped to 1..text_len)
+
+
+def dit_train_flops(hp, res, repa_dim=0):
+    """Analytic FLOPs of one training step per image of the trainer's PRXDiT (the REPA projector's too when
+    repa_dim > 0), for the log's mfu, its ETAs and the bench: 2 per multiply-add; backward twice the forward (no
+    input gradient for the first layer of each input path), attention's 2.5 times. Tested against FlopCounterMode."""
+    D, L, P, Bn = hp.hidden, hp.text_len, 3 * hp.patch ** 2, hp.bottleneck
+    F_ = int(D * hp.mlp_ratio)
+    N = (res // hp.patch) ** 2
+    K = N - round(N * hp.tread_frac)  # tokens inside the routed blocks
+    routed = lambda i: hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end
+    lin = 2 * N * (P * Bn + Bn * D) + 2 * L * hp.text_dim * D + 2 * (256 * D + D * D)  # img_in, txt_in, time_in
+    lin += 2 * N * D * P + 2 * D * 2 * D  # final layer and its adaLN
+    attn = 0
+    for i in range(hp.depth):
+        n = K if routed(i) else N
+        lin += 2 * n * D * 3 * D + 2 * L * D * 2 * D + 2 * n * D * D  # img qkv, text kv, out
+        lin += 2 * n * D * 2 * F_ + 2 * n * F_ * D + 2 * D * 6 * D  # gate + up, down, modulation
+        attn += 4 * n * (L + n) * D  # QK^T and AV over [text; image] keys
+    if repa_dim:
+        n = K if routed(hp.repa_block) else N
+        lin += 2 * n * (D * repa_dim + 2 * repa_dim * repa_dim)
+    no_input_grad = 2 * N * P * Bn + 2 * L * hp.text_dim * D + 2 * 256 * D
+    return 3 * lin - no_input_grad + 3.5 * attn
 
 
 def bench_stages(hp, world):

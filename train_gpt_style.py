@@ -399,29 +399,6 @@ class PRXDiT(nn.Module):
         return unpatchify(self.final_layer(img, vec), self.patch, H, W), hooked
 
 
-def dit_train_flops(hp, res, repa_dim=0):
-    """Analytic FLOPs of one training step per image (the REPA projector's too when repa_dim > 0): 2 per multiply-add;
-    backward twice the forward (no input gradient for the first layer of each input path), attention's 2.5 times."""
-    D, L, P, Bn = hp.hidden, hp.text_len, 3 * hp.patch ** 2, hp.bottleneck
-    F_ = int(D * hp.mlp_ratio)
-    N = (res // hp.patch) ** 2
-    K = N - round(N * hp.tread_frac)  # tokens inside the routed blocks
-    routed = lambda i: hp.tread_frac > 0 and hp.tread_start <= i <= hp.tread_end
-    lin = 2 * N * (P * Bn + Bn * D) + 2 * L * hp.text_dim * D + 2 * (256 * D + D * D)  # img_in, txt_in, time_in
-    lin += 2 * N * D * P + 2 * D * 2 * D  # final layer and its adaLN
-    attn = 0
-    for i in range(hp.depth):
-        n = K if routed(i) else N
-        lin += 2 * n * D * 3 * D + 2 * L * D * 2 * D + 2 * n * D * D  # img qkv, text kv, out
-        lin += 2 * n * D * 2 * F_ + 2 * n * F_ * D + 2 * D * 6 * D  # gate + up, down, modulation
-        attn += 4 * n * (L + n) * D  # QK^T and AV over [text; image] keys
-    if repa_dim:
-        n = K if routed(hp.repa_block) else N
-        lin += 2 * n * (D * repa_dim + 2 * repa_dim * repa_dim)
-    no_input_grad = 2 * N * P * Bn + 2 * L * hp.text_dim * D + 2 * 256 * D
-    return 3 * lin - no_input_grad + 3.5 * attn
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # TREAD: a random subset of image tokens skips the routed blocks tread_start..tread_end, training only (Krause et
 # al. 2025). Off: tread_frac=0. The draw of `keep` is keyed on the data stream (batch_draws); PRXDiT.forward calls
@@ -1267,7 +1244,7 @@ def train(hp):
     timer.update(tick=time.monotonic(), ckpt_s=min(120.0, hp.time_limit / 10))  # until a checkpoint is measured
     stop = support.stop_reason(hp.time_limit, timer, env.cpu_group)  # a signal during setup: no step at all
     timer["loop"] = (time.monotonic(), state.train_time, state.step)  # the step lines' ETA counts overheads from here
-    costs = [st.batch * dit_train_flops(hp, st.res) for st in stages]  # a step's FLOPs, to scale ETAs across stages
+    costs = [st.batch * support.dit_train_flops(hp, st.res) for st in stages]  # a step's FLOPs: ETAs across stages
     for k, stage in enumerate(stages):
         first_step = sum(st.steps for st in stages[:k])
         if state.step >= first_step + stage.steps or stop:
@@ -1280,7 +1257,7 @@ def train(hp):
         batches = support.synthetic_batches(stage, hp, env.world, aspect_buckets(stage.res, hp.patch, hp.aspect_max)) \
             if hp.bench else make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
         accum = stage.batch // (env.world * stage.micro_batch)
-        step_flops = dit_train_flops(hp, stage.res, m.repa.proj[0].out_features if m.repa and stage.repa else 0)
+        step_flops = support.dit_train_flops(hp, stage.res, m.repa.proj[0].out_features if m.repa and stage.repa else 0)
         log(f"stage {k + 1}/{len(stages)}: {stage.res} px, batch {stage.batch} ({env.world} x {stage.micro_batch} x "
             f"{accum} accum), {stage.steps} steps, REPA {'on' if stage.repa and m.repa else 'off'}" +
             (f", stage_switch={hp.stage_switch}" if k else ""))

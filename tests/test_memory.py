@@ -404,7 +404,7 @@ def test_time_budget_flops_match_the_flop_counter_and_the_parts_add_up(capsys):
     for st, r in zip(hp.stages, rows):
         assert r["images"] == st.batch / 8 and r["step_ms"] == pytest.approx(sum(r["ms"].values()))
         assert r["hours"] == pytest.approx(st.steps * r["step_ms"] / 3.6e6)
-        dit = st.batch / 8 * T.dit_train_flops(hp, st.res, 1024 if st.repa else 0)  # REPA projector: to DINOv3-L
+        dit = st.batch / 8 * support.dit_train_flops(hp, st.res, 1024 if st.repa else 0)  # REPA projector: to DINOv3-L
         assert r["ms"]["dit"] == pytest.approx(1e3 * dit / (989e12 * dp.BUDGET_EFF["dit"]))
         assert (r["ms"]["repa_target"] > 0) == st.repa
         assert r["ms"]["text_encoder"] == 0  # precomputed: the record requires text_emb/
