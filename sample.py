@@ -24,7 +24,7 @@ import evals
 import support
 import train_gpt_style as T
 
-FLAGS = dict(sample_steps="--steps", cfg="--cfg")  # the trainer's constants these flags set
+FLAGS = dict(sample_steps="--steps", cfg="--cfg", restarts="--restarts")  # the trainer's constants these flags set
 
 
 def hp_from_config(config):  # the resolved config saved in a checkpoint -> Hyperparameters (unknown keys refused)
@@ -216,6 +216,9 @@ def model_card(hp, ck_dir, run_dir, has_grid, ema=True):
         lines += ["", f"The run clamped t at {hp.t_min_div} when converting x0 to a velocity, the pipeline at 0.05."]
     if (hp.cfg_lo, hp.cfg_hi) != (0, 1):
         lines += ["", f"The run guided for t in [{hp.cfg_lo}, {hp.cfg_hi}] only; the pipeline guides every step."]
+    if hp.restarts:
+        lines += ["", f"The run sampled with {hp.restarts} restarts (noised back from t = {hp.restart_lo} to "
+                  f"{hp.restart_hi} and solved again, `sample.py`); the pipeline solves once."]
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +338,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, help="image width in px, snapped to the nearest aspect bucket")
     ap.add_argument("--height", type=int, help="image height in px, snapped to the nearest aspect bucket")
     ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
+    ap.add_argument("--restarts", type=int, help="restart sampling: times the image is noised back from the run's "
+                    "restart_lo to restart_hi and solved again (default: the run's restarts; 0: none)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
                     "of CFG (no unconditional pass), PRX's convention: x0_r + S (x0 - x0_r), x0_r with tokens "
                     "routed past the TREAD blocks; S=1: the conditional sample")
@@ -357,9 +362,9 @@ def main(argv=None):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         try:  # --steps and --cfg obey the trainer's rules for its sample_steps and cfg (nan, inf: all-black images)
             T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=1 if a.steps is None else a.steps,
-                                               cfg=1.0 if a.cfg is None else a.cfg))
+                                               cfg=1.0 if a.cfg is None else a.cfg, restarts=a.restarts or 0))
         except ValueError as e:
-            raise ValueError(re.sub(r"^(sample_steps|cfg)\b", lambda m: FLAGS[m[1]], str(e))) from None
+            raise ValueError(re.sub(r"^(sample_steps|cfg|restarts)\b", lambda m: FLAGS[m[1]], str(e))) from None
         if a.tread_guidance is not None and not math.isfinite(a.tread_guidance):
             raise ValueError(f"--tread-guidance must be a finite number, got {a.tread_guidance}")
         if a.tread_guidance is not None and a.cfg is not None:
@@ -409,9 +414,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, OSError) as e:
         T.fail(e)
     cfg = hp.cfg if a.cfg is None else a.cfg
-    if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --size if given
+    restarts = hp.restarts if a.restarts is None else a.restarts
+    if a.eval:  # the run's fixed evaluation, with --steps, --cfg, --cfg-interval, --restarts, --size if given
         hp = dataclasses.replace(hp, sample_steps=a.steps or hp.sample_steps, cfg=cfg, cfg_lo=interval[0],
-                                 cfg_hi=interval[1])
+                                 cfg_hi=interval[1], restarts=restarts)
         m = T.evaluate(model.to(dev), text, hp, T.prepare_eval(hp, dev), size, run_dir / "eval_ref", dev, a.batch,
                        progress=True)
         print("eval " + " ".join(f"{k}:{v:.4g}" for k, v in m.items()))
@@ -419,7 +425,8 @@ def main(argv=None):
     out, done, kept = Path(a.out), [], []  # done: line indices written; kept: 8-bit copies of the first 64 (all with
     # --score, which judges the small shapes images)
     kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
-              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval)
+              sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval,
+              restarts=(restarts, hp.restart_lo, hp.restart_hi))
     model = model.to(dev)
     if a.tread_guidance is not None:  # no TREAD in the run: half the tokens routed
         model, kw["cfg"] = tread_guided(model, a.tread_guidance, hp.tread_frac or 0.5, interval), 1.0

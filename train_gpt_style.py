@@ -120,6 +120,9 @@ class Hyperparameters:
     cfg: float = 3.5  # classifier-free guidance scale on x0 (PRX evaluations use 3.5)
     cfg_lo: float = 0.0  # guidance interval: guide only for t in [cfg_lo, cfg_hi], elsewhere conditional only
     cfg_hi: float = 1.0  # (Kynkaanniemi et al. 2024); the full range [0, 1] is plain CFG
+    restarts: int = 0  # restart sampling: this many times, noise the image at t = restart_lo back to restart_hi
+    restart_lo: float = 0.05  # and solve down again (Xu et al. 2023); each restart adds the steps between them
+    restart_hi: float = 0.4
     # evaluation (docs/evaluation.md): fixed prompts, seeds, steps and CFG; not counted in the training clock
     eval_every: int = 10_000  # steps between evaluations, and at the last step; 0: none
     eval_n: int = 10_000  # images generated and reference images (the first eval_n of <data>/heldout)
@@ -149,7 +152,7 @@ PRESETS = {
         warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
         amp=support.cpu_has_bf16(),  # bf16 only on CPUs with bf16 instructions: elsewhere fp32 is ~6x faster
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
-        cfg=3.0, cfg_lo=0.3,  # guided below t = 0.3 the outlines come out lumpier (docs/demo.md)
+        cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
         weight_init="xavier",  # its measured runs' (ablation against prx: docs/demo.md)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
@@ -183,7 +186,7 @@ def check_config(hp):
                               "ema_every", "sample_steps", "eval_n", "max_bad_steps", "pdino_res", "bench_devices")),
                          (0, ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every",
                               "shard_size", "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight",
-                              "cfg"))):
+                              "cfg", "restarts"))):
         for name in names:
             need(getattr(hp, name) >= bound, f"{name} must be >= {bound}, got {getattr(hp, name)}")
     for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops"):
@@ -203,6 +206,8 @@ def check_config(hp):
          f"repa_block={hp.repa_block} is beyond the model's depth {hp.depth}")
     need(0 <= hp.cfg_lo <= hp.cfg_hi <= 1,
          f"the guidance interval needs 0 <= cfg_lo <= cfg_hi <= 1, got [{hp.cfg_lo}, {hp.cfg_hi}]")
+    need(0 <= hp.restart_lo < hp.restart_hi <= 1,
+         f"restarts need 0 <= restart_lo < restart_hi <= 1, got [{hp.restart_lo}, {hp.restart_hi}]")
     need(hp.aspect_max >= 1, f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
     need(0 < hp.perc_frac <= 1, f"perc_frac must be in (0, 1], got {hp.perc_frac}")
     need(hp.pdino_weight == 0 or hp.pdino_res >= 14,
@@ -459,9 +464,11 @@ def flow_loss(x0_pred, x0, x_t, t, t_min_div):
 
 @torch.no_grad()
 def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
-                  generator=None, sampler="euler", x=None, cfg_interval=(0, 1)):
+                  generator=None, sampler="euler", x=None, cfg_interval=(0, 1), restart=(0.05, 0.4), renoise=()):
     """Euler (or Heun) from t = 1 to 0 on the shifted schedule, classifier-free guidance on x0: x0_u + cfg (x0_c -
-    x0_u), only for t in cfg_interval (Kynkaanniemi et al. 2024; elsewhere one conditional pass). -> (B, 3, H, W).
+    x0_u), only for t in cfg_interval (Kynkaanniemi et al. 2024; elsewhere one conditional pass). Restart sampling
+    (Xu et al. 2023), once per renoise[k] (B, 3, H, W): at the grid time next below restart[0] the image is noised
+    back to the grid time next above restart[1] with the flow's own marginal and solved down again. -> (B, 3, H, W).
     model(x, t, txt, mask) -> (x0, ...): the DiT, or a wrapper of it (sample.py's TREAD self-guidance)."""
     B = txt.shape[0]
     dev = txt.device
@@ -469,6 +476,9 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
         x = torch.randn(B, 3, size[0], size[1], device=dev, generator=generator)
     ts = shift_t(torch.linspace(1, 0, steps + 1), shift)  # on the host: deciding where to guide needs no sync
     guided = [cfg_interval[0] <= t <= cfg_interval[1] and cfg != 1 for t in ts.tolist()]
+    lo, hi = int((ts <= restart[0] + 1e-6).nonzero()[0]), int((ts >= restart[1] - 1e-6).nonzero()[-1])  # hi < lo
+    order = list(range(lo)) + list(range(hi, lo)) * len(renoise) + list(range(lo, steps))  # the steps, in order
+    fresh = iter(renoise)
     ts = ts.to(dev)
     (txt, txt_mask), (null_txt, null_mask) = support.same_text_len((txt, txt_mask), (null_txt, null_mask))
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
@@ -482,7 +492,10 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
             x0 = model(x, tt, txt, txt_mask)[0].float()
         return velocity(x, x0, tt, t_min_div)
 
-    for i in range(steps):
+    for n, i in enumerate(order):
+        if n and i != order[n - 1] + 1:  # a restart: x at ts[lo] back to ts[hi], x_t = (1 - t) x0 + t noise
+            a = (1 - ts[hi]) / (1 - ts[lo])
+            x = a * x + (ts[hi] ** 2 - (a * ts[lo]) ** 2).sqrt() * next(fresh)
         dt = ts[i + 1] - ts[i]
         v = vel(x, i)
         if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
@@ -493,20 +506,21 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
 
 @torch.no_grad()
 def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
-             device="cpu", amp=False, cfg_interval=(0, 1)):
-    """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i starts from the noise of seed + i, so an image does
-    not depend on the batch it is in; the same seed and prompt give the same image."""
+             device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4)):
+    """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i draws its noise, then its restarts[0] restart noises
+    (from restarts[1] back to restarts[2]), from seed + i: an image does not depend on the batch it is in."""
     device = torch.device(device)
     null_txt, null_mask = text([""])
     outs = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        noise = torch.stack([torch.randn(3, *size, generator=torch.Generator().manual_seed(seed + i + j))
-                             for j in range(len(chunk))]).to(device)
-        txt, mask = text(chunk)
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i:i + batch]))]
+        noise = [torch.stack([torch.randn(3, *size, generator=g) for g in gens]).to(device)
+                 for _ in range(1 + restarts[0])]
+        txt, mask = text(prompts[i:i + batch])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), support.attention_backend(device):
             outs.append(sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
-                                      sampler=sampler, x=noise, cfg_interval=cfg_interval).float().cpu())
+                                      sampler=sampler, x=noise[0], cfg_interval=cfg_interval, restart=restarts[1:],
+                                      renoise=noise[1:]).float().cpu())
     return torch.cat(outs)
 
 
@@ -1175,7 +1189,8 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
 
 def sample(m, hp, env, prompts, res, seed=0, batch=16):  # EMA weights, fixed seeds -> (B, 3, res, res) in [-1, 1]
     return generate(gathered(m.ema, hp), m.text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
-                    seed, batch, device=env.device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi))
+                    seed, batch, device=env.device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi),
+                    restarts=(hp.restarts, hp.restart_lo, hp.restart_hi))
 
 
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now
@@ -1190,7 +1205,8 @@ def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32, progress=Fal
     import evals  # a leaf module
     gen = lambda prompts, seed: support.to_uint8(generate(
         model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
-        device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi)))
+        device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi), restarts=(hp.restarts, hp.restart_lo,
+                                                                               hp.restart_hi)))
     flow = (lambda x_t, t, c: model(x_t, t, *text(c))[0], add_noise, flow_loss, T_BINS)  # the validation loss's
     return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress, flow)
 

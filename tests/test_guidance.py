@@ -61,6 +61,60 @@ def test_guidance_interval_is_cfg_inside_and_conditional_outside():
     assert (out - full).abs().max() > 1e-3 and (out - cond).abs().max() > 1e-3
 
 
+def test_restart_replays_the_grid_between_lo_and_hi_after_noising_back():
+    steps, cfg, shift = 10, 2.0, 1.0
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    fresh = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3 + k)) for k in range(2)]
+    toy = LinearToy()
+    txt, mask = torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+    out = T.sample_images(toy, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps, cfg=cfg, shift=shift,
+                          t_min_div=0.05, x=x.clone(), cfg_interval=(0.5, 1.0), restart=(0.1, 0.4), renoise=fresh)
+    ts = torch.linspace(1, 0, steps + 1).double().tolist()  # 1, 0.9, ..., 0.1, 0: lo = 0.1 (index 9), hi = 0.4 (6)
+    order = list(range(9)) + [6, 7, 8] * 2 + [9]
+    assert [t for _, t in toy.calls] == [round(ts[i], 6) for i in order]
+    ref = x.double()
+    for n, i in enumerate(order):  # the loop written out
+        if n and i != order[n - 1] + 1:  # from t = 0.1 back to 0.4: x_0.4 = a x_0.1 + b noise, a = 0.6 / 0.9
+            a = 0.6 / 0.9
+            ref = a * ref + (0.4 ** 2 - (a * 0.1) ** 2) ** 0.5 * fresh.pop(0).double()
+        pc, pu = toy.a * ref + toy.c, toy.a * ref + toy.u
+        x0 = pu + cfg * (pc - pu) if ts[i] >= 0.5 else pc
+        ref = ref + (ts[i + 1] - ts[i]) * (ref - x0) / max(ts[i], 0.05)
+    assert not fresh  # each restart took its own noise
+    assert torch.allclose(out, ref.clamp(-1, 1).float(), atol=1e-5)
+    none = T.sample_images(LinearToy(), txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps, cfg=cfg,
+                           shift=shift, t_min_div=0.05, x=x.clone(), cfg_interval=(0.5, 1.0))
+    assert (none - out).abs().max() > 1e-3
+
+
+class GaussianDenoiser:
+    """The exact x0 prediction E[x0 | x_t] for data x0 ~ N(mu, sigma^2) per pixel, x_t = (1 - t) x0 + t noise."""
+
+    def __init__(self, mu, sigma):
+        self.mu, self.var = mu, sigma ** 2
+
+    def __call__(self, x, t, txt, mask):
+        s = (1 - t).double().view(-1, 1, 1, 1)
+        var_t = s ** 2 * self.var + t.double().view(-1, 1, 1, 1) ** 2
+        return self.mu + s * self.var / var_t * (x.double() - s * self.mu), None
+
+
+@pytest.mark.parametrize("restarts", [0, 8])
+def test_restarts_keep_the_data_distribution_of_an_exact_denoiser(restarts):
+    """With the exact denoiser a fine Euler grid lands on N(mu, sigma^2); a restart's noise must be the flow's own
+    marginal at restart_hi (std hi, given x at lo), or the final spread grows with every restart (noise of std hi
+    instead: +2.9 % here)."""
+    mu, sigma, steps = 0.1, 0.2, 400
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 128, 128, generator=g).double()
+    fresh = [torch.randn(1, 3, 128, 128, generator=g).double() for _ in range(restarts)]
+    txt, mask = torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+    out = T.sample_images(GaussianDenoiser(mu, sigma), txt, mask, torch.zeros(1, 3, 4), mask[:1], (128, 128),
+                          steps=steps, cfg=1.0, shift=1.0, t_min_div=1e-4, x=x, restart=(0.2, 0.5), renoise=fresh)
+    assert out.mean().item() == pytest.approx(mu, abs=0.005)
+    assert out.std().item() == pytest.approx(sigma, rel=0.012)
+
+
 def tiny_dit(seed=0):
     hp = T.Hyperparameters(hidden=64, depth=4, heads=2, patch=4, bottleneck=16, text_dim=24, tread_start=1,
                            tread_end=2)
@@ -104,13 +158,17 @@ def test_tread_guidance_one_is_the_conditional_sample_and_one_step_is_prx_formul
     assert torch.allclose(one, (routed + 1.5 * (full - routed)).clamp(-1, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("guidance", ["cfg_interval", "tread"])
+@pytest.mark.parametrize("guidance", ["cfg_interval", "tread", "restarts"])
 def test_same_seed_same_image_whatever_the_batch(guidance):
     model, text = tiny_dit(1), ToyText()
     prompts = ["a red circle", "a blue square", "a green triangle in the top left"]
     kw = dict(size=(16, 24), steps=3, cfg=2.0, shift=1.0, t_min_div=0.05, seed=11)
     if guidance == "cfg_interval":
         kw["cfg_interval"] = (0.2, 0.7)
+    elif guidance == "restarts":  # each image's restart noise comes from its own seed too
+        kw.update(steps=5, restarts=(2, 0.2, 0.6))
+        assert not torch.allclose(T.generate(model, text, prompts, **kw),
+                                  T.generate(model, text, prompts, **{**kw, "restarts": (0, 0.2, 0.6)}))
     else:  # TREAD self-guidance replaces CFG: the wrapper, sampled with cfg=1
         model, kw["cfg"] = S.tread_guided(model, 1.0, 0.5, (0.0, 1.0)), 1.0
     a = T.generate(model, text, prompts, batch=3, **kw)
