@@ -72,7 +72,8 @@ class Hyperparameters:
     # diffusion
     t_shift: float = 3.0  # timestep shift s: t -> s t / (1 + (s - 1) t), toward noise
     uniform_t: float = 0.1  # fraction of samples with plain uniform t
-    t_min_div: float = 0.05  # clamp of t when converting x0 to velocity
+    t_min_div: float = 0.05  # clamp of t when converting x0 to velocity in sampling and the validation loss
+    loss_t_min: float = 0.05  # the training loss's clamp: the x0 error weighs 1/max(t, loss_t_min)^2 (PRX: 0.05)
     caption_dropout: float = 0.1  # for classifier-free guidance
     # TREAD token routing (training only)
     tread_frac: float = 0.5  # fraction of image tokens that skip the routed blocks; 0 disables
@@ -146,6 +147,7 @@ PRESETS = {
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
         hidden=128, depth=4, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
         t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens)
+        loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
         lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 1.6M parameters: a large rate
@@ -194,7 +196,8 @@ def check_config(hp):
     for name, ok in (("resume", ("auto", "off")), ("stage_switch", ("carry", "reset", "reset_ema")),
                      ("weight_init", ("prx", "xavier"))):
         need(getattr(hp, name) in ok, f"{name} must be one of {', '.join(ok)}, got {getattr(hp, name)!r}")
-    need(0 < hp.t_min_div < 1, f"t_min_div must be in (0, 1), got {hp.t_min_div}")
+    for name in ("t_min_div", "loss_t_min"):
+        need(0 < getattr(hp, name) < 1, f"{name} must be in (0, 1), got {getattr(hp, name)}")
     need(all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)),
          "cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
     need(hp.hidden % hp.heads == 0 and (hp.hidden // hp.heads) % 4 == 0,
@@ -457,7 +460,7 @@ def velocity(x_t, x0, t, t_min_div):  # v = dx/dt = noise - x0 = (x_t - x0) / t,
 
 
 def flow_loss(x0_pred, x0, x_t, t, t_min_div):
-    """Per-sample MSE between predicted and true velocity: (B,)."""
+    """Per-sample MSE of predicted and true velocity, i.e. mean (x0_pred - x0)^2 / max(t, t_min_div)^2: (B,)."""
     err = velocity(x_t, x0_pred.float(), t, t_min_div) - velocity(x_t, x0, t, t_min_div)
     return err.pow(2).mean(dim=(1, 2, 3))
 
@@ -1148,7 +1151,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
         nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp.amp), support.attention_backend(dev, hp.sdpa):
             x0_pred, hooked = m.forward(x_t, t, txt, mask, keep, repa.block if repa else -1)
-            flow = flow_loss(x0_pred, x0, x_t, t, hp.t_min_div)  # (B,)
+            flow = flow_loss(x0_pred, x0, x_t, t, hp.loss_t_min)  # (B,)
             parts = dict(flow=flow.mean())
             if repa:
                 parts["repa"] = repa(hooked, x0, hp.patch).mean()

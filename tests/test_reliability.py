@@ -124,6 +124,20 @@ def test_full_disk_costs_log_lines_and_pictures_never_the_run(shapes, tmp_path, 
     assert sorted(os.listdir(tmp_path / "ckpt")) == [f"step{s:07d}" for s in (1, 2, 3)]
 
 
+def test_the_training_loss_clamps_t_at_loss_t_min(shapes, tmp_path, monkeypatch):
+    seen, flow_loss = [], T.flow_loss
+
+    def spy(x0_pred, x0, x_t, t, t_min):  # the x0 error weighs 1 / max(t, t_min)^2 (test_trainer: closed form)
+        loss = flow_loss(x0_pred, x0, x_t, t, t_min)
+        seen.append((t_min, loss.mean().item()))
+        return loss
+    monkeypatch.setattr(T, "flow_loss", spy)
+    run(shapes, tmp_path, "stage1.steps=2", "ckpt_every=0", "loss_t_min=0.3", "t_min_div=0.07")
+    assert [c for c, _ in seen] == [0.3, 0.3]  # not the sampler's t_min_div
+    flows = [r["flow"] for r in metrics(tmp_path) if "flow" in r]
+    assert flows == pytest.approx([f for _, f in seen], rel=1e-5)  # what is logged (and trained) is that loss
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 
@@ -258,7 +272,8 @@ def test_new_constants_are_checked():
                 ["time_limit=nan"], ["time_limit=inf"], ["lr=inf"], ["lr=nan"], ["grad_clip=nan"], ["grad_clip=-inf"],
                 ["cfg=nan"], ["t_shift=inf"], ["ema_decay=nan"], ["mem_budget=inf"], ["peak_tflops=nan"],
                 # out of range
-                ["cfg=-3"], ["t_min_div=5"], ["t_min_div=1"], ["mem_budget=-1"], ["mem_budget=0"],
+                ["cfg=-3"], ["t_min_div=5"], ["t_min_div=1"], ["loss_t_min=0"], ["loss_t_min=1.5"], ["restarts=-1"],
+                ["restart_lo=0.5", "restart_hi=0.4"], ["mem_budget=-1"], ["mem_budget=0"],
                 # impossible combinations: P-DINO below one 14-px patch, LPIPS below 32 px a side (stage 1 of the CPU
                 # preset is 32 px, and its aspect buckets at aspect_max=2 include 40 x 24)
                 ["pdino_res=13", "pdino_weight=0.01"], ["lpips_weight=0.1", "aspect_max=1", "stage1.res=24"],
