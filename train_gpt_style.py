@@ -123,7 +123,7 @@ class Hyperparameters:
     cfg_hi: float = 1.0  # (Kynkaanniemi et al. 2024); the full range [0, 1] is plain CFG
     restarts: int = 0  # restart sampling: this many times, noise the image at t = restart_lo back to restart_hi
     restart_lo: float = 0.05  # and solve down again (Xu et al. 2023); each restart adds the steps between them
-    restart_hi: float = 0.4
+    restart_hi: float = 0.4  # (the record samples without: restarts=0)
     # evaluation (docs/evaluation.md): fixed prompts, seeds, steps and CFG; not counted in the training clock
     eval_every: int = 10_000  # steps between evaluations, and at the last step; 0: none
     eval_n: int = 10_000  # images generated and reference images (the first eval_n of <data>/heldout)
