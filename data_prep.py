@@ -24,6 +24,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
 import datetime
 import io
 import json
@@ -739,7 +740,10 @@ def time_budget(hp, world=8, peak=None, eff=None):
         G = st.batch / world  # images per device per step
         nb = G * hp.perc_frac
         use_repa = st.repa and hp.repa_weight > 0
-        flops = dict(dit=G * support.dit_train_flops(hp, st.res, repa.proj[0].out_features if use_repa else 0),
+        sort = hp.text_sort and not hp.text_online  # the loader deals by the lengths text_emb/ records
+        text = support.expected_text_len(dataclasses.replace(hp, text_sort=sort), st, world)  # mean padded tokens
+        dit_hp = dataclasses.replace(hp, text_len=text)
+        flops = dict(dit=G * support.dit_train_flops(dit_hp, st.res, repa.proj[0].out_features if use_repa else 0),
                      text_encoder=G * text_encoder_flops(T5GEMMA_2B, hp.text_len) if hp.text_online else 0,
                      repa_target=G * vit_flops(REAL_VITS[0], (st.res // hp.patch) ** 2 + 5) if use_repa else 0,
                      lpips=nb * 3 * vgg_flops(st.res // 2) if hp.lpips_weight else 0,  # x0, pred, pred's backward
@@ -750,7 +754,7 @@ def time_budget(hp, world=8, peak=None, eff=None):
         ms["optimizer_ema"] = 1e3 * opt_bytes / (HBM_TB_S * 1e12 * eff["memory"])
         comm = (2 * n + 4 * n + 2 * 2 * n_muon) * (world - 1) / world  # all-gather bf16, reduce-scatter fp32, Muon
         step = sum(ms.values())
-        out.append(dict(res=st.res, images=G, tflop=sum(flops.values()) / 1e12, ms=ms, step_ms=step,
+        out.append(dict(res=st.res, images=G, text=text, tflop=sum(flops.values()) / 1e12, ms=ms, step_ms=step,
                         comm_ms=1e3 * comm / (NVLINK_GB_S * 1e9), hours=st.steps * step / 3.6e6))
     return out
 
@@ -758,7 +762,8 @@ def time_budget(hp, world=8, peak=None, eff=None):
 def budget_report(hp, world=8, log=print, **kw):  # `python data_prep.py budget`
     rows = time_budget(hp, world, **kw)
     for i, r in enumerate(rows, 1):
-        log(f"budget stage:{i} res:{r['res']} images/device:{r['images']:g} tflop/device:{r['tflop']:.1f} " +
+        log(f"budget stage:{i} res:{r['res']} images/device:{r['images']:g} text_tokens:{r['text']:.0f} "
+            f"tflop/device:{r['tflop']:.1f} " +
             " ".join(f"{k}:{v:.0f}ms" for k, v in r["ms"].items()) +
             f" step:{r['step_ms']:.0f}ms hours:{r['hours']:.2f} comm_if_not_overlapped:{r['comm_ms']:.0f}ms")
     log(f"budget schedule: {sum(r['hours'] for r in rows):.2f} h on {world} devices")

@@ -16,6 +16,7 @@ Every check ends in a ValueError whose message is one line naming the file and t
 """
 import hashlib
 import html
+import collections
 import copy
 import dataclasses
 import fcntl
@@ -258,15 +259,26 @@ def unpack_text_emb(items, max_len, dim):
 # ----------------------------------------------------------------------------------------------------------------
 # The data stream and its loader workers
 
+def deal_by_length(lengths, world):
+    """The slots 0..G-1 of a global batch in the order the ranks take them (rank r: the r-th G / world), given each
+    slot's caption length: sorted by length and dealt round-robin, so that every rank gets the same spread of lengths
+    (no rank waits for another) and each of its micro-batches captions of similar lengths (each micro-batch is padded
+    to its longest: at ~130 +- 60 tokens, 173 tokens on average instead of 251 at the record's stage 1)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return order.reshape(-1, world).T.reshape(-1).tolist()
+
+
 class StreamSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batches (lists of indices) from image position `start` onward. groups: row indices
-    per aspect bucket (default one group, all rows); first: the image position where this stage began."""
+    per aspect bucket (default one group, all rows); first: the image position where this stage began; lengths: each
+    row's caption tokens, to deal every global batch by length (deal_by_length). Each micro-batch's slots in its
+    global batch (where its training draws come from) are appended to `slots` as it is yielded."""
 
-    def __init__(self, n, seed, start, batch, micro, rank, world, groups=None, first=0):
+    def __init__(self, n, seed, start, batch, micro, rank, world, groups=None, first=0, lengths=None):
         self.n, self.seed, self.start, self.batch, self.micro, self.rank, self.world = \
             n, seed, start, batch, micro, rank, world
         self.groups = [g for g in (groups if groups is not None else [np.arange(n)]) if len(g)]
-        self.first, self._perms = first, {}
+        self.first, self._perms, self.lengths, self.slots = first, {}, lengths, collections.deque()
 
     def __iter__(self):
         sizes = np.array([len(g) for g in self.groups])
@@ -280,9 +292,11 @@ class StreamSampler(torch.utils.data.Sampler):
             glob = [self._index(g, pos[g] + j) for j in range(self.batch)]
             pos[g] += self.batch
             per_rank = self.batch // self.world
-            mine = glob[self.rank * per_rank:(self.rank + 1) * per_rank]
+            dealt = range(self.batch) if self.lengths is None else deal_by_length(self.lengths[glob], self.world)
+            mine = dealt[self.rank * per_rank:(self.rank + 1) * per_rank]
             for j in range(0, per_rank, self.micro):
-                yield mine[j:j + self.micro]
+                self.slots.append(list(mine[j:j + self.micro]))
+                yield [glob[s] for s in mine[j:j + self.micro]]
 
     def _index(self, g, pos):
         epoch, k = divmod(int(pos), len(self.groups[g]))
@@ -1115,6 +1129,20 @@ def etas(stages, k, state, start, loop, costs):
 BENCH_CAPTION_TOKENS = (130, 60)  # the bench's caption lengths: mean and spread of a normal (clipped to 1..text_len)
 
 
+def expected_text_len(hp, stage, world, batches=64):
+    """The mean padded text length of a stage's micro-batches on `world` devices, for captions of
+    BENCH_CAPTION_TOKENS: each micro-batch padded to its longest caption (text_pad_len), the global batch dealt by
+    length first with text_sort (deal_by_length), as the loader does. The time budget counts the DiT's text at it."""
+    g = torch.Generator().manual_seed(0)
+    micro = min(stage.micro_batch, stage.batch // world)
+    out = []
+    for _ in range(batches):
+        n = torch.normal(*map(float, BENCH_CAPTION_TOKENS), (stage.batch,), generator=g).round().clamp(1, hp.text_len)
+        n = n[deal_by_length(n, world)] if hp.text_sort else n
+        out += [text_pad_len(int(n[i:i + micro].max()), hp.text_len) for i in range(0, stage.batch, micro)]
+    return sum(out) / len(out)
+
+
 def dit_train_flops(hp, res, repa_dim=0):
     """Analytic FLOPs of one training step per image of the trainer's PRXDiT (the REPA projector's too when
     repa_dim > 0), for the log's mfu, its ETAs and the bench: 2 per multiply-add; backward twice the forward (no
@@ -1147,23 +1175,28 @@ def bench_stages(hp, world):
 
 
 def synthetic_batches(stage, hp, world, buckets):
-    """The bench's micro-batches, forever: random images, global batches alternating between the squarest and the
-    most elongated of `buckets` (w, h); random text embeddings of caption lengths drawn around BENCH_CAPTION_TOKENS,
-    padded as the loader pads (unpack_text_emb); pinned on a GPU host. It also starts the device's peak-memory count
-    of the stage."""
+    """The bench's micro-batches (images, captions, text, slots), forever: random images, global batches alternating
+    between the squarest and the most elongated of `buckets` (w, h); random text embeddings of caption lengths drawn
+    around BENCH_CAPTION_TOKENS for the global batch of hp.bench_devices devices, dealt by length as the loader deals
+    them (text_sort; rank 0's share) and padded as it pads (unpack_text_emb); pinned on a GPU host. It also starts
+    the device's peak-memory count of the stage."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     B = min(stage.micro_batch, stage.batch // world)
     pin = (lambda t: t.pin_memory()) if torch.cuda.is_available() else (lambda t: t)
+    share = stage.batch // world  # one device's share of the global batch on bench_devices devices
     cycle = []
     for w, h in (min(buckets, key=lambda b: abs(math.log(b[0] / b[1]))), buckets[0]):
-        for _ in range(stage.batch // (world * B)):  # one global batch of each bucket
-            n = torch.normal(*map(float, BENCH_CAPTION_TOKENS), (B,), generator=g).round().clamp(1, hp.text_len)
+        n_all = torch.normal(*map(float, BENCH_CAPTION_TOKENS), (share * hp.bench_devices,), generator=g)
+        n_all = n_all.round().clamp(1, hp.text_len).long()
+        mine = deal_by_length(n_all, hp.bench_devices)[:share] if hp.text_sort else range(share)
+        for a in range(share // B):  # one global batch of each bucket
+            n = n_all[list(mine[a * B:(a + 1) * B])]
             txt, mask = unpack_text_emb([(torch.randn(int(k), hp.text_dim, generator=g).bfloat16().view(
                 torch.int16).numpy().tobytes(), int(k)) for k in n], hp.text_len, hp.text_dim)
             imgs = torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8, generator=g)
-            cycle.append((pin(imgs), None, (pin(txt), pin(mask))))
+            cycle.append((pin(imgs), None, (pin(txt), pin(mask)), pin(torch.arange(a * B, (a + 1) * B))))
     return itertools.cycle(cycle)
 
 

@@ -58,6 +58,7 @@ class Hyperparameters:
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
     text_len: int = 256  # tokens per caption at most (a batch is padded to its longest caption's, masked)
     text_online: bool = False  # record: encode captions every step when a data folder has no text_emb/ (slower)
+    text_sort: bool = True  # with text_emb/: micro-batches of similar caption lengths, less padding (docs/systems.md)
     num_workers: int = 8  # image decoding processes per rank
     aspect_max: float = 2.0  # aspect-ratio buckets span ratios 1/aspect_max..aspect_max (1: square crops only)
     # model: PRX simplified MMDiT, 1.2B at the record size
@@ -542,10 +543,10 @@ def batch_draws(hp, batch, n_tok, pos, gen):
     return drop, sample_t(batch, hp, gen.device, gen), keep
 
 
-def sample_noise(hp, shape, pos, gen):  # (B, C, H, W) noise of the samples at stream positions pos..pos+B-1
+def sample_noise(hp, shape, positions, gen):  # (B, C, H, W) noise of the samples at these B stream positions
     out = torch.empty(shape, device=gen.device)
-    for i in range(shape[0]):  # B small launches, no host sync
-        out[i].normal_(generator=gen.manual_seed(stream_key(hp.seed, pos + i, 1)))
+    for i, pos in enumerate(map(int, positions)):  # B small launches, no host sync
+        out[i].normal_(generator=gen.manual_seed(stream_key(hp.seed, pos, 1)))
     return out
 
 
@@ -843,6 +844,7 @@ class ShardDataset(torch.utils.data.Dataset):
                       for c in ("width", "height")]
         self.emb = support.open_text_emb(self.root, files, rows, self.ds.data.column("caption"), text_encoder, text_dim)
         self.has_emb = self.emb is not None
+        self.lengths = self.emb.data.column("n_tokens").to_numpy() if self.has_emb else None  # for text_sort
         self.skipped = {}  # bad rows met by cause (make_loader counts them)
 
     def __len__(self):
@@ -880,11 +882,12 @@ class ShardDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"], emb, causes
 
 
-def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None)
+def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None, slots)
     groups = ds.set_stage(res, hp.patch, hp.aspect_max)
     k = next(i for i, st in enumerate(hp.stages) if st is stage)
     first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
-    sampler = support.StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first)
+    sampler = support.StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first,
+                                    ds.lengths if hp.text_sort else None)
     collate = functools.partial(support.collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     try:
         for imgs, captions, emb, causes in torch.utils.data.DataLoader(
@@ -894,7 +897,8 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
                 prefetch_factor=4 if hp.num_workers else None):
             for c in causes:  # counted as batches are consumed: the same counts for any num_workers
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
-            yield imgs, captions, emb
+            slots = torch.tensor(sampler.slots.popleft())  # the samples' places in the global batch: their draws
+            yield imgs, captions, emb, slots.pin_memory() if imgs.is_pinned() else slots
     except support.NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
         fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
 
@@ -1131,7 +1135,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
         for root in m.sharded:  # reduce-scatter gradients after the last micro-batch only, and (reshard=0) keep the
             root.set_requires_gradient_sync(a == accum - 1)  # gathered weights until then: one all-gather per step
             root.set_reshard_after_backward(a == accum - 1 or hp.reshard)
-        imgs, captions, emb = next(batches)
+        imgs, captions, emb, slots = next(batches)  # slots: the samples' places in the global batch (text_sort)
         if a == 0:  # the global batch is one aspect bucket: its token count shapes the TREAD draws
             n_tok = (imgs.shape[2] // hp.patch) * (imgs.shape[3] // hp.patch)
             drops, ts, keeps = batch_draws(hp, stage.batch, n_tok, state.data_pos, gen)
@@ -1141,13 +1145,13 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
             txt, mask = emb[0].to(dev, non_blocking=True).float(), emb[1].to(dev, non_blocking=True)
         else:
             txt, mask = m.text(captions)
-        first = env.rank * (stage.batch // env.world) + a * B  # this micro-batch's place in the global batch
-        drop, t = drops[first:first + B], ts[first:first + B]  # drop: caption dropout (for CFG)
-        keep = keeps[first:first + B] if keeps is not None else None
+        idx = slots.to(dev, non_blocking=True)
+        drop, t = drops[idx], ts[idx]  # drop: caption dropout (for CFG)
+        keep = keeps[idx] if keeps is not None else None
         null_txt, null_mask = support.pad_text(*m.null, txt.shape[1])  # the batch's text is at least as long
         txt = torch.where(drop[:, None, None], null_txt, txt)
         mask = torch.where(drop[:, None], null_mask, mask)
-        x_t = add_noise(x0, sample_noise(hp, x0.shape, state.data_pos + first, gen), t)
+        x_t = add_noise(x0, sample_noise(hp, x0.shape, state.data_pos + slots, gen), t)
         nb = max(1, round(B * hp.perc_frac))  # perceptual losses on the first nb samples
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp.amp), support.attention_backend(dev, hp.sdpa):
             x0_pred, hooked = m.forward(x_t, t, txt, mask, keep, repa.block if repa else -1)

@@ -502,9 +502,10 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     loader = T.make_loader(ds, RES, hp.stages[0], 0, hp, 0, 1)
     for step in range(12):
         for half in range(2):
-            imgs, caps, emb = next(loader)
+            imgs, caps, emb, slots = next(loader)
             w, h = ds.buckets[ds.bucket_of[ref[step][3 * half]]]
             assert imgs.shape == (3, 3, h, w) and imgs.dtype == torch.uint8 and len(caps) == 3 and emb is None
+            assert slots.tolist() == [3 * half, 3 * half + 1, 3 * half + 2]  # no text_emb/: in stream order
     assert ds.skipped == {}
     # make_loader finds where its stage began: resuming in stage 2 continues stage 2's stream
     hp2 = T.Hyperparameters(seed=3, patch=PATCH, num_workers=0, stages=[T.Stage(RES, 4, 4, 5, False),

@@ -404,7 +404,9 @@ def test_time_budget_flops_match_the_flop_counter_and_the_parts_add_up(capsys):
     for st, r in zip(hp.stages, rows):
         assert r["images"] == st.batch / 8 and r["step_ms"] == pytest.approx(sum(r["ms"].values()))
         assert r["hours"] == pytest.approx(st.steps * r["step_ms"] / 3.6e6)
-        dit = st.batch / 8 * support.dit_train_flops(hp, st.res, 1024 if st.repa else 0)  # REPA projector: to DINOv3-L
+        assert r["text"] == support.expected_text_len(hp, st, 8) < 200  # text_sort: the micro-batches' mean padding
+        text_hp = dataclasses.replace(hp, text_len=r["text"])
+        dit = st.batch / 8 * support.dit_train_flops(text_hp, st.res, 1024 if st.repa else 0)  # REPA: to DINOv3-L
         assert r["ms"]["dit"] == pytest.approx(1e3 * dit / (989e12 * dp.BUDGET_EFF["dit"]))
         assert (r["ms"]["repa_target"] > 0) == st.repa
         assert r["ms"]["text_encoder"] == 0  # precomputed: the record requires text_emb/

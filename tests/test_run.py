@@ -42,6 +42,42 @@ def test_stream_sampler_same_global_batch_for_any_world_size():
     assert global_batches(1, 12, steps=2, start=30 + 3 * 12) == ref[3:5]
 
 
+def test_dealing_by_caption_length_keeps_each_global_batch_and_each_samples_slot():
+    """text_sort: every global batch holds the same rows in the same slots (the slot picks the sample's noise, t,
+    routing and caption dropout) for any world size; each rank gets one stride of the length-sorted batch, so the
+    ranks' token counts are within one caption of each other and, with accumulation, the micro-batches (padded to
+    their longest) are shorter."""
+    lengths = torch.randint(1, 257, (50,), generator=torch.Generator().manual_seed(0)).numpy()
+    batch, steps, start = 16, 7, 30
+
+    def pairs(world, micro, sort):  # per global batch: {(row, slot)}, and each micro-batch's (rank, rows)
+        samplers = [support.StreamSampler(50, 7, start, batch, micro, r, world, None, 0, lengths if sort else None)
+                    for r in range(world)]
+        its, out, micros = [iter(s) for s in samplers], [], []
+        for _ in range(steps):
+            got = set()
+            for r, (it, s) in enumerate(zip(its, samplers)):
+                for _ in range(batch // (world * micro)):
+                    rows, slots = next(it), s.slots.popleft()
+                    got |= set(zip(rows, slots))
+                    micros.append((r, rows))
+            out.append(got)
+        assert all(not s.slots for s in samplers)
+        return out, micros
+
+    ref, _ = pairs(1, 16, False)
+    assert all(sorted(s for _, s in b) == list(range(batch)) for b in ref)
+    for world, micro in ((1, 4), (2, 2), (4, 4), (8, 1), (2, 8), (2, 4)):
+        got, micros = pairs(world, micro, True)
+        assert got == ref, (world, micro)
+        per_rank = [sum(int(lengths[i]) for r2, rows in micros if r2 == r for i in rows) / steps for r in range(world)]
+        assert max(per_rank) - min(per_rank) <= lengths.max()
+        if micro > 1 and batch // (world * micro) > 1:  # with accumulation (one micro-batch a rank: no gain)
+            plain = pairs(world, micro, False)[1]
+            padded = [sum(int(lengths[rows].max()) for _, rows in m) for m in (micros, plain)]
+            assert padded[0] < 0.9 * padded[1], padded
+
+
 @pytest.mark.slow
 def test_stage_switch_policies(shapes, tmp_path, monkeypatch):
     """stage_switch: carry keeps stage 1's optimiser states (Adam's step count runs on), reset starts stage 2 with
@@ -197,7 +233,9 @@ def test_each_stage_reads_its_own_data_and_resumes_across_the_switch(shapes, tmp
         assert values == pytest.approx(a[step], rel=1e-6), step
 
 
-def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path, capsys):
+def with_text_emb(shapes, tmp_path):
+    """A copy of the shapes folder with text_emb/ written by the demo's text encoder -> (folder, hp, encoder folder,
+    TextEncoder)."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -210,6 +248,12 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
         column = pq.read_table(shard, columns=["caption"]).column("caption")
         dp.write_text_emb(data / "text_emb" / "train" / f"{shard.stem}.arrow",
                           [support.pack_text_emb(*text(column.to_pylist()))], support.text_emb_meta(column, enc_dir))
+    return data, hp, enc_dir, text
+
+
+def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path, capsys):
+    import pyarrow.parquet as pq
+    data, hp, enc_dir, text = with_text_emb(shapes, tmp_path)
     ds = T.ShardDataset(data)
     ds.set_stage(32, hp.patch, hp.aspect_max)
     assert ds.has_emb and len(ds) == 512
@@ -438,3 +482,36 @@ atexit.register(report)
     assert "shapes score two:" in r.stdout and (tmp_path / "run" / "demo_encoders" / "text_encoder").is_dir()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report == dict(modules=["__main__"], classes=dict(PRXDiT=1, Hyperparameters=1, Stage=1), helpers=[])
+
+
+@pytest.mark.slow
+def test_text_sort_trains_on_the_same_samples_with_the_same_draws(shapes, tmp_path, monkeypatch):
+    """With text_emb/, micro-batches dealt by caption length (text_sort=1, the default) or taken in stream order
+    (text_sort=0) train on the same samples with the same noise, t, routing and caption dropout: 4 micro-batches
+    per step, other micro-batches, the same losses and weights."""
+    data, *_ = with_text_emb(shapes, tmp_path)
+    conftest.few_prompts(data)
+    drawn, make_loader = [], T.make_loader
+
+    def spy(*a):  # the captions of each micro-batch
+        for batch in make_loader(*a):
+            drawn.append(batch[1])
+            yield batch
+    monkeypatch.setattr(T, "make_loader", spy)
+    runs = {}
+    for sort in (0, 1):
+        drawn.clear()
+        _, m = T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run{sort}", f"text_sort={sort}", "stages=1",
+                       "stage1.steps=3", "stage1.batch=8", "stage1.micro_batch=2", "log_every=1", "ckpt_every=0",
+                       "sample_steps=1", "restarts=0", "warmup=1"])
+        runs[sort] = drawn[:], _logged(tmp_path / f"run{sort}"), m.model.state_dict()
+    (plain, logged0, w0), (dealt, logged1, w1) = runs[0], runs[1]
+    steps = [sorted(c for b in d[4 * s:4 * s + 4] for c in b) for d in (plain, dealt) for s in range(3)]
+    assert steps[:3] == steps[3:] and plain != dealt  # the same samples per step, in other micro-batches
+    words = [[len(c.split()) for b in dealt[4 * s:4 * s + 4] for c in b] for s in range(3)]
+    assert all(w == sorted(w) for w in words) and len({n for w in words for n in w}) > 1  # shorter captions first
+    assert [s for s, _ in logged0] == [1, 2, 3]
+    for (s0, v0), (s1, v1) in zip(logged0, logged1, strict=True):
+        assert s0 == s1 and v0 == pytest.approx(v1, rel=1e-5), s0
+    for k in w0:
+        assert torch.allclose(w0[k], w1[k], atol=1e-6), k

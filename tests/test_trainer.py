@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,15 +218,16 @@ def test_training_draws_depend_on_the_stream_position_only():
     """A sample's noise is the same whatever batch it is drawn in; different samples and seeds get independent
     standard normals; the global batch's draws are a function of (seed, position)."""
     hp, gen = tiny_hp(tread_frac=0.5), torch.Generator()
-    noise = T.sample_noise(hp, (6, 3, 8, 8), 100, gen)
-    parts = [T.sample_noise(hp, (2, 3, 8, 8), 100 + i, gen) for i in (0, 2, 4)]
+    noise = T.sample_noise(hp, (6, 3, 8, 8), range(100, 106), gen)
+    parts = [T.sample_noise(hp, (2, 3, 8, 8), range(100 + i, 102 + i), gen) for i in (0, 2, 4)]
     assert torch.equal(noise, torch.cat(parts))
-    assert torch.equal(noise[3], T.sample_noise(hp, (1, 3, 8, 8), 103, gen)[0])
-    many = T.sample_noise(hp, (64, 3, 8, 8), 0, gen).flatten(1)  # (64, 192)
+    assert torch.equal(noise[3], T.sample_noise(hp, (1, 3, 8, 8), [103], gen)[0])
+    assert torch.equal(noise[[4, 1]], T.sample_noise(hp, (2, 3, 8, 8), torch.tensor([104, 101]), gen))  # any order
+    many = T.sample_noise(hp, (64, 3, 8, 8), range(64), gen).flatten(1)  # (64, 192)
     assert abs(many.mean()) < 0.02 and abs(many.std() - 1) < 0.02
     corr = torch.corrcoef(many)  # samples are not copies of one another
     assert (corr - torch.eye(64)).abs().max() < 0.35
-    other = T.sample_noise(tiny_hp(seed=1), (6, 3, 8, 8), 100, gen)
+    other = T.sample_noise(tiny_hp(seed=1), (6, 3, 8, 8), range(100, 106), gen)
     assert not torch.allclose(noise, other)
     a, b = T.batch_draws(hp, 8, 16, 40, gen), T.batch_draws(hp, 8, 16, 40, gen)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -686,19 +688,53 @@ def test_bench_runs_the_records_accumulation_on_two_buckets_with_padded_captions
         buckets = T.aspect_buckets(st.res, 8, hp.aspect_max)
         it = support.synthetic_batches(st, hp, 1, buckets)
         got = [next(it) for _ in range(4 * accum)]  # two global batches of each bucket
-        shapes = [tuple(imgs.shape[2:]) for imgs, _, _ in got]
+        shapes = [tuple(imgs.shape[2:]) for imgs, *_ in got]
         square = min(buckets, key=lambda b: abs(math.log(b[0] / b[1])))
         want = [square[::-1]] * accum + [buckets[0][::-1]] * accum
         assert shapes == want * 2 and square[0] == square[1] and buckets[0][0] != buckets[0][1]
         lengths = []
-        for imgs, captions, (txt, mask) in got:
+        for a, (imgs, captions, (txt, mask), slots) in enumerate(got):
             n = mask.sum(1)
             assert imgs.shape[0] == st.micro_batch and captions is None and txt.dtype == torch.bfloat16
             assert mask.shape[1] == support.text_pad_len(int(n.max()), hp.text_len) == txt.shape[1]
             assert torch.equal(mask, torch.arange(mask.shape[1])[None] < n[:, None])  # real tokens first
             assert not txt[~mask].any() and txt[mask].abs().sum(-1).min() > 0
+            assert torch.equal(slots, torch.arange(a % accum * st.micro_batch, (a % accum + 1) * st.micro_batch))
             lengths += n.tolist()
         assert 115 < sum(lengths) / len(lengths) < 145 and min(lengths) < 100 and max(lengths) > 160
+        # text_sort (the record's): a device's micro-batches hold captions of similar lengths, as the loader deals
+        # them: each global batch's are in ascending order, so each is padded less than the unsorted ones
+        for i in range(0, len(got), accum):
+            n = [m.sum(1) for _, _, (_, m), _ in got[i:i + accum]]
+            assert all(n[j].max() <= n[j + 1].min() for j in range(accum - 1))
+        unsorted = support.synthetic_batches(st, dataclasses.replace(hp, text_sort=False), 1, buckets)
+        padded = [sum(next(it)[2][1].shape[1] for _ in range(2 * accum)) for it in (iter(got), unsorted)]
+        assert padded[0] < 0.85 * padded[1], padded
+
+
+def test_expected_text_len_matches_the_order_statistics_of_the_caption_lengths():
+    """The time budget's mean padded text length against closed forms, for captions n = round(N(130, 60)) clipped to
+    1..256 (F(k) = P(n <= k)): in stream order a micro-batch of m is padded to its longest, the max of m draws,
+    P(max <= k) = F(k)^m; dealt by length on W devices, micro-batch a of rank r holds the sorted positions j W + r
+    (a m <= j < (a + 1) m), so its longest is the order statistic i = ((a + 1) m - 1) W + r + 1 of the G lengths,
+    P(X_(i) <= k) = P(Binomial(G, F(k)) >= i). Padding rounds up to 32 tokens."""
+    from scipy.stats import binom, norm
+    hp = T.parse_args(["preset=record"], False)
+    k = np.arange(1, hp.text_len + 1)
+    F = norm.cdf(k + 0.5, *support.BENCH_CAPTION_TOKENS)
+    F[-1] = 1.0
+    pad = np.array([support.text_pad_len(int(x), hp.text_len) for x in k])
+    mean_pad = lambda cdf: pad @ np.diff(np.concatenate([[0.0], cdf]))  # noqa: E731  E[pad(X)] from P(X <= k)
+    W = 8
+    for st in hp.stages:
+        m, G = st.micro_batch, st.batch
+        plain = mean_pad(F ** m)
+        dealt = np.mean([mean_pad(binom.sf(((a + 1) * m - 1) * W + r, G, F))
+                         for r in range(W) for a in range(G // W // m)])
+        in_order = dataclasses.replace(hp, text_sort=False)
+        assert support.expected_text_len(in_order, st, W) == pytest.approx(plain, abs=1.5)
+        assert support.expected_text_len(hp, st, W) == pytest.approx(dealt, abs=1.5)
+        assert dealt < 0.75 * plain
 
 
 def test_record_flops_match_the_recipe():
