@@ -140,7 +140,7 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale, 2 cores: ~8 min with bf16 instructions, ~45 without (docs/demo.md).
+# The CPU demo: the same code path at toy scale, 2 cores: ~9 min with bf16 instructions, ~30 without (docs/demo.md).
 # Its encoders are tiny random models built through the same transformers classes as the real ones.
 PRESETS = {
     "record": {},
