@@ -4,6 +4,7 @@ import glob
 import signal
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,12 +121,16 @@ def test_wandb_offline_run_holds_every_metrics_row_and_the_grids_with_captions(s
         monkeypatch.setenv(k, v)
     run = tmp_path / "run"
     train(shapes, run, "tracker=wandb")
-    history = {}  # step -> {key: value}
-    for r in wandb_records(run):
-        if r.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-            history.setdefault(items["_step"], {}).update(items)
     rows = support.read_metrics(run)
+    for _ in range(60):  # wandb's service process writes the file; under load its last records can lag finish()
+        history = {}  # step -> {key: value}
+        for r in wandb_records(run):
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                history.setdefault(items["_step"], {}).update(items)
+        if rows[-1]["step"] in history:
+            break
+        time.sleep(1)
     assert rows and any("shapes" in r for r in rows)
     for r in rows:
         for k, v in support.numbers({k: v for k, v in r.items() if k != "step"}).items():
