@@ -189,7 +189,7 @@ def pick_caption(texts, weights, rng):
 def bucket_crop(img, buckets, resample=Image.Resampling.LANCZOS):
     """Resize a PIL image to cover its nearest aspect bucket (log ratio) and crop the centre.
     -> (image of the bucket's size, scale factor applied)."""
-    from train_gpt_style import nearest_bucket
+    from support import nearest_bucket
     W, H = img.size
     w, h = buckets[int(nearest_bucket(buckets, W, H))]
     s = min(W / w, H / h)  # source pixels per output pixel in the centred crop box
@@ -354,7 +354,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     import datasets
     import pyarrow.parquet as pq
 
-    from train_gpt_style import Hyperparameters, aspect_buckets
+    from support import aspect_buckets
+    from train_gpt_style import Hyperparameters
     hp = Hyperparameters()
     patch, aspect_max = patch or hp.patch, aspect_max or hp.aspect_max
     check_res(res, patch)
@@ -453,22 +454,33 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
 # ----------------------------------------------------------------------------------------------
 # Text embeddings, precomputed (`encode-text`): one process per GPU, disjoint shard files
 
-def write_text_emb(path, batches, meta):
-    """Batches of packed embeddings [(bf16 bytes, n_tokens)] -> one Arrow IPC stream file, the format that
+def write_sidecar(path, fields, batches, meta):
+    """Record batches (lists of columns for the pyarrow `fields`) -> one Arrow IPC stream file, the format that
     datasets.Dataset.from_file memory-maps where it lies (the trainer reads it with no copy), written atomically;
-    meta (support.text_emb_meta: encoder and caption digest of the shard) goes into its schema metadata, which
-    the trainer checks. -> (its size in bytes, tokens written)."""
+    meta (support.text_emb_meta or repa_meta: what it holds, and its shard's caption digest) goes into its schema
+    metadata, which the trainer checks. -> its size in bytes."""
     import pyarrow as pa
-    schema = pa.schema([("text_emb", pa.binary()), ("n_tokens", pa.int32())], metadata=meta)
+    schema = pa.schema(fields, metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two writers of one file never share a temporary
-    tokens = 0
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
-        for packed in batches:
-            w.write_batch(pa.record_batch([[p[0] for p in packed], [p[1] for p in packed]], schema=schema))
-            tokens += sum(p[1] for p in packed)
+        for columns in batches:
+            w.write_batch(pa.record_batch(columns, schema=schema))
     os.replace(tmp, path)
-    return path.stat().st_size, tokens
+    return path.stat().st_size
+
+
+def write_text_emb(path, batches, meta):  # batches of packed embeddings [(bf16 bytes, n_tokens)] -> (bytes, tokens)
+    import pyarrow as pa
+    tokens = 0
+
+    def columns():
+        nonlocal tokens
+        for packed in batches:
+            tokens += sum(p[1] for p in packed)
+            yield [[p[0] for p in packed], [p[1] for p in packed]]
+    size = write_sidecar(path, [("text_emb", pa.binary()), ("n_tokens", pa.int32())], columns(), meta)
+    return size, tokens
 
 
 def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
@@ -480,7 +492,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     import pyarrow.parquet as pq
     import torch
 
-    from support import brief, pack_text_emb, quiet_transformers, text_emb_meta, text_emb_path
+    from support import brief, pack_text_emb, quiet_transformers, sidecar_path, text_emb_meta
     from train_gpt_style import Hyperparameters, TextEncoder
     hp = Hyperparameters()
     text_encoder, text_len = text_encoder or hp.text_encoder, text_len or hp.text_len
@@ -490,7 +502,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     files = sorted(p for p in root.rglob("*.parquet") if not {"text_emb", "parts"} & set(p.relative_to(root).parts))
     if not files:
         raise ValueError(f"no parquet shards under {root}; run data_prep.py hf first")
-    todo = [f for f in files[rank::world] if not text_emb_path(root, f).exists()]
+    todo = [f for f in files[rank::world] if not sidecar_path(root, f).exists()]
     stats = dict(files=len(todo), captions=0, tokens=0, bytes=0)
     if not todo:
         return stats
@@ -510,7 +522,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
         captions = column.to_pylist()
         packed = (pack_text_emb(*(t.cpu() for t in enc([c or "" for c in captions[j:j + batch]])))
                   for j in range(0, len(captions), batch))
-        size, tokens = write_text_emb(text_emb_path(root, f), packed, text_emb_meta(column, text_encoder))
+        size, tokens = write_text_emb(sidecar_path(root, f), packed, text_emb_meta(column, text_encoder))
         stats["bytes"] += size
         stats["tokens"] += tokens
         stats["captions"] += len(captions)
@@ -522,6 +534,84 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
           f"caption, {stats['bytes'] / n / 1e3:.1f} kB per caption stored, {stats['bytes'] / n / 1e3:.0f} GB per "
           "million captions")
     return stats
+
+# ----------------------------------------------------------------------------------------------
+# REPA targets, precomputed (`encode-repa`): one process per GPU, disjoint shard files
+
+def encode_repa(shards, constants=(), batch=64, workers=None, rank=None, world=None):
+    """The DINOv3 targets of REPA, computed once instead of every step: for each training image of DIR, repa_targets
+    of the image as the trainer's loader crops it in the first REPA stage (its res, patch, aspect_max and repa_encoder
+    from the trainer's constants, name=value; default the record preset's). Written as DIR/repa/<same path>.arrow
+    (repa: bf16 bytes of the (tokens, width) features) row for row, atomically, recording the encoder, the grid
+    (res:patch:aspect_max) and the shard's caption digest, which the trainer checks. A bad row gets the features of
+    the row that replaces it in training. Rank r of `world` (torchrun's RANK / WORLD_SIZE by default) takes files r,
+    r + world, ...; files already done are skipped. Returns this rank's {files, images, bytes}."""
+    import functools
+
+    import pyarrow as pa
+    import torch
+
+    from support import NoUsableRow, brief, collate_batch, quiet_transformers, repa_meta, sidecar_path
+    from train_gpt_style import ShardDataset, load_vit, parse_args, repa_targets
+    hp = parse_args(["preset=record", *constants], False)
+    stage = next((st for st in hp.stages if st.repa), None)
+    if stage is None or not hp.repa_weight:
+        raise ValueError("no stage trains with REPA (stageK.repa=1 and repa_weight > 0): nothing to precompute")
+    if not hp.repa_encoder:
+        raise ValueError("repa_encoder is empty; pass repa_encoder=<hub id or folder> (the trainer's)")
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    root = Path(shards)
+    ds = ShardDataset(root, sidecars=False)  # the trainer's images, decoded and cropped as it does
+    groups = ds.set_stage(stage.res, hp.patch, hp.aspect_max)
+    starts = np.cumsum([0] + ds.rows)
+    todo = [k for k in range(rank, len(ds.files), world) if not sidecar_path(root, ds.files[k], "repa").exists()]
+    stats = dict(files=len(todo), images=0, bytes=0)
+    if not todo:
+        return stats
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    quiet_transformers()
+    try:
+        dino = load_vit(hp.repa_encoder, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except Exception as e:
+        raise ValueError(f"cannot load the REPA encoder {hp.repa_encoder} ({brief(e)}); pass repa_encoder=<hub id "
+                         "or folder>") from None
+    chunks = []  # (file, rows): one aspect bucket each, files in order
+    for k in todo:
+        for g in groups:
+            mine = g[(g >= starts[k]) & (g < starts[k + 1])]
+            chunks += [(k, mine[j:j + batch]) for j in range(0, len(mine), batch)]
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=[rows for _, rows in chunks], num_workers=min(8, os.cpu_count()) if workers is None else
+        workers, collate_fn=functools.partial(collate_batch, text_len=1, text_dim=1))
+    captions = ds.ds.data.column("caption")
+    out, t0 = {}, time.time()
+    try:
+        for n, ((k, rows), (imgs, *_)) in enumerate(zip(chunks, loader)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.amp):  # as train_step runs REPA
+                feats = repa_targets(dino, imgs.to(device).float() / 127.5 - 1, hp.patch)
+            for i, f in zip(rows, feats.to(torch.bfloat16).cpu()):
+                out[int(i)] = f.contiguous().view(torch.int16).numpy().tobytes()
+            if n + 1 < len(chunks) and chunks[n + 1][0] == k:
+                continue
+            a, b = int(starts[k]), int(starts[k + 1])  # file k is complete: written, then forgotten
+            meta = repa_meta(captions.slice(a, b - a), hp.repa_encoder, stage.res, hp.patch, hp.aspect_max)
+            stats["bytes"] += write_sidecar(sidecar_path(root, ds.files[k], "repa"), [("repa", pa.binary())],
+                                            [[[out.pop(i) for i in range(a, b)]]], meta)
+            stats["images"] += b - a
+            print(f"\rencode-repa rank {rank}/{world}: {todo.index(k) + 1}/{len(todo)} files, {stats['images']} "
+                  f"images, {stats['images'] / (time.time() - t0):.1f} images/s", end="", file=sys.stderr, flush=True)
+    except NoUsableRow as e:
+        raise ValueError(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1]) from None
+    print(file=sys.stderr)
+    n = max(1, stats["images"])
+    print(f"encode-repa rank {rank}/{world}: {stats['images']} images at {stage.res} px, "
+          f"{stats['bytes'] / n / 1024:.0f} KiB per image stored, {stats['bytes'] / n / 1e3:.0f} GB per million images")
+    return stats
+
 
 # ----------------------------------------------------------------------------------------------
 # Loader throughput (`bench-decode`): decode + bucket resize per worker process, as the trainer's loader does it
@@ -745,7 +835,8 @@ def time_budget(hp, world=8, peak=None, eff=None):
         dit_hp = dataclasses.replace(hp, text_len=text)
         flops = dict(dit=G * support.dit_train_flops(dit_hp, st.res, repa.proj[0].out_features if use_repa else 0),
                      text_encoder=G * text_encoder_flops(T5GEMMA_2B, hp.text_len) if hp.text_online else 0,
-                     repa_target=G * vit_flops(REAL_VITS[0], (st.res // hp.patch) ** 2 + 5) if use_repa else 0,
+                     repa_target=G * vit_flops(REAL_VITS[0], (st.res // hp.patch) ** 2 + 5)  # without repa/
+                     if use_repa and hp.repa_online else 0,
                      lpips=nb * 3 * vgg_flops(st.res // 2) if hp.lpips_weight else 0,  # x0, pred, pred's backward
                      pdino=nb * 3 * vit_flops(REAL_VITS[1], (hp.pdino_res // 14) ** 2 + 5) if hp.pdino_weight else 0,
                      newton_schulz=sum(owned) if hp.muon else 0)
@@ -990,6 +1081,12 @@ def main(argv=None):
     p.add_argument("--text-encoder", default=None, help="hub id or folder (default: the trainer's)")
     p.add_argument("--text-len", type=int, default=None, help="max tokens (default: the trainer's)")
     p.add_argument("--batch", type=int, default=64, help="captions per forward pass")
+    p = sub.add_parser("encode-repa", help="precompute the REPA targets (run under torchrun for several GPUs)")
+    p.add_argument("--shards", required=True, help="folder written by hf or shapes")
+    p.add_argument("constants", nargs="*", help="the trainer's name=value (res, patch, aspect_max, repa_encoder of "
+                   "the first REPA stage; default: the record preset's)")
+    p.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores, at most 8)")
     p = sub.add_parser("bench-decode", help="loader decode + resize throughput per worker process")
     p.add_argument("--shards", required=True, help="shard folder (with --synthetic: where to write them)")
     p.add_argument("--res", type=_ints, default="512,1024", help="resolutions to decode to; a subfolder named RES "
@@ -1034,6 +1131,8 @@ def main(argv=None):
             budget_report(parse_args(["preset=record", *args.constants], False), args.devices)
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
+        elif args.command == "encode-repa":
+            encode_repa(args.shards, args.constants, args.batch, args.workers)
         elif args.command == "bench-decode":
             from train_gpt_style import Hyperparameters
             res_list = args.res

@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,8 +224,10 @@ def evaluate(hp, ev, generate, res, cache_dir, device, batch=32, progress=False,
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp.amp):
             pred = x0_pred(x_t, t, [it[1] for it in items])
         return flow_loss(pred.float(), x0, x_t, t, hp.t_min_div), t
-    return run_eval(fns, gen, reference, len(prompts), n, ids, res, cache_dir, device, batch, progress,
-                    val_loss if flow else None, flow[3] if flow else ())
+    t0 = time.perf_counter()
+    out = run_eval(fns, gen, reference, len(prompts), n, ids, res, cache_dir, device, batch, progress,
+                   val_loss if flow else None, flow[3] if flow else ())
+    return {**out, "eval_time_s": time.perf_counter() - t0}  # sampling, features and the validation loss
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -126,8 +126,8 @@ def text_encoder_path(hp, run_dir):
 def snap_size(height, width, res, patch, aspect_max):
     """The trainer's aspect bucket at resolution res nearest a size in log aspect ratio, as the data loader assigns
     images: the token count of a res x res image (within 10 %), sides multiples of the patch. -> (height, width)"""
-    buckets = T.aspect_buckets(res, patch, aspect_max)
-    w, h = buckets[T.nearest_bucket(buckets, width, height)]
+    buckets = support.aspect_buckets(res, patch, aspect_max)
+    w, h = buckets[support.nearest_bucket(buckets, width, height)]
     return h, w
 
 

@@ -11,6 +11,9 @@ The shard format, what data_prep.py writes and the trainer reads:
     DIR/text_emb/<shard path>.arrow       text-embedding sidecar: per row the encoder's bf16 output for the real
                                           tokens (text_emb bytes, n_tokens); its schema metadata names the encoder
                                           and a digest of the shard's captions
+    DIR/repa/<shard path>.arrow           REPA-target sidecar (data_prep.py encode-repa): per row the bf16 DINOv3
+                                          patch features of the image as a stage crops it (repa bytes); its
+                                          metadata names the encoder, the grid (res:patch:aspect_max), the digest
 
 Every check ends in a ValueError whose message is one line naming the file and the fix.
 """
@@ -56,7 +59,7 @@ def brief(e, n=100):  # an exception as one short line, "Type: message" (DCP's: 
 # ----------------------------------------------------------------------------------------------------------------
 # The shard format
 
-SKIP = {"heldout", "text_emb"}  # folders under DIR that hold no training shards
+SKIP = {"heldout", "text_emb", "repa"}  # folders under DIR that hold no training shards
 
 
 def decode_image(raw, draft=None):
@@ -153,8 +156,8 @@ def open_shards(folder):
     return files, rows, ds.cast_column("image", datasets.Image(decode=False))
 
 
-def text_emb_path(root, shard):  # the text-embedding sidecar of a shard file (data_prep.py encode-text writes it)
-    return Path(root) / "text_emb" / Path(shard).relative_to(root).with_suffix(".arrow")
+def sidecar_path(root, shard, kind="text_emb"):  # a shard file's sidecar: kind text_emb (encode-text) or repa
+    return Path(root) / kind / Path(shard).relative_to(root).with_suffix(".arrow")
 
 
 CLEANING = "ftfy+unescape2+strip"  # clean_caption's version: a sidecar records it; another one must be re-encoded
@@ -168,55 +171,96 @@ def clean_caption(text):
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
-def text_emb_meta(captions, text_encoder):
-    """What a sidecar encodes, kept in its Arrow schema metadata: the text encoder, and a digest of its shard's
-    captions (pyarrow strings): row count, total bytes (from the offsets alone), sha1 of 64 captions spread over the
-    shard. Cheap at every start, where hashing every caption of terabytes of shards is not; a re-conversion that
-    draws other captions (another --seed) changes it."""
+def caption_digest(captions):
+    """A digest of a shard's captions (pyarrow strings), which its sidecars record: row count, total bytes (from the
+    offsets alone), sha1 of 64 captions spread over the shard. Cheap at every start, where hashing every caption of
+    terabytes of shards is not; a re-conversion that draws other captions (another --seed) changes it."""
     import pyarrow.compute as pc
     n = len(captions)
     probe = "\n".join(c or "" for c in captions.take(np.linspace(0, n - 1, min(n, 64)).astype(int)).to_pylist())
-    digest = f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
-    return {"text_encoder": str(text_encoder), "captions": digest, "cleaning": CLEANING}
+    return f"{n}:{pc.sum(pc.binary_length(captions)).as_py() or 0}:{hashlib.sha1(probe.encode()).hexdigest()}"
+
+
+def text_emb_meta(captions, text_encoder):  # what a text sidecar encodes, kept in its Arrow schema metadata
+    return {"text_encoder": str(text_encoder), "captions": caption_digest(captions), "cleaning": CLEANING}
+
+
+def repa_meta(captions, repa_encoder, res, patch, aspect_max):  # what a REPA sidecar holds, in its schema metadata
+    return {"repa_encoder": str(repa_encoder), "captions": caption_digest(captions),
+            "grid": repa_grid(res, patch, aspect_max)}
+
+
+def open_sidecars(root, files, rows, captions, kind, command):
+    """The `kind` sidecars of `files` (rows each; captions: the shards' caption column) as one memory-mapped dataset
+    and each file's metadata, or (None, None) when there is no <root>/<kind>/. Each must mirror its shard row for row
+    (row count and caption digest); all or none must exist (never a silent fall-back to computing them online)."""
+    import datasets
+    import pyarrow as pa
+    paths = [sidecar_path(root, f, kind) for f in files]
+    missing = [e for e in paths if not e.exists()]
+    if missing and (Path(root) / kind).exists() and len(missing) < len(paths):
+        raise ValueError(f"{len(missing)} of {len(paths)} files of {root}/{kind} are missing (e.g. {missing[0]}); "
+                         f"run data_prep.py {command} again (it adds them) or delete {kind}/")
+    if missing or not files:
+        return None, None
+    try:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
+        parts = [datasets.Dataset.from_file(str(e)) for e in paths]
+        records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in paths]
+    except Exception as e:
+        raise ValueError(f"{root}/{kind}: a file is unreadable ({brief(e)}); delete it and run data_prep.py "
+                         f"{command} again") from None
+    metas = []
+    for f, e, part, rec, a, n in zip(files, paths, parts, records, np.cumsum([0] + rows), rows):
+        have = {k.decode(): v.decode() for k, v in rec.items()}
+        redo = f"delete {root}/{kind}/ and run data_prep.py {command} --shards {root} again"
+        if "captions" not in have:
+            raise ValueError(f"{e} does not record which captions it belongs to (an older {command}); {redo}")
+        if len(part) != n or have["captions"] != caption_digest(captions.slice(a, n)):
+            raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+        metas.append(have)
+    return datasets.concatenate_datasets(parts), metas
 
 
 def open_text_emb(root, files, rows, captions, text_encoder="", text_dim=0):
-    """The sidecars of `files` (rows each; captions: the shards' caption column) as one memory-mapped dataset, or
-    None when there is no text_emb/. Each must record its shard's captions and, when text_encoder is given, that
-    encoder (and text_dim, when given, its width); all or none must exist (never a silent fall-back to encoding)."""
-    import datasets
-    import pyarrow as pa
-    embs = [text_emb_path(root, f) for f in files]
-    missing = [e for e in embs if not e.exists()]
-    if missing and (Path(root) / "text_emb").exists() and len(missing) < len(embs):
-        raise ValueError(f"{len(missing)} of {len(embs)} text embedding files are missing (e.g. {missing[0]}); "
-                         "run data_prep.py encode-text again (it adds them) or delete text_emb/")
-    if missing:
+    """The text sidecars (open_sidecars), or None: each must hold captions cleaned as clean_caption cleans them and,
+    when text_encoder is given, that encoder's embeddings (and text_dim, when given, their width)."""
+    out, metas = open_sidecars(root, files, rows, captions, "text_emb", "encode-text")
+    if out is None:
         return None
-    try:  # Arrow stream files, memory-mapped where they lie (no copy into the datasets cache)
-        parts = [datasets.Dataset.from_file(str(e)) for e in embs]
-        records = [pa.ipc.open_stream(pa.memory_map(str(e))).schema.metadata or {} for e in embs]
-    except Exception as e:
-        raise ValueError(f"{root}/text_emb: an embedding file is unreadable ({brief(e)}); delete it and run "
-                         "data_prep.py encode-text again") from None
     redo = f"delete {root}/text_emb/ and run data_prep.py encode-text --shards {root} again"
-    for f, e, part, rec, a, n in zip(files, embs, parts, records, np.cumsum([0] + rows), rows):
-        have = {k.decode(): v.decode() for k, v in rec.items()}
-        if "captions" not in have:
-            raise ValueError(f"{e} does not record which captions it encodes (an older encode-text); {redo}")
-        if len(part) != n or have["captions"] != text_emb_meta(captions.slice(a, n), "")["captions"]:
-            raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
+    for f, have in zip(files, metas):
         if have.get("cleaning") != CLEANING:
-            raise ValueError(f"{e} holds captions encoded without this trainer's cleaning ({CLEANING}); {redo}")
+            raise ValueError(f"{sidecar_path(root, f)} holds captions encoded without this trainer's cleaning "
+                             f"({CLEANING}); {redo}")
         if text_encoder and have.get("text_encoder") != text_encoder:
-            raise ValueError(f"{e} holds embeddings of text encoder {have.get('text_encoder')}, not of "
-                             f"text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
-    out = datasets.concatenate_datasets(parts)
+            raise ValueError(f"{sidecar_path(root, f)} holds embeddings of text encoder {have.get('text_encoder')}, "
+                             f"not of text_encoder={text_encoder}; set text_encoder to that one, or {redo}")
     dim = len(out[0]["text_emb"]) // (2 * max(1, out[0]["n_tokens"]))  # bf16 bytes of n tokens: the width follows
     if text_dim and dim != text_dim:
         raise ValueError(f"{root}/text_emb holds {dim}-d embeddings but text_dim={text_dim}; encode them with the "
                          "run's text encoder (data_prep.py encode-text) or set text_dim")
     return out
+
+
+def open_repa_targets(root, files, rows, captions, repa_encoder=""):
+    """The REPA-target sidecars (open_sidecars) -> (dataset, grid "res:patch:aspect_max"), or (None, None): all of one
+    grid and, when repa_encoder is given, of that encoder."""
+    out, metas = open_sidecars(root, files, rows, captions, "repa", "encode-repa")
+    if out is None:
+        return None, None
+    redo = f"delete {root}/repa/ and run data_prep.py encode-repa --shards {root} again"
+    for f, have in zip(files, metas):
+        if have.get("grid") != metas[0].get("grid"):
+            raise ValueError(f"{sidecar_path(root, f, 'repa')} holds targets of grid {have.get('grid')}, others of "
+                             f"{metas[0].get('grid')} (res:patch:aspect_max); {redo}")
+        if repa_encoder and have.get("repa_encoder") != repa_encoder:
+            raise ValueError(f"{sidecar_path(root, f, 'repa')} holds targets of {have.get('repa_encoder')}, not of "
+                             f"repa_encoder={repa_encoder}; set repa_encoder to that one, or {redo}")
+    return out, metas[0]["grid"]
+
+
+def repa_grid(res, patch, aspect_max):  # the crops a REPA sidecar was computed on, as its metadata records them
+    return f"{res}:{patch}:{float(aspect_max)}"
 
 
 def pack_text_emb(h, mask):
@@ -258,6 +302,23 @@ def unpack_text_emb(items, max_len, dim):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The data stream and its loader workers
+
+BUCKET_AREA_TOL = 0.1  # a bucket's area (its token count) lies within 10 % of the square's
+
+
+def aspect_buckets(res, patch, aspect_max):  # -> [(w, h)] sorted by aspect ratio, the square (res, res) included
+    out = {(res, res)}
+    for h in range(patch, res, patch):  # the landscape bucket of short side h nearest res^2 in area, and its transpose
+        w = min(range(h + patch, int(h * aspect_max) + 1, patch), key=lambda w: abs(w * h - res * res), default=h)
+        if w > h and abs(w * h / res ** 2 - 1) <= BUCKET_AREA_TOL:
+            out |= {(w, h), (h, w)}
+    return sorted(out, key=lambda b: b[0] / b[1])
+
+
+def nearest_bucket(buckets, w, h):  # image sizes -> index of the (sorted) bucket nearest in log aspect ratio
+    r = np.log([bw / bh for bw, bh in buckets])
+    return np.searchsorted((r[1:] + r[:-1]) / 2, np.log(np.asarray(w, dtype=float) / np.asarray(h, dtype=float)))
+
 
 def deal_by_length(lengths, world):
     """The slots 0..G-1 of a global batch in the order the ranks take them (rank r: the r-th G / world), given each
@@ -306,9 +367,14 @@ class StreamSampler(torch.utils.data.Sampler):
         return int(self._perms[g][1][k])
 
 
-def collate_batch(items, text_len, text_dim):  # -> images (B, 3, h, w) uint8, captions, (txt, mask) or None, causes
+def collate_batch(items, text_len, text_dim):
+    """ShardDataset items -> images (B, 3, h, w) uint8, captions, (txt, mask) or None, REPA targets (B, N * E) bf16
+    or None, bad-row causes."""
     emb = unpack_text_emb([it[2] for it in items], text_len, text_dim) if items[0][2] is not None else None
-    return torch.stack([it[0] for it in items]), [it[1] for it in items], emb, [c for it in items for c in it[3]]
+    targets = torch.stack([torch.frombuffer(bytearray(it[3]), dtype=torch.int16) for it in items]).view(
+        torch.bfloat16) if items[0][3] is not None else None
+    return (torch.stack([it[0] for it in items]), [it[1] for it in items], emb, targets,
+            [c for it in items for c in it[4]])
 
 
 class NoUsableRow(RuntimeError):  # a whole bucket damaged; a loader worker's comes back as its traceback's text
@@ -1174,12 +1240,13 @@ def bench_stages(hp, world):
     return [dataclasses.replace(st, steps=hp.bench + 2, batch=b) for st, b in zip(hp.stages, share)]
 
 
-def synthetic_batches(stage, hp, world, buckets):
-    """The bench's micro-batches (images, captions, text, slots), forever: random images, global batches alternating
-    between the squarest and the most elongated of `buckets` (w, h); random text embeddings of caption lengths drawn
-    around BENCH_CAPTION_TOKENS for the global batch of hp.bench_devices devices, dealt by length as the loader deals
-    them (text_sort; rank 0's share) and padded as it pads (unpack_text_emb); pinned on a GPU host. It also starts
-    the device's peak-memory count of the stage."""
+def synthetic_batches(stage, hp, world, buckets, repa_dim=0):
+    """The bench's micro-batches (images, captions, text, REPA targets, slots), forever: random images, global batches
+    alternating between the squarest and the most elongated of `buckets` (w, h); random text embeddings of caption
+    lengths drawn around BENCH_CAPTION_TOKENS for the global batch of hp.bench_devices devices, dealt by length as the
+    loader deals them (text_sort; rank 0's share) and padded as it pads (unpack_text_emb); random repa_dim-wide REPA
+    targets as repa/ gives them (none with repa_online=1 or repa_dim=0: computed in the step); pinned on a GPU host.
+    It also starts the device's peak-memory count of the stage."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
@@ -1196,7 +1263,10 @@ def synthetic_batches(stage, hp, world, buckets):
             txt, mask = unpack_text_emb([(torch.randn(int(k), hp.text_dim, generator=g).bfloat16().view(
                 torch.int16).numpy().tobytes(), int(k)) for k in n], hp.text_len, hp.text_dim)
             imgs = torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8, generator=g)
-            cycle.append((pin(imgs), None, (pin(txt), pin(mask)), pin(torch.arange(a * B, (a + 1) * B))))
+            tokens = (h // hp.patch) * (w // hp.patch)
+            targets = pin(torch.randn(B, tokens * repa_dim, generator=g).bfloat16()) \
+                if repa_dim and not hp.repa_online else None
+            cycle.append((pin(imgs), None, (pin(txt), pin(mask)), targets, pin(torch.arange(a * B, (a + 1) * B))))
     return itertools.cycle(cycle)
 
 

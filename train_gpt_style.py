@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+import evals  # a leaf module: the fixed evaluations (FID, FD-DINOv2, DINO-MMD, CMMD, validation loss, shapes score)
 import support  # a leaf module: the plumbing (shard format and checks, crash-safe files, loader workers)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ class Hyperparameters:
     repa_weight: float = 0.5  # loss -w * cosine; 0 disables
     repa_block: int = 7  # align the output of this block (0-indexed)
     repa_encoder: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    repa_online: bool = False  # record: DINOv3 every step when a REPA stage's data has no repa/ targets (slower)
     # perceptual losses on predicted x0
     lpips_weight: float = 0.1  # LPIPS-VGG on 0.5x images; 0 disables
     pdino_weight: float = 0.01  # 1 - cosine of DINOv2 patch features; 0 disables
@@ -222,7 +224,7 @@ def check_config(hp):
         need(st.batch >= 1 and st.micro_batch >= 1 and st.batch % st.micro_batch == 0,
              f"stage{i}.batch={st.batch} must be a positive multiple of stage{i}.micro_batch={st.micro_batch}")
         need(st.steps >= 1, f"stage{i}.steps must be >= 1, got {st.steps}")
-        side = min(min(b) for b in aspect_buckets(st.res, hp.patch, hp.aspect_max))  # VGG pools half of it 4 times
+        side = min(min(b) for b in support.aspect_buckets(st.res, hp.patch, hp.aspect_max))  # VGG halves it 4 times
         need(hp.lpips_weight == 0 or side >= 32, f"lpips_weight>0 needs images of 32 px a side or more, but "
              f"stage{i}'s aspect buckets have {side}-px sides; raise stage{i}.res, set aspect_max=1 or lpips_weight=0")
     support.block_set(hp.recompute, hp.depth)
@@ -625,15 +627,17 @@ class REPA(nn.Module):
         self.proj = nn.Sequential(nn.Linear(hp.hidden, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(),
                                   nn.Linear(dim, dim))  # 1792 -> 1024 -> 1024 -> 1024 with SiLU
 
-    def forward(self, hooked, x0, patch):  # -> (B,) negative mean cosine over the tokens the hooked block saw
-        tokens, ids = hooked
-        with torch.no_grad():
+    def forward(self, hooked, x0, patch, target=None):  # -> (B,) negative mean cosine over the tokens the hooked block
+        tokens, ids = hooked  # saw; target: precomputed (B, N * E) bf16 from repa/ (data_prep.py encode-repa), or None
+        if target is None:
             target = repa_targets(self.dino[0], x0, patch)
+        target = target.to(x0.device, non_blocking=True).float().view(len(x0), -1, self.proj[-1].out_features)
         if ids is not None:  # a subset of the tokens went through that block (TREAD)
             target = gather_tokens(target, ids)
         return -F.cosine_similarity(self.proj(tokens).float(), target, dim=-1).mean(dim=1)
 
 
+@torch.no_grad()
 def repa_targets(dino, x0, patch):
     """Clean images (B, 3, H, W) in [-1, 1] -> DINOv3 patch features on the DiT's token grid (B, N, E).
     The image is resized by 16/patch (nearest, as PRX) so that DINOv3's 16-px patches line up with the DiT's."""
@@ -814,49 +818,39 @@ def gathered(ema, hp):  # the EMA as one unsharded module (every rank takes part
 # Data: parquet shards (image {bytes, path}, caption, width, height) from data_prep.py. A global batch is one aspect
 # bucket and the same images whatever the world size: a seeded bucket choice per batch (weighted by bucket size),
 # one seeded permutation per epoch and bucket, cut into rank micro-batches. The position in the stream is a number
-# of images, saved with the checkpoint. A bad row is replaced by its bucket's next row and counted by cause.
-
-BUCKET_AREA_TOL = 0.1  # a bucket's area (its token count) lies within 10 % of the square's
-
-
-def aspect_buckets(res, patch, aspect_max):  # -> [(w, h)] sorted by aspect ratio, the square (res, res) included
-    out = {(res, res)}
-    for h in range(patch, res, patch):  # the landscape bucket of short side h nearest res^2 in area, and its transpose
-        w = min(range(h + patch, int(h * aspect_max) + 1, patch), key=lambda w: abs(w * h - res * res), default=h)
-        if w > h and abs(w * h / res ** 2 - 1) <= BUCKET_AREA_TOL:
-            out |= {(w, h), (h, w)}
-    return sorted(out, key=lambda b: b[0] / b[1])
-
-
-def nearest_bucket(buckets, w, h):  # image sizes -> index of the (sorted) bucket nearest in log aspect ratio
-    r = np.log([bw / bh for bw, bh in buckets])
-    return np.searchsorted((r[1:] + r[:-1]) / 2, np.log(np.asarray(w, dtype=float) / np.asarray(h, dtype=float)))
+# of images, saved with the checkpoint. A bad row is replaced by its bucket's next row and counted by cause. The
+# buckets (support.aspect_buckets): sides multiple of the patch, areas within 10 % of res^2, ratios up to aspect_max.
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """The training shards of a folder (support.py: format and checks), with their precomputed text embeddings when
-    <folder>/text_emb/ holds them. set_stage(res): each row's aspect bucket (from width/height; square without)."""
+    """The training shards of a folder (support.py: format and checks), with their precomputed text embeddings and
+    REPA targets when <folder>/text_emb/ and repa/ hold them (sidecars=False: neither). set_stage(res): each row's
+    aspect bucket (from width/height; square without), and the REPA targets if computed on that stage's crops."""
 
-    def __init__(self, folder, text_encoder="", text_dim=0):
+    def __init__(self, folder, text_encoder="", text_dim=0, repa_encoder="", sidecars=True):
         self.root = Path(folder)
-        files, rows, self.ds = support.open_shards(folder)
+        self.files, self.rows, self.ds = support.open_shards(folder)
+        files = self.files if sidecars else []
         self.sizes = [self.ds.data.column(c).to_numpy() if c in self.ds.column_names else np.ones(len(self.ds))
                       for c in ("width", "height")]
-        self.emb = support.open_text_emb(self.root, files, rows, self.ds.data.column("caption"), text_encoder, text_dim)
+        captions = self.ds.data.column("caption")
+        self.emb = support.open_text_emb(self.root, files, self.rows, captions, text_encoder, text_dim)
         self.has_emb = self.emb is not None
         self.lengths = self.emb.data.column("n_tokens").to_numpy() if self.has_emb else None  # for text_sort
+        self.repa, self.repa_grid = support.open_repa_targets(self.root, files, self.rows, captions, repa_encoder)
         self.skipped = {}  # bad rows met by cause (make_loader counts them)
 
     def __len__(self):
         return len(self.ds)
 
-    def set_stage(self, res, patch, aspect_max):  # -> row indices of each aspect bucket at this resolution
-        self.buckets = aspect_buckets(res, patch, aspect_max)
-        self.bucket_of = nearest_bucket(self.buckets, *self.sizes)
+    def set_stage(self, res, patch, aspect_max, repa=False):  # -> row indices of each aspect bucket at this resolution
+        self.targets = self.repa if repa and self.repa_grid == support.repa_grid(res, patch, aspect_max) else None
+        self.buckets = support.aspect_buckets(res, patch, aspect_max)
+        self.bucket_of = support.nearest_bucket(self.buckets, *self.sizes)
         self.groups = [np.flatnonzero(self.bucket_of == b) for b in range(len(self.buckets))]
         return self.groups
 
-    def __getitem__(self, i):  # -> (uint8 (3, h, w), caption, (emb bytes, n_tokens) or None, [bad-row causes])
+    def __getitem__(self, i):  # -> (uint8 (3, h, w), caption, (emb bytes, n_tokens) | None, REPA bytes | None, causes)
         from PIL import Image
         group = self.groups[self.bucket_of[i]]
         causes = []
@@ -879,18 +873,19 @@ class ShardDataset(torch.utils.data.Dataset):
         img = img.resize((w, h), Image.BICUBIC if s < 1 else Image.BOX, box=box)
         e = self.emb[int(i)] if self.has_emb else None  # row i of the sidecars (kept apart: joining the columns
         emb = (e["text_emb"], e["n_tokens"]) if e else None  # of thousands of files costs minutes at start)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"], emb, causes
+        target = self.targets[int(i)]["repa"] if self.targets is not None else None  # the row it trains on: i
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), row["caption"], emb, target, causes
 
 
-def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (images, captions, text emb or None, slots)
-    groups = ds.set_stage(res, hp.patch, hp.aspect_max)
+def make_loader(ds, res, stage, start, hp, rank, world):  # -> (images, captions, text, REPA targets, slots), ...
+    groups = ds.set_stage(res, hp.patch, hp.aspect_max, stage.repa and hp.repa_weight > 0)
     k = next(i for i, st in enumerate(hp.stages) if st is stage)
     first = sum(st.batch * st.steps for st in hp.stages[:k])  # the image position where this stage began
     sampler = support.StreamSampler(len(ds), hp.seed, start, stage.batch, stage.micro_batch, rank, world, groups, first,
                                     ds.lengths if hp.text_sort else None)
     collate = functools.partial(support.collate_batch, text_len=hp.text_len, text_dim=hp.text_dim)
     try:
-        for imgs, captions, emb, causes in torch.utils.data.DataLoader(
+        for imgs, captions, emb, targets, causes in torch.utils.data.DataLoader(
                 ds, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=collate,
                 pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=support.own_session,
                 generator=torch.Generator().manual_seed(hp.seed),  # not the global RNG
@@ -898,7 +893,7 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # a generator of (imag
             for c in causes:  # counted as batches are consumed: the same counts for any num_workers
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
             slots = torch.tensor(sampler.slots.popleft())  # the samples' places in the global batch: their draws
-            yield imgs, captions, emb, slots.pin_memory() if imgs.is_pinned() else slots
+            yield imgs, captions, emb, targets, slots.pin_memory() if imgs.is_pinned() else slots
     except support.NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
         fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
 
@@ -1039,7 +1034,7 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
     bad_rows = {}
     for d in dict.fromkeys(folders):  # each checked before any model is built
         try:
-            ds = datasets[d] = ShardDataset(d, hp.text_encoder, hp.text_dim)
+            ds = datasets[d] = ShardDataset(d, hp.text_encoder, hp.text_dim, hp.repa_encoder)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         ds.skipped = bad_rows  # the bad rows of every folder counted together, logged after each stage
@@ -1047,11 +1042,17 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
             fail(f"{d} has no text_emb/: the record encodes its captions once (data_prep.py encode-text --shards {d}),"
                  " not every step; or set text_online=1 (the cost: data_prep.py budget text_online=1)")
         log(f"data: {len(ds)} images from {d} for stage {','.join(str(k) for k, f in enumerate(folders, 1) if f == d)}"
-            f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}")
+            f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}; "
+            f"REPA targets {f'of the crops {ds.repa_grid} (repa/)' if ds.repa else 'none precomputed'}")
     for i, (st, d) in enumerate(zip(hp.stages, folders), 1):  # upscaled images would train silently
         if (res := support.converted_res(d)) and res < st.res:
             fail(f"stage{i} trains at {st.res} px but {d} was converted at {res} px (its meta.json): its images would "
                  f"be upscaled; convert the data at {st.res} px (data_prep.py hf --res {st.res}) and set stage{i}.data")
+        grid = support.repa_grid(st.res, hp.patch, hp.aspect_max)  # the crops (res:patch:aspect_max) REPA sees
+        if st.repa and hp.repa_weight and not (hp.repa_online or hp.preset == "cpu") and datasets[d].repa_grid != grid:
+            fail(f"{d} has no REPA targets of stage{i}'s crops {grid} (repa/: {datasets[d].repa_grid or 'none'}): the "
+                 f"record computes them once (data_prep.py encode-repa --shards {d}), not every step; or set "
+                 "repa_online=1 (the cost: data_prep.py budget repa_online=1)")
     return [datasets[f] for f in folders], bad_rows
 
 
@@ -1063,7 +1064,6 @@ def build_models(hp, env, run_dir, log, init=None):
     paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
     enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if hp.preset == "cpu" or hp.bench:
-        import evals  # a leaf module
         vocab = ["a b c"] if hp.bench else [line for n in ("seen", "heldout") for line in
                                             Path(hp.data, f"prompts_{n}.txt").read_text().splitlines()] + ["and"]
         folder = run_dir / ("bench_encoders" if hp.bench else "demo_encoders")
@@ -1135,7 +1135,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
         for root in m.sharded:  # reduce-scatter gradients after the last micro-batch only, and (reshard=0) keep the
             root.set_requires_gradient_sync(a == accum - 1)  # gathered weights until then: one all-gather per step
             root.set_reshard_after_backward(a == accum - 1 or hp.reshard)
-        imgs, captions, emb, slots = next(batches)  # slots: the samples' places in the global batch (text_sort)
+        imgs, captions, emb, targets, slots = next(batches)  # slots: the samples' places in the global batch
         if a == 0:  # the global batch is one aspect bucket: its token count shapes the TREAD draws
             n_tok = (imgs.shape[2] // hp.patch) * (imgs.shape[3] // hp.patch)
             drops, ts, keeps = batch_draws(hp, stage.batch, n_tok, state.data_pos, gen)
@@ -1158,7 +1158,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
             flow = flow_loss(x0_pred, x0, x_t, t, hp.loss_t_min)  # (B,)
             parts = dict(flow=flow.mean())
             if repa:
-                parts["repa"] = repa(hooked, x0, hp.patch).mean()
+                parts["repa"] = repa(hooked, x0, hp.patch, targets).mean()
             if m.lpips:
                 parts["lpips"] = lpips_loss(m.lpips, x0_pred[:nb], x0[:nb]).mean()
             if m.pdino:
@@ -1194,14 +1194,13 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
     return sums, counts, gnorm
 
 
-def sample(m, hp, env, prompts, res, seed=0, batch=16):  # EMA weights, fixed seeds -> (B, 3, res, res) in [-1, 1]
-    return generate(gathered(m.ema, hp), m.text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div,
-                    seed, batch, device=env.device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi),
+def sample(model, text, hp, prompts, res, seed=0, batch=16, device="cpu"):  # the constants' sampler -> (B, 3, res, res)
+    return generate(model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
+                    device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi),
                     restarts=(hp.restarts, hp.restart_lo, hp.restart_hi))
 
 
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now
-    import evals  # a leaf module
     try:
         return evals.prepare_eval(hp, device, lambda: ShardDataset(Path(hp.data) / "heldout"))
     except (OSError, ValueError) as e:
@@ -1209,23 +1208,18 @@ def prepare_eval(hp, device):  # the fixed evaluation's models, reference images
 
 
 def evaluate(model, text, hp, ev, res, cache_dir, device, batch=32, progress=False):  # docs/evaluation.md, all ranks
-    import evals  # a leaf module
-    gen = lambda prompts, seed: support.to_uint8(generate(
-        model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
-        device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi), restarts=(hp.restarts, hp.restart_lo,
-                                                                               hp.restart_hi)))
+    gen = lambda prompts, seed: support.to_uint8(sample(model, text, hp, prompts, res, seed, batch, device))
     flow = (lambda x_t, t, c: model(x_t, t, *text(c))[0], add_noise, flow_loss, T_BINS)  # the validation loss's
     return evals.evaluate(hp, ev, gen, res, cache_dir, device, batch, progress, flow)
 
 
-def score_demo(m, hp, env, run_dir, log):
+def score_demo(model, text, hp, run_dir, log, device="cpu"):
     """The shapes benchmark at the end of the CPU demo (fixed prompt files, seed, steps and CFG) -> per prompt set
     the fraction of images fully right and each attribute's accuracy over the objects."""
-    import evals  # a leaf module
     result = {}
     for name in ("seen", "heldout", "two"):
         prompts = Path(hp.data, f"prompts_{name}.txt").read_text().splitlines()
-        imgs = sample(m, hp, env, prompts, hp.stages[-1].res, seed=1234, batch=50)
+        imgs = sample(model, text, hp, prompts, hp.stages[-1].res, seed=1234, batch=50, device=device)
         sc = evals.score_shapes(list(support.to_uint8(imgs)), prompts)
         result[name] = {k: sc[k] for k in ("full", "color", "position", "shape", "size")}
         support.write_grid(imgs[:32], run_dir / "samples" / f"eval_{name}.png", 8, log, prompts[:32])
@@ -1277,10 +1271,12 @@ def train(hp):
             optimizers = build_optimizers(m.model, m.repa or nn.Module(), hp)  # fresh states; lr_factor warms up
             if hp.stage_switch == "reset_ema":
                 ema_update(m.ema, m.model, 0.0)  # the EMA restarts from the live weights
-        batches = support.synthetic_batches(stage, hp, env.world, aspect_buckets(stage.res, hp.patch, hp.aspect_max)) \
-            if hp.bench else make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
+        repa_dim = m.repa.proj[-1].out_features if m.repa and stage.repa else 0  # the REPA targets' width
+        buckets = support.aspect_buckets(stage.res, hp.patch, hp.aspect_max)  # the bench's
+        batches = support.synthetic_batches(stage, hp, env.world, buckets, repa_dim) if hp.bench else \
+            make_loader(datasets[k], stage.res, hp.stages[k], state.data_pos, hp, env.rank, env.world)
         accum = stage.batch // (env.world * stage.micro_batch)
-        step_flops = support.dit_train_flops(hp, stage.res, m.repa.proj[0].out_features if m.repa and stage.repa else 0)
+        step_flops = support.dit_train_flops(hp, stage.res, repa_dim)
         log(f"stage {k + 1}/{len(stages)}: {stage.res} px, batch {stage.batch} ({env.world} x {stage.micro_batch} x "
             f"{accum} accum), {stage.steps} steps, REPA {'on' if stage.repa and m.repa else 'off'}" +
             (f", stage_switch={hp.stage_switch}" if k else ""))
@@ -1334,7 +1330,8 @@ def train(hp):
                     fail(msg)
             if sample_now:
                 path = run_dir / "samples" / f"step{state.step:07d}.png"
-                support.write_grid(sample(m, hp, env, grid, stage.res), path, 4, log, grid)
+                imgs = sample(gathered(m.ema, hp), m.text, hp, grid, stage.res, device=env.device)
+                support.write_grid(imgs, path, 4, log, grid)
             if ckpt_now:
                 t_ck = time.monotonic()
                 state.skipped = int(health[2])
@@ -1342,9 +1339,7 @@ def train(hp):
                                 final=state.step == total or bool(stop))
                 timer["ckpt_s"] = time.monotonic() - t_ck
             if eval_now:
-                t_ev = time.perf_counter()
                 metrics = evaluate(gathered(m.ema, hp), m.text, hp, ev, stage.res, run_dir / "eval_ref", env.device)
-                metrics["eval_time_s"] = time.perf_counter() - t_ev
                 log(f"eval step:{state.step} " + " ".join(f"{k}:{v:.4g}" for k, v in metrics.items()))
                 log.metrics(dict(step=state.step, stage=k + 1, **metrics))
             if pending == 0:
@@ -1366,7 +1361,7 @@ def train(hp):
         try:  # training is done and saved: a signal from here on ends the scoring at once
             support.STOP["scoring"] = True
             if hp.preset == "cpu" and not support.STOP["signal"]:
-                scores = score_demo(m, hp, env, run_dir, log)
+                scores = score_demo(gathered(m.ema, hp), m.text, hp, run_dir, log, env.device)
                 log.metrics(dict(step=state.step, shapes=scores))
             support.log_end(log, hp, run_dir, support.last_checkpoint(run_dir), scores)
         except KeyboardInterrupt:

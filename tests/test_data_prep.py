@@ -158,7 +158,7 @@ def test_convert_real_schemas_counts_every_cause(kind, tmp_path, capsys):
     assert summary["input_rows"] == len(outcomes)
     assert summary["train_rows"] + summary["heldout_rows"] == n_kept
     assert sum(summary["buckets"].values()) == summary["train_rows"]
-    buckets = T.aspect_buckets(RES, PATCH, 2.0)
+    buckets = support.aspect_buckets(RES, PATCH, 2.0)
     train = read_table(tmp_path / "out" / "train")
     held = read_table(tmp_path / "out" / "heldout")
     assert len(train) == summary["train_rows"] and len(held) == summary["heldout_rows"] > 0
@@ -172,7 +172,7 @@ def test_convert_real_schemas_counts_every_cause(kind, tmp_path, capsys):
         assert img.quantization == ref_tables and JpegImagePlugin.get_sampling(img) == 0
         assert (r["width"], r["height"]) in buckets and r["bucket"] == f"{r['width']}x{r['height']}"
         src_w, src_h = Image.open(io.BytesIO(source[r["source_row"]]["image"]["bytes"])).size
-        assert (r["width"], r["height"]) == buckets[int(T.nearest_bucket(buckets, src_w, src_h))]
+        assert (r["width"], r["height"]) == buckets[int(support.nearest_bucket(buckets, src_w, src_h))]
         assert r["caption"].strip() == r["caption"] and r["caption"]
         assert outcomes[r["source_row"]] != "kept" or r["caption"] in (f"a photo of thing {r['source_row']}",
                                                                        f"short {r['source_row']}")
@@ -208,13 +208,13 @@ def test_caption_choice_follows_the_weights_and_the_fallback_rule():
 
 @pytest.mark.parametrize("res,patch", [(512, 32), (1024, 32), (64, 8), (256, 16), (32, 8)])
 def test_bucket_table_and_assignment_closed_form(res, patch):
-    buckets = T.aspect_buckets(res, patch, 2.0)
+    buckets = support.aspect_buckets(res, patch, 2.0)
     assert (res, res) in buckets and len(set(buckets)) == len(buckets)
     ratios = [w / h for w, h in buckets]
     assert ratios == sorted(ratios)
     for w, h in buckets:
         assert w % patch == 0 and h % patch == 0 and 0.5 <= w / h <= 2
-        assert abs(w * h / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert abs(w * h / res ** 2 - 1) <= support.BUCKET_AREA_TOL
         assert (h, w) in buckets
     if res >= 256:
         assert min(ratios) <= 0.56 and max(ratios) >= 1.79  # the range is used, not only the square
@@ -226,10 +226,10 @@ def test_bucket_table_and_assignment_closed_form(res, patch):
     # assignment: the bucket nearest in log aspect ratio (brute force over the table)
     rng = np.random.default_rng(0)
     W, H = rng.integers(16, 4000, 2000), rng.integers(16, 4000, 2000)
-    got = T.nearest_bucket(buckets, W, H)
+    got = support.nearest_bucket(buckets, W, H)
     d = np.abs(np.log(W / H)[:, None] - np.log(ratios)[None, :])
     assert np.all(d[np.arange(len(W)), got] <= d.min(1) + 1e-12)
-    assert T.aspect_buckets(res, patch, 1.0) == [(res, res)]
+    assert support.aspect_buckets(res, patch, 1.0) == [(res, res)]
     with pytest.raises(ValueError, match="aspect_max must be >= 1"):
         T.parse_args(["preset=cpu", "aspect_max=0.5"], False)
 
@@ -455,21 +455,31 @@ def global_batches(ds, world, micro, batch=6, steps=12, start=0, first=0):
 @pytest.mark.slow
 def test_tread_and_repa_train_on_every_aspect_bucket(bucketed, tmp_path, monkeypatch):
     """Non-square buckets hold other token counts (72x56 at patch 8: 63, not 64): TREAD's routing and REPA's target
-    grid follow each global batch's bucket."""
+    grid follow each global batch's bucket, with DINOv3 in the step (repa_online=1) and with encode-repa's targets
+    (the same REPA losses within 1e-3: their bf16 rounding)."""
     draws, batch_draws = [], T.batch_draws
     monkeypatch.setattr(T, "batch_draws", lambda hp, b, n_tok, *a: draws.append(n_tok) or batch_draws(hp, b, n_tok, *a))
     hp0 = T.parse_args(["preset=cpu", "text_dim=32", "text_len=16"], False)
     enc = evals.build_demo_encoders(tmp_path / "enc", hp0, ["a b c"])
     steps, batch = 8, 6
-    T.main(["preset=record", f"data={bucketed}", f"run_dir={tmp_path}/run", f"text_encoder={enc[0]}", "text_online=1",
-            f"repa_encoder={enc[1]}", "text_dim=32", "text_len=16", "hidden=32", "depth=3", "heads=2", "patch=8",
-            "bottleneck=16", "tread_frac=0.5", "tread_start=0", "tread_end=1", "repa_block=1", "lpips_weight=0",
-            "pdino_weight=0", "compile=0", "amp=0", "num_workers=0", "sample_steps=1", "log_every=1", "ckpt_every=0",
-            "warmup=1", "eval_every=0", "stages=1", f"stage1.res={RES}", f"stage1.batch={batch}",
-            f"stage1.micro_batch={batch}", f"stage1.steps={steps}", "stage1.repa=1", "sample_every=0"])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
-    assert all(math.isfinite(r["loss"]) and -1 <= r["repa"] <= 1 and r["repa"] != 0 for r in rows if "loss" in r)
+    args = [f"text_encoder={enc[0]}", "text_online=1", f"repa_encoder={enc[1]}", "text_dim=32", "text_len=16",
+            "hidden=32", "depth=3", "heads=2", "patch=8", "bottleneck=16", "tread_frac=0.5", "tread_start=0",
+            "tread_end=1", "repa_block=1", "lpips_weight=0", "pdino_weight=0", "compile=0", "amp=0", "num_workers=0",
+            "sample_steps=1", "log_every=1", "ckpt_every=0", "warmup=1", "eval_every=0", "stages=1",
+            f"stage1.res={RES}", f"stage1.batch={batch}", f"stage1.micro_batch={batch}", f"stage1.steps={steps}",
+            "stage1.repa=1", "sample_every=0"]
+    stored = tmp_path / "stored"
+    shutil.copytree(bucketed, stored)
+    dp.main(["encode-repa", "--shards", str(stored), "preset=record", *args, "--workers", "0"])
+    repa = {}
+    for name, data, extra in (("online", bucketed, ["repa_online=1"]), ("stored", stored, [])):
+        T.main(["preset=record", f"data={data}", f"run_dir={tmp_path}/{name}", *args, *extra])
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+        assert all(math.isfinite(r["loss"]) and -1 <= r["repa"] <= 1 and r["repa"] != 0 for r in rows if "loss" in r)
+        repa[name] = [r["repa"] for r in rows if "loss" in r]
+    assert repa["stored"] == pytest.approx(repa["online"], abs=1e-3) and repa["stored"] != repa["online"]
+    draws = draws[:steps]  # the online run's
     ds = T.ShardDataset(bucketed)  # the global batches of the run (seed 0)
     it = iter(support.StreamSampler(len(ds), 0, 0, batch, batch, 0, 1, ds.set_stage(RES, PATCH, 2.0)))
     used = [ds.buckets[ds.bucket_of[next(it)[0]]] for _ in range(steps)]
@@ -502,7 +512,7 @@ def test_loader_buckets_same_global_batches_for_world_sizes_1_and_2(bucketed):
     loader = T.make_loader(ds, RES, hp.stages[0], 0, hp, 0, 1)
     for step in range(12):
         for half in range(2):
-            imgs, caps, emb, slots = next(loader)
+            imgs, caps, emb, targets, slots = next(loader)
             w, h = ds.buckets[ds.bucket_of[ref[step][3 * half]]]
             assert imgs.shape == (3, 3, h, w) and imgs.dtype == torch.uint8 and len(caps) == 3 and emb is None
             assert slots.tolist() == [3 * half, 3 * half + 1, 3 * half + 2]  # no text_emb/: in stream order
@@ -544,7 +554,7 @@ def test_a_stage_on_data_converted_at_a_lower_resolution_is_refused_before_any_m
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: {bucketed} has no text_emb/: the record encodes its captions once (data_prep.py encode-text --shards "
         f"{bucketed}), not every step; or set text_online=1 (the cost: data_prep.py budget text_online=1)"]
-    args.append("text_online=1")
+    args += ["text_online=1", "repa_online=1"]  # and computes its REPA targets once (test_run's REPA tests)
     with pytest.raises(SystemExit) as e:
         T.main(args + [f"stage1.res={2 * RES}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -573,7 +583,7 @@ def test_encode_text_ranks_split_the_files_and_match_on_the_fly(bucketed, tmp_pa
     assert ds.has_emb
     text = T.TextEncoder(enc_dir, 16, torch.device("cpu"), torch.float32)
     items = [ds[i] for i in range(0, len(ds), 7)]
-    _, caps, (txt, mask), causes = support.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
+    _, caps, (txt, mask), _, causes = support.collate_batch([it for it in items if it[0].shape == items[0][0].shape], 16, 32)
     ref, ref_mask = text(caps)
     assert causes == [] and torch.equal(mask, ref_mask)
     assert txt.dtype == torch.bfloat16 and torch.equal(txt, ref.to(torch.bfloat16))  # as stored, trimmed
@@ -637,7 +647,7 @@ def test_stale_text_emb_sidecars_are_one_line_before_training(tmp_path, capsys):
     dp.write_text_emb(sidecar, [list(zip(table["text_emb"].to_pylist(), table["n_tokens"].to_pylist()))], None)
     with pytest.raises(ValueError) as e:
         T.ShardDataset(data, str(enc_dir))
-    assert str(e.value) == f"{sidecar} does not record which captions it encodes (an older encode-text); {redo}"
+    assert str(e.value) == f"{sidecar} does not record which captions it belongs to (an older encode-text); {redo}"
     import pyarrow.parquet as pq
     meta = support.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir)  # all but the cleaning
     dp.write_text_emb(sidecar, [list(zip(table["text_emb"].to_pylist(), table["n_tokens"].to_pylist()))],

@@ -223,7 +223,7 @@ def test_accumulation_gathers_the_weights_once_per_step_and_equals_the_unsharded
         stage = T.Stage(res=16, batch=6, micro_batch=2, steps=2, repa=False)  # 3 micro-batches per step
         g = torch.Generator().manual_seed(0)
         batches = [(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g), None,
-                    (torch.randn(2, 8, hp.text_dim, generator=g), torch.ones(2, 8, dtype=torch.bool)),
+                    (torch.randn(2, 8, hp.text_dim, generator=g), torch.ones(2, 8, dtype=torch.bool)), None,
                     torch.arange(j % 3 * 2, j % 3 * 2 + 2))  # the slots in the global batch, in stream order
                    for j in range(6)]
         torch.manual_seed(0)

@@ -408,8 +408,11 @@ def test_time_budget_flops_match_the_flop_counter_and_the_parts_add_up(capsys):
         text_hp = dataclasses.replace(hp, text_len=r["text"])
         dit = st.batch / 8 * support.dit_train_flops(text_hp, st.res, 1024 if st.repa else 0)  # REPA: to DINOv3-L
         assert r["ms"]["dit"] == pytest.approx(1e3 * dit / (989e12 * dp.BUDGET_EFF["dit"]))
-        assert (r["ms"]["repa_target"] > 0) == st.repa
-        assert r["ms"]["text_encoder"] == 0  # precomputed: the record requires text_emb/
+        assert r["ms"]["repa_target"] == r["ms"]["text_encoder"] == 0  # precomputed: the record requires repa/ and
+    online = dp.time_budget(T.parse_args(["preset=record", "repa_online=1"], False), 8)  # text_emb/
+    assert [r["ms"]["repa_target"] > 0 for r in online] == [st.repa for st in hp.stages]
+    assert online[0]["ms"]["repa_target"] == pytest.approx(1e3 * 128 * dp.vit_flops(evals.REAL_VITS[0], 256 + 5) /
+                                                           (989e12 * dp.BUDGET_EFF["encoders"]))
     off = dp.time_budget(T.parse_args(["preset=record", "lpips_weight=0", "muon=0", "text_online=1"], False), 8)
     assert off[0]["ms"]["lpips"] == off[0]["ms"]["newton_schulz"] == 0
     assert off[0]["ms"]["text_encoder"] == pytest.approx(1e3 * 128 * dp.text_encoder_flops(dp.T5GEMMA_2B, 256) /

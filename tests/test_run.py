@@ -260,7 +260,7 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     mapped = {c["filename"] for c in ds.emb.cache_files}  # the sidecars are read where they lie, not copied
     assert {str(f) for f in (data / "text_emb").rglob("*.arrow")} <= mapped
     items = [ds[i] for i in (0, 7, 300, 511)]
-    imgs, captions, (txt, mask), causes = support.collate_batch(items, hp.text_len, hp.text_dim)
+    imgs, captions, (txt, mask), targets, causes = support.collate_batch(items, hp.text_len, hp.text_dim)
     ref, ref_mask = text(captions)
     assert causes == [] and imgs.shape == (4, 3, 32, 32)
     assert torch.equal(mask, ref_mask) and mask.sum(1).min() >= 8  # "a small red circle in the center" + eos
@@ -272,15 +272,123 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     # a mismatched sidecar, a damaged one, or a missing one (never a silent fall-back to encoding every step)
     first = sorted((data / "text_emb" / "train").glob("*.arrow"))[0]
     first.rename(first.with_suffix(".gone"))
-    with pytest.raises(ValueError, match=r"1 of 2 text embedding files are missing"):
+    with pytest.raises(ValueError, match=r"1 of 2 files of .*/text_emb are missing"):
         T.ShardDataset(data)
     shard = data / "train" / f"{first.stem}.parquet"
     dp.write_text_emb(first, [[(b"", 0)]], support.text_emb_meta(pq.read_table(shard).column("caption"), enc_dir))
     with pytest.raises(ValueError, match=f"{first} does not mirror {shard} row for row"):
         T.ShardDataset(data)
     first.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="an embedding file is unreadable"):
+    with pytest.raises(ValueError, match="text_emb: a file is unreadable"):
         T.ShardDataset(data)
+
+
+def with_repa(src, tmp_path):
+    """A copy of a shapes folder with repa/ written by data_prep.py encode-repa (the CLI) with the demo's DINOv3 at
+    the demo's first REPA stage (32 px) -> (folder, hp, DINOv3 folder, the model)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    hp = T.parse_args(["preset=cpu", f"data={data}"], False)
+    dino_dir = build_demo_encoders(tmp_path / "enc", hp, (data / "prompts_seen.txt").read_text().splitlines())[1]
+    dp.main(["encode-repa", "--shards", str(data), "preset=cpu", f"repa_encoder={dino_dir}", "--workers", "0"])
+    return data, hp, dino_dir, T.load_vit(dino_dir, torch.device("cpu"), torch.float32)
+
+
+def test_precomputed_repa_targets_match_the_online_ones(shapes, tmp_path, capsys):
+    """encode-repa stores, per row, the DINOv3 targets REPA computes online from the image as the loader crops it,
+    rounded to bf16 (relative error <= 2^-8 of the largest feature), also for bad rows (those of the row that
+    replaces them); REPA's loss from them equals the online loss within 2e-3 (bf16 rounding of the targets)."""
+    damaged = tmp_path / "damaged"
+    damage = conftest.corrupt_copy(shapes, damaged, seed=5)
+    data, hp, dino_dir, dino = with_repa(damaged, tmp_path)
+    assert "encode-repa rank 0/1: 512 images at 32 px, 2 KiB per image stored" in capsys.readouterr().out
+    files = sorted((data / "repa" / "train").glob("*.arrow"))
+    assert [f.stem for f in files] == [f.stem for f in sorted((data / "train").glob("*.parquet"))]
+    ds = T.ShardDataset(data, repa_encoder=dino_dir)
+    assert ds.repa_grid == f"32:{hp.patch}:{float(hp.aspect_max)}" and len(ds.repa) == len(ds) == 512
+    assert {c["filename"] for c in ds.repa.cache_files} == {str(f) for f in files}  # read where they lie
+    ds.set_stage(32, hp.patch, hp.aspect_max, repa=True)
+    bad = sorted(i for i, c in damage.items() if not c[0].startswith("mode_"))[:3]  # replaced by their next row
+    items = [ds[i] for i in [0, 7, 300, 511] + bad]
+    imgs, _, _, targets, causes = support.collate_batch(items, hp.text_len, hp.text_dim)
+    assert len(causes) >= len(bad) and targets.dtype == torch.bfloat16
+    x0 = imgs.float() / 127.5 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.amp):  # as train_step computes them (amp: bf16 CPUs)
+        online = T.repa_targets(dino, x0, hp.patch)  # (B, 16, E): 32 px, patch 8
+    stored = targets.float().view_as(online)
+    assert (stored - online).abs().max() <= online.abs().max() * 2 ** -8
+    assert not torch.equal(stored, online)  # rounded: the comparison can tell
+    repa = T.REPA(hp, dino)
+    tokens = torch.randn(len(items), online.shape[1], hp.hidden)
+    with torch.no_grad():
+        losses = [repa((tokens, None), x0, hp.patch, t) for t in (None, targets)]
+    assert losses[0].shape == (len(items),) and (losses[0] - losses[1]).abs().max() < 2e-3
+    # only the stage whose crops they are gets them: another resolution, or a stage without REPA, computes online
+    for res, on in ((64, True), (32, False)):
+        ds.set_stage(res, hp.patch, hp.aspect_max, repa=on)
+        assert ds[0][3] is None
+    # done files are not redone; a partial, mismatched or foreign repa/ is refused, never silently half-used
+    dp.main(["encode-repa", "--shards", str(data), "preset=cpu", f"repa_encoder={dino_dir}"])
+    assert "encode-repa" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"holds targets of {dino_dir}, not of repa_encoder=other/dino"):
+        T.ShardDataset(data, repa_encoder="other/dino")
+    files[0].rename(files[0].with_suffix(".gone"))
+    with pytest.raises(ValueError, match=r"1 of 2 files of .*/repa are missing.*encode-repa again"):
+        T.ShardDataset(data)
+    files[0].write_bytes(files[1].read_bytes())  # the other shard's targets
+    with pytest.raises(ValueError, match=f"{files[0]} does not mirror .* row for row"):
+        T.ShardDataset(data)
+
+
+def test_the_record_refuses_a_repa_stage_without_its_targets(shapes, tmp_path, capsys):
+    """The record computes the REPA targets once (encode-repa); without them, or with targets of other crops, it stops
+    in one line before any model is built, unless repa_online=1; the demo computes them online."""
+    data, hp, dino_dir, _ = with_repa(shapes, tmp_path)
+    capsys.readouterr()
+    record = ["preset=record", f"data={data}", "text_online=1", "stage1.res=32", "patch=8", "stage2.res=64",
+              "lpips_weight=0", f"repa_encoder={dino_dir}"]
+    for extra, ok in (([], True), (["aspect_max=1"], False), (["stage1.res=64"], False),
+                      (["stage1.res=64", "repa_online=1"], True), (["stage1.res=64", "repa_weight=0"], True)):
+        hp = T.parse_args(record + extra, False)
+        lines = []
+        if ok:
+            T.load_data(hp, lines.append)
+            assert f"REPA targets of the crops 32:8:2.0 (repa/)" in lines[0]
+            continue
+        with pytest.raises(SystemExit):
+            T.load_data(hp, lines.append)
+        grid = support.repa_grid(hp.stages[0].res, 8, hp.aspect_max)
+        assert capsys.readouterr().err == f"error: {data} has no REPA targets of stage1's crops {grid} (repa/: " \
+            f"32:8:2.0): the record computes them once (data_prep.py encode-repa --shards {data}), not every step; " \
+            "or set repa_online=1 (the cost: data_prep.py budget repa_online=1)\n"
+    (data / "repa").rename(tmp_path / "repa.moved")
+    with pytest.raises(SystemExit):
+        T.load_data(T.parse_args(record, False), [].append)
+    assert "(repa/: none)" in capsys.readouterr().err
+
+
+def test_training_on_precomputed_repa_targets_matches_the_online_run(shapes, tmp_path):
+    """Three demo steps with REPA on repa/'s targets and with DINOv3 in the step: the same REPA loss within 1e-3 (the
+    targets' bf16 rounding: measured <= 2e-4 with and without amp; the rows' targets in reverse order: 4e-3), flow
+    loss and gradient norm (1e-3 relative)."""
+    data, hp, dino_dir, _ = with_repa(shapes, tmp_path)
+    conftest.few_prompts(data)
+    rows = {}
+    for name in ("stored", "online"):
+        if name == "online":
+            (data / "repa").rename(tmp_path / "repa.moved")
+        T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/{name}", f"repa_encoder={dino_dir}", "stages=1",
+                "stage1.steps=3", "stage1.batch=16", "stage1.micro_batch=16", "log_every=1", "ckpt_every=0",
+                "sample_steps=1", "restarts=0"])
+        log = (tmp_path / name / "log.txt").read_text()
+        assert ("REPA targets of the crops 32:8:2.0 (repa/)" in log) == (name == "stored")
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = [(r["repa"], r["flow"], r["grad_norm"]) for r in rows[name] if "repa" in r]
+    assert len(rows["stored"]) == 3 and all(r[0] < -0.01 for r in rows["stored"])  # REPA trained: -cosine
+    for a, b in zip(rows["stored"], rows["online"], strict=True):
+        assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1:] == pytest.approx(b[1:], rel=1e-3)
+        assert a[0] != b[0]  # the stored targets were used: rounded, not recomputed
 
 
 def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
@@ -503,7 +611,7 @@ def test_text_sort_trains_on_the_same_samples_with_the_same_draws(shapes, tmp_pa
         drawn.clear()
         _, m = T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run{sort}", f"text_sort={sort}", "stages=1",
                        "stage1.steps=3", "stage1.batch=8", "stage1.micro_batch=2", "log_every=1", "ckpt_every=0",
-                       "sample_steps=1", "restarts=0", "warmup=1"])
+                       "sample_steps=1", "restarts=0", "warmup=1", "amp=0"])  # fp32 on bf16 CPUs too: 1e-5 below
         runs[sort] = drawn[:], _logged(tmp_path / f"run{sort}"), m.model.state_dict()
     (plain, logged0, w0), (dealt, logged1, w1) = runs[0], runs[1]
     steps = [sorted(c for b in d[4 * s:4 * s + 4] for c in b) for d in (plain, dealt) for s in range(3)]

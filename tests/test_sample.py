@@ -206,14 +206,14 @@ def test_cli_writes_each_batch_before_sampling_the_next(run, tmp_path, monkeypat
 @pytest.mark.parametrize("res,patch,aspect_max", [(64, 8, 2.0), (32, 8, 2.0), (1024, 32, 2.0), (64, 8, 1.0),
                                                    (96, 16, 3.0)])
 def test_snap_size_is_the_trained_bucket_nearest_in_aspect_ratio(res, patch, aspect_max):
-    buckets = T.aspect_buckets(res, patch, aspect_max)  # what the data loader trains on at this resolution
+    buckets = support.aspect_buckets(res, patch, aspect_max)  # what the data loader trains on at this resolution
     dist = lambda b, w, h: abs(math.log(b[0] / b[1]) - math.log(w / h))
     for h, w in np.random.default_rng(0).integers(1, 4 * res, size=(300, 2)).tolist() + [[res, res], [7, 1000]]:
         sh, sw = S.snap_size(h, w, res, patch, aspect_max)
         assert (sw, sh) in buckets
         assert dist((sw, sh), w, h) <= min(dist(b, w, h) for b in buckets) + 1e-12  # brute force: none nearer
         # the trained token count, sides multiples of the patch, within the aspect range
-        assert sh % patch == 0 and sw % patch == 0 and abs(sw * sh / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert sh % patch == 0 and sw % patch == 0 and abs(sw * sh / res ** 2 - 1) <= support.BUCKET_AREA_TOL
         assert 1 / aspect_max <= sw / sh <= aspect_max
     assert S.snap_size(res, res, res, patch, aspect_max) == (res, res)
 
@@ -233,7 +233,7 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
             assert (res, hp.patch, hp.aspect_max) == (64, 8, 2.0), "the README's example (Sampling) needs updating"
             assert "size 70x18 snapped to 88x48" in out and (w, h) == (88, 48)
         png = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
-        assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= T.BUCKET_AREA_TOL
+        assert png.shape == (h, w, 3) and abs(h * w / res ** 2 - 1) <= support.BUCKET_AREA_TOL
         # TREAD self-guidance in place of CFG: sample.py's wrapper of the model, sampled with cfg=1
         guided = S.tread_guided(S.load_model(d)[1], 0.5, hp.tread_frac, (0.2, 0.9))
         ref = T.generate(guided, text, ["a small red circle in the top left"], (h, w), 3, 1.0, hp.t_shift,

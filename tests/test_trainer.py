@@ -333,15 +333,19 @@ def test_repa_target_grid_matches_dit_grid(tmp_path):
 def test_repa_loss_is_negative_cosine_on_visible_tokens(monkeypatch):
     hp = tiny_hp(depth=5, tread_start=1, tread_end=3)
     repa = T.REPA(hp, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=8)))
-    repa.proj = torch.nn.Identity()
+    repa.proj = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))  # the identity, 8 wide like the targets
+    torch.nn.init.eye_(repa.proj[0].weight)
     tok = torch.randn(2, 5, 8)
     tgt = torch.randn(2, 10, 8)
     monkeypatch.setattr(T, "repa_targets", lambda dino, x0, patch: tgt)  # DINOv3's features: tested above
     keep = torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
-    loss = repa((tok, keep), None, 8)
+    x0 = torch.zeros(2, 3, 1, 1)  # only its batch size and device are read: the targets are stubbed
+    loss = repa((tok, keep), x0, 8)
     expected = -torch.stack([F.cosine_similarity(tok[b], tgt[b, keep[b]], dim=-1).mean() for b in range(2)])
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert torch.allclose(repa((tgt, None), None, 8), -torch.ones(2), atol=1e-6)
+    assert torch.allclose(repa((tgt, None), x0, 8), -torch.ones(2), atol=1e-6)
+    # precomputed targets (the loader's flat (B, N * E) rows from repa/) take the place of DINOv3's forward
+    assert torch.equal(repa((tok, keep), x0, 8, tgt.flatten(1)), loss)
     # the DiT says which tokens its hooked block saw: the kept ones inside the TREAD blocks, all outside them
     model = T.PRXDiT(hp)
     x, t, txt, mask = inputs()
@@ -685,16 +689,19 @@ def test_bench_runs_the_records_accumulation_on_two_buckets_with_padded_captions
     assert support.BENCH_CAPTION_TOKENS[0] == 130 and hp.text_len == 256
     for st, accum in zip(stages, (4, 8)):
         st = dataclasses.replace(st, res=st.res // 8)  # the shapes are what is checked, not the pixels
-        buckets = T.aspect_buckets(st.res, 8, hp.aspect_max)
-        it = support.synthetic_batches(st, hp, 1, buckets)
+        buckets = support.aspect_buckets(st.res, 8, hp.aspect_max)
+        it = support.synthetic_batches(st, hp, 1, buckets, repa_dim=16 if st.repa else 0)
         got = [next(it) for _ in range(4 * accum)]  # two global batches of each bucket
         shapes = [tuple(imgs.shape[2:]) for imgs, *_ in got]
         square = min(buckets, key=lambda b: abs(math.log(b[0] / b[1])))
         want = [square[::-1]] * accum + [buckets[0][::-1]] * accum
         assert shapes == want * 2 and square[0] == square[1] and buckets[0][0] != buckets[0][1]
         lengths = []
-        for a, (imgs, captions, (txt, mask), slots) in enumerate(got):
+        for a, (imgs, captions, (txt, mask), targets, slots) in enumerate(got):
             n = mask.sum(1)
+            tokens = (imgs.shape[2] // hp.patch) * (imgs.shape[3] // hp.patch)  # REPA targets, as repa/ gives them
+            assert targets.shape == (st.micro_batch, tokens * 16) and targets.dtype == torch.bfloat16 if st.repa \
+                else targets is None
             assert imgs.shape[0] == st.micro_batch and captions is None and txt.dtype == torch.bfloat16
             assert mask.shape[1] == support.text_pad_len(int(n.max()), hp.text_len) == txt.shape[1]
             assert torch.equal(mask, torch.arange(mask.shape[1])[None] < n[:, None])  # real tokens first
@@ -705,11 +712,14 @@ def test_bench_runs_the_records_accumulation_on_two_buckets_with_padded_captions
         # text_sort (the record's): a device's micro-batches hold captions of similar lengths, as the loader deals
         # them: each global batch's are in ascending order, so each is padded less than the unsorted ones
         for i in range(0, len(got), accum):
-            n = [m.sum(1) for _, _, (_, m), _ in got[i:i + accum]]
+            n = [m.sum(1) for _, _, (_, m), _, _ in got[i:i + accum]]
             assert all(n[j].max() <= n[j + 1].min() for j in range(accum - 1))
         unsorted = support.synthetic_batches(st, dataclasses.replace(hp, text_sort=False), 1, buckets)
         padded = [sum(next(it)[2][1].shape[1] for _ in range(2 * accum)) for it in (iter(got), unsorted)]
         assert padded[0] < 0.85 * padded[1], padded
+        if st.repa:  # repa_online=1: no targets come with the batch, DINOv3 computes them in the step
+            assert next(support.synthetic_batches(st, dataclasses.replace(hp, repa_online=True), 1, buckets, 16))[3] \
+                is None
 
 
 def test_expected_text_len_matches_the_order_statistics_of_the_caption_lengths():
@@ -779,7 +789,7 @@ def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path
             lambda o: ("large" if o[0] == "small" else "small", *o[1:])]
     change = [0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 0]  # prompt k gets swap[change[k]]: each attribute a different count
 
-    def sample(m, hp, env, prompts, res, seed, batch):  # prompt k: every object with change[k] (0: as asked)
+    def sample(model, text, hp, prompts, res, seed, batch, device):  # prompt k: objects with change[k] (0: as asked)
         imgs = [np.asarray(render_shapes([swap[change[k]](o) for o in parse_shapes_caption(p)], res))
                 for k, p in enumerate(prompts)]
         return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
@@ -788,10 +798,10 @@ def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path
     monkeypatch.setattr(T, "sample", sample)
     monkeypatch.setattr(support, "write_grid", lambda imgs, path, *a: grids.append(path.name))
     hp = T.Hyperparameters(data=str(tmp_path), stages=[T.Stage(48, 1, 1, 1, False)])
-    result = T.score_demo(None, hp, None, tmp_path, lines.append)  # what the run writes to metrics.jsonl
+    result = T.score_demo(None, None, hp, tmp_path, lines.append)  # what the run writes to metrics.jsonl
     assert list(result) == list(sets) and grids == [f"eval_{name}.png" for name in sets]
     for name, prompts in sets.items():
-        ref = score_shapes(list(support.to_uint8(sample(None, hp, None, prompts, 48, 0, 0))), prompts)
+        ref = score_shapes(list(support.to_uint8(sample(None, None, hp, prompts, 48, 0, 0, "cpu"))), prompts)
         assert result[name] == {k: ref[k] for k in ("full", "color", "position", "shape", "size")}
         assert f"shapes score {name}: " + " ".join(f"{k}:{ref[k]:.3f}" for k in ("full", "color", "position",
                                                                                 "shape", "size")) in lines
