@@ -3,6 +3,7 @@
     python data_prep.py shapes --out data/shapes [--n 50000] [--size 64] [--seed 0]
     python data_prep.py hf --dataset LucasFang/FLUX-Reason-6M --out data/flux512 [--res 512] [--workers N]
     torchrun --nproc_per_node=8 data_prep.py encode-text --shards data/flux512
+    torchrun --nproc_per_node=8 data_prep.py encode-repa --shards data/flux512 [name=value ...]
     python data_prep.py bench-decode --shards data/flux512 [--res 512,1024] [--workers N]
 
 `shapes` renders a synthetic captioned data set ("a small red circle in the top left") with a
@@ -11,14 +12,16 @@ can be judged on compositional generalisation in minutes on one GPU.
 
 `hf` converts a hub data set (streamed) or local parquet files with an image column and caption
 columns into aspect-bucketed JPEG shards plus a held-out split; resumable, parallel over processes.
-`encode-text` stores the frozen text encoder's output for every caption next to the shards.
+`encode-text` stores the frozen text encoder's output for every caption next to the shards, `encode-repa` the
+REPA encoder's targets for every training image at the first REPA stage's crops.
 `bench-decode` measures the loader's decode + resize throughput per worker process.
 
 Shard format (shared with the real data): DIR/train/shard-00000.parquet, ... with columns
 image (datasets Image feature: {bytes, path}; PNG for shapes, JPEG q95 for hf), caption (string),
 width, height (int32); hf shards add bucket ("WxH") and source_row (input row index). DIR/meta.json
 holds the settings. Shards appear atomically (temp file + os.replace) and are never half-written.
-Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same path>.arrow.
+Held-out rows: DIR/heldout/heldout.parquet. Text embeddings: DIR/text_emb/<same path>.arrow; REPA targets:
+DIR/repa/<same path>.arrow.
 """
 import argparse
 import collections

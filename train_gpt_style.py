@@ -142,26 +142,28 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale, 2 cores: ~9 min with bf16 instructions, ~30 without (docs/demo.md).
+# The CPU demo: the same code path at toy scale, 2 cores: ~9 min with bf16 instructions; without, fp32 is slower
+# (~30 min for the 4-block preset before this one; docs/demo.md).
 # Its encoders are tiny random models built through the same transformers classes as the real ones.
 PRESETS = {
     "record": {},
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
-        hidden=128, depth=4, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
+        hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
         t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens)
         loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
-        lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 1.6M parameters: a large rate
+        lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 2.4M parameters: a large rate
         warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: 60-120 s here
         amp=support.cpu_has_bf16(),  # bf16 only on CPUs with bf16 instructions: elsewhere fp32 is ~6x faster
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
         weight_init="xavier",  # its measured runs' (ablation against prx: docs/demo.md)
-        # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt
-        stages=[Stage(res=32, batch=64, micro_batch=64, steps=500, repa=True),
-                Stage(res=64, batch=64, micro_batch=64, steps=1760, repa=False)],
+        # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt. 6 blocks
+        # for fewer steps beat 4 blocks for more in the same training time, on both seeds (docs/demo.md)
+        stages=[Stage(res=32, batch=64, micro_batch=64, steps=340, repa=True),
+                Stage(res=64, batch=64, micro_batch=64, steps=1190, repa=False)],
     ),
 }
 
