@@ -486,6 +486,15 @@ def write_text_emb(path, batches, meta):  # batches of packed embeddings [(bf16 
     return size, tokens
 
 
+def local_device():  # this torchrun process's GPU (LOCAL_RANK), made current: one CUDA context per rank; or the CPU
+    import torch
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
 def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, world=None):
     """Run the trainer's TextEncoder over every caption of DIR's shards (train and held-out) and write
     DIR/text_emb/<same path>.arrow (text_emb: bf16 bytes of the real tokens, n_tokens) row for row, atomically,
@@ -509,10 +518,7 @@ def encode_text(shards, text_encoder=None, text_len=None, batch=64, rank=None, w
     stats = dict(files=len(todo), captions=0, tokens=0, bytes=0)
     if not todo:
         return stats
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # one CUDA context per rank, on its own GPU
+    device = local_device()
     quiet_transformers()
     try:
         enc = TextEncoder(text_encoder, text_len, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -572,10 +578,7 @@ def encode_repa(shards, constants=(), batch=64, workers=None, rank=None, world=N
     stats = dict(files=len(todo), images=0, bytes=0)
     if not todo:
         return stats
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = local_device()
     quiet_transformers()
     try:
         dino = load_vit(hp.repa_encoder, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -608,7 +611,7 @@ def encode_repa(shards, constants=(), batch=64, workers=None, rank=None, world=N
             print(f"\rencode-repa rank {rank}/{world}: {todo.index(k) + 1}/{len(todo)} files, {stats['images']} "
                   f"images, {stats['images'] / (time.time() - t0):.1f} images/s", end="", file=sys.stderr, flush=True)
     except NoUsableRow as e:
-        raise ValueError(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1]) from None
+        raise ValueError(e.line()) from None
     print(file=sys.stderr)
     n = max(1, stats["images"])
     print(f"encode-repa rank {rank}/{world}: {stats['images']} images at {stage.res} px, "

@@ -378,7 +378,8 @@ def collate_batch(items, text_len, text_dim):
 
 
 class NoUsableRow(RuntimeError):  # a whole bucket damaged; a loader worker's comes back as its traceback's text
-    pass
+    def line(self):  # its message alone: the last line of the text (the whole text when raised in this process)
+        return str(self).strip().splitlines()[-1].split("NoUsableRow: ")[-1]
 
 
 def own_session(worker_id):

@@ -896,8 +896,8 @@ def make_loader(ds, res, stage, start, hp, rank, world):  # -> (images, captions
                 ds.skipped[c] = ds.skipped.get(c, 0) + 1
             slots = torch.tensor(sampler.slots.popleft())  # the samples' places in the global batch: their draws
             yield imgs, captions, emb, targets, slots.pin_memory() if imgs.is_pinned() else slots
-    except support.NoUsableRow as e:  # its message is the last line (the whole text when raised in this process)
-        fail(str(e).strip().splitlines()[-1].split("NoUsableRow: ")[-1])
+    except support.NoUsableRow as e:
+        fail(e.line())
 
 
 # ----------------------------------------------------------------------------------------------------------------
