@@ -98,8 +98,43 @@ def write_rows(path, columns, extra=()):
     ds = datasets.Dataset.from_dict(columns, features=features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    ds.to_parquet(str(tmp))
+    ds.to_parquet(str(tmp), batch_size=group_rows(sum(len((im or {}).get("bytes") or b"") for im in columns["image"]),
+                                                          len(ds)))
     os.replace(tmp, path)
+
+
+def group_rows(nbytes, rows):  # rows per parquet row group for rows of nbytes of images in all: ~ROW_GROUP_BYTES
+    return max(1, min(rows, round(support.ROW_GROUP_BYTES * rows / max(1, nbytes))))
+
+
+def regroup(folder):
+    """Rewrite the parquet files under folder (training shards and held-out images) whose row groups hold more than
+    twice support.ROW_GROUP_BYTES on average in groups of about that size, each atomically; rows, their order and
+    the schema (with its metadata) unchanged, so the sidecars stay valid. The trainer reads a random image by reading
+    its whole row group. -> files rewritten."""
+    import pyarrow.parquet as pq
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*.parquet") if not {"text_emb", "repa"} & set(p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"no parquet files under {folder}")
+    done = 0
+    for n, f in enumerate(files, 1):
+        meta = pq.read_metadata(f)
+        if sum(meta.row_group(j).total_byte_size for j in range(meta.num_row_groups)) <= \
+                2 * support.ROW_GROUP_BYTES * meta.num_row_groups:
+            continue
+        table = pq.read_table(f)
+        images = table.column("image")
+        nbytes = sum(len(b or b"") for b in (images.combine_chunks().field("bytes") if images.type.num_fields
+                                              else images).to_pylist())
+        tmp = f.with_name(f.name + ".tmp")
+        pq.write_table(table, tmp, row_group_size=group_rows(nbytes, len(table)), write_statistics=False)
+        os.replace(tmp, f)
+        done += 1
+        print(f"\rregroup: {n}/{len(files)} files read, {done} rewritten", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"regroup: {done} of {len(files)} files rewritten in row groups of ~{support.ROW_GROUP_BYTES >> 20} MiB")
+    return done
 
 
 def write_shard(path, images, captions):
@@ -283,7 +318,7 @@ def open_source(dataset, split="train", config=None):
             if not files:
                 raise ValueError(f"no parquet files under {path}; pass a folder of *.parquet files or a hub id")
             # footers: a truncated file, or one of other columns, is named here, not in a worker
-            n = sum(rows for _, _, rows in parquet_footers(
+            n = sum(rows for _, _, rows, _ in parquet_footers(
                 files, lambda f, schema: None, "pass a folder whose parquet files have the same columns", types=False))
             ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
         else:
@@ -434,8 +469,8 @@ def convert_hf(dataset, out, image_col=None, caption_cols=None, caption_weights=
     files, tmp = sorted(parts.glob("part-*.parquet")), merged.with_name(merged.name + ".tmp")
     if files and not json.loads(progress_path.read_text()).get("heldout_merged"):
         with pq.ParquetWriter(tmp, pq.read_schema(files[0])) as w:  # streamed: never all held-out images in memory
-            for f in files:
-                w.write_table(pq.read_table(f), row_group_size=100)
+            for f in files:  # row groups as write_rows writes them
+                w.write_table(pq.read_table(f), row_group_size=pq.read_metadata(f).row_group(0).num_rows)
         os.replace(tmp, merged)
         _write_json(progress_path, {**json.loads(progress_path.read_text()), "heldout_merged": True})
     shutil.rmtree(parts, ignore_errors=True)
@@ -593,7 +628,6 @@ def encode_repa(shards, constants=(), batch=64, workers=None, rank=None, world=N
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=[rows for _, rows in chunks], num_workers=min(8, os.cpu_count()) if workers is None else
         workers, collate_fn=functools.partial(collate_batch, text_len=1, text_dim=1))
-    captions = ds.ds.data.column("caption")
     out, t0 = {}, time.time()
     try:
         for n, ((k, rows), (imgs, *_)) in enumerate(zip(chunks, loader)):
@@ -604,7 +638,7 @@ def encode_repa(shards, constants=(), batch=64, workers=None, rank=None, world=N
             if n + 1 < len(chunks) and chunks[n + 1][0] == k:
                 continue
             a, b = int(starts[k]), int(starts[k + 1])  # file k is complete: written, then forgotten
-            meta = repa_meta(captions.slice(a, b - a), hp.repa_encoder, stage.res, hp.patch, hp.aspect_max)
+            meta = repa_meta(ds.table.column("caption", k), hp.repa_encoder, stage.res, hp.patch, hp.aspect_max)
             stats["bytes"] += write_sidecar(sidecar_path(root, ds.files[k], "repa"), [("repa", pa.binary())],
                                             [[[out.pop(i) for i in range(a, b)]]], meta)
             stats["images"] += b - a
@@ -690,7 +724,8 @@ def bench_decode(shards, res_list=(512, 1024), workers=1, n=256, batch_per_step=
             raise ValueError(f"no parquet shards under {folder}; pass --shards with a folder written by data_prep.py "
                              "hf, or add --synthetic N to write some") from None
         ds.set_stage(res, hp.patch, hp.aspect_max)
-        idx = np.arange(n) % len(ds)  # cycles over the shards when n exceeds them
+        idx = np.random.default_rng(0).integers(0, len(ds), n)  # random rows, as the loader reads them
+        ds.table.CACHE_BYTES = 0  # each read costs its row group, as in a record's data set, far beyond the cache
         jobs = [(ds, idx[w::workers]) for w in range(workers)]
         _decode_worker((ds, idx[:8]))  # warm-up: imports, page cache
         with worker_pool(workers) as pool:
@@ -1093,6 +1128,8 @@ def main(argv=None):
                    "the first REPA stage; default: the record preset's)")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores, at most 8)")
+    p = sub.add_parser("regroup", help="rewrite shards in row groups of ~1 MiB (the trainer reads them in place)")
+    p.add_argument("--shards", required=True, help="folder of parquet shards")
     p = sub.add_parser("bench-decode", help="loader decode + resize throughput per worker process")
     p.add_argument("--shards", required=True, help="shard folder (with --synthetic: where to write them)")
     p.add_argument("--res", type=_ints, default="512,1024", help="resolutions to decode to; a subfolder named RES "
@@ -1135,6 +1172,8 @@ def main(argv=None):
         elif args.command == "budget":
             from train_gpt_style import parse_args
             budget_report(parse_args(["preset=record", *args.constants], False), args.devices)
+        elif args.command == "regroup":
+            regroup(args.shards)
         elif args.command == "encode-text":
             encode_text(args.shards, args.text_encoder, args.text_len, args.batch)
         elif args.command == "encode-repa":

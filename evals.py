@@ -188,7 +188,7 @@ def prepare_eval(hp, device, reference):
     try:
         ref = reference()
         prompts = Path(hp.eval_prompts).read_text().splitlines() if hp.eval_prompts else \
-            list(ref.ds.select(range(min(hp.eval_n, len(ref))))["caption"])
+            ref.table.column("caption").slice(0, hp.eval_n).to_pylist()
         if min(len(prompts), len(ref), hp.eval_n) < 2:
             raise ValueError(f"it needs >= 2 prompts and reference images, has {len(prompts)} and {len(ref)}")
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError

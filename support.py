@@ -6,7 +6,8 @@ imports nothing of the project; the trainer, data_prep.py and sample.py import i
 The shard format, what data_prep.py writes and the trainer reads:
 
     DIR/train/shard-00000.parquet, ...   columns image (bytes, or the datasets Image feature {bytes, path}), caption
-                                          (text), width, height (integers); hf shards add bucket and source_row
+                                          (text), width, height (integers); hf shards add bucket and source_row;
+                                          row groups of ~1 MiB (ShardRows reads a row by reading its group)
     DIR/heldout/heldout.parquet           the evaluation's reference images, never trained on
     DIR/text_emb/<shard path>.arrow       text-embedding sidecar: per row the encoder's bf16 output for the real
                                           tokens (text_emb bytes, n_tokens); its schema metadata names the encoder
@@ -87,7 +88,7 @@ def decode_image(raw, draft=None):
 
 
 def parquet_footers(files, check, fix, types=True):
-    """Each file's footer, no data read -> [(file, Arrow schema, rows)]. One line, ending in `fix`, names the first
+    """Each file's footer, no data read -> [(file, Arrow schema, rows, [(rows, bytes) of each row group])]. One line, ending in `fix`, names the first
     file that is no readable parquet or whose columns (names, and types unless types=False: a column of nulls in
     one source file is typed null) differ from the first's; check(file, schema) may refuse one too. The files are
     read as one table later: a bad one found there costs a traceback, or hours of work."""
@@ -104,7 +105,8 @@ def parquet_footers(files, check, fix, types=True):
                        for sc in (schema, out[0][1] if out else schema))
         if cols != first:
             raise ValueError(f"{f} has columns {cols}, but {files[0]} has {first}; {fix}")
-        out.append((f, schema, meta.num_rows))
+        out.append((f, schema, meta.num_rows, [(meta.row_group(j).num_rows, meta.row_group(j).total_byte_size)
+                                               for j in range(meta.num_row_groups)]))
     return out
 
 
@@ -126,11 +128,80 @@ def column_type_error(schema, image="image", captions=("caption",), sizes=("widt
     return None
 
 
+ROW_GROUP_BYTES = 1 << 20  # data_prep.py writes row groups of about this many bytes: one image read reads its group
+
+
+class UnreadableGroup(ValueError):  # a row group that cannot be read: garbled data behind a valid footer
+    def __init__(self, file, group, why):
+        super().__init__(f"{file}: row group {group} is unreadable ({why}); re-create it with data_prep.py or delete it")
+        self.file = file
+
+
+class ShardRows:
+    """The rows of parquet shards, read where they lie: row i comes from its row group of its file (memory-mapped).
+    No copy of the data is made (the datasets library's loader would first copy every shard into its Arrow cache).
+    A random read costs its whole row group, hence data_prep.py's groups of ~ROW_GROUP_BYTES; the groups read last
+    are kept up to CACHE_BYTES, so a small data set (the demo's) is read once and reading in order reads each group
+    once. A group that cannot be read raises UnreadableGroup."""
+    CACHE_BYTES = 64 << 20  # per process
+
+    def __init__(self, files, names, groups):  # names: the columns; groups: per file, (rows, bytes) of each group
+        self.files, self.names = [str(f) for f in files], list(names)
+        self.file_of = np.array([k for k, g in enumerate(groups) for _ in g], dtype=np.int64)  # per global group
+        self.index_in_file = np.array([j for g in groups for j in range(len(g))], dtype=np.int64)
+        self.starts = np.cumsum([0] + [n for g in groups for n, _ in g])  # global row of each group's first row
+        self.read_bytes = sum(n * b for g in groups for n, b in g) / max(1, self.starts[-1])  # per random row read
+        self.cache, self.handle = collections.OrderedDict(), (None, None)  # group -> its image and caption columns
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getstate__(self):  # to loader workers: the index, not the open file or the groups read
+        return {**self.__dict__, "cache": collections.OrderedDict(), "handle": (None, None)}
+
+    def __getitem__(self, i):  # -> {"image": bytes | None, "caption": str | None}
+        import pyarrow.parquet as pq
+        g = int(np.searchsorted(self.starts, i, side="right")) - 1
+        if g in self.cache:
+            self.cache.move_to_end(g)
+        else:
+            k, j = int(self.file_of[g]), int(self.index_in_file[g])
+            try:
+                if self.handle[0] != k:
+                    self.handle = (k, pq.ParquetFile(self.files[k], memory_map=True))
+                self.cache[g] = self.handle[1].read_row_group(j, columns=["image", "caption"])
+            except Exception as e:
+                raise UnreadableGroup(self.files[k], j, brief(e)) from None
+            while len(self.cache) > 1 and sum(t.nbytes for t in self.cache.values()) > self.CACHE_BYTES:
+                self.cache.popitem(last=False)
+        row = self.cache[g].slice(int(i - self.starts[g]), 1).to_pylist()[0]
+        image = row["image"]
+        return {"image": image.get("bytes") if isinstance(image, dict) else image, "caption": row["caption"]}
+
+    def note(self, folder):  # "" or why reading the shards of folder is slow, with the fix
+        if self.read_bytes <= 2 * ROW_GROUP_BYTES:
+            return ""
+        return (f"; each image read reads its row group, {self.read_bytes / 2 ** 20:.1f} MiB on average: "
+                f"data_prep.py regroup --shards {folder} rewrites them in groups of "
+                f"{ROW_GROUP_BYTES >> 20} MiB")
+
+    def column(self, name, k=None):  # column `name` of file k, or of all files in order (pyarrow) -> ChunkedArray
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        files = self.files if k is None else [self.files[k]]
+        parts = []
+        for f in files:
+            try:
+                parts += pq.read_table(f, columns=[name], memory_map=True).column(name).chunks
+            except Exception as e:
+                raise ValueError(f"{f} is corrupt ({brief(e)}); re-create it with data_prep.py or delete it") \
+                    from None
+        return pa.chunked_array(parts, type=parts[0].type if parts else pa.string())
+
+
 def open_shards(folder):
-    """The training shards of a folder, checked from their footers and read as one memory-mapped table (datasets'
-    parquet loader; images left undecoded). -> (files, rows per file, datasets.Dataset)."""
-    import datasets
-    import pyarrow.parquet as pq
+    """The training shards of a folder, checked from their footers (no data read) -> (files, rows per file,
+    ShardRows). A garbled data page behind a valid footer is found when its row group is read."""
     root = Path(folder)
     files = sorted(p for p in root.rglob("*.parquet") if not SKIP & set(p.relative_to(root).parts))
     if not files:
@@ -141,19 +212,8 @@ def open_shards(folder):
             raise ValueError(f"{f} has columns {schema.names}, not image and caption; convert it with data_prep.py")
         if err := column_type_error(schema):
             raise ValueError(f"{f}: {err}; re-create the shard with data_prep.py or delete it")
-    rows = [n for _, _, n in parquet_footers(files, columns_ok, "re-create it with data_prep.py or delete it")]
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-    except datasets.exceptions.DatasetGenerationError as e:  # a garbled data page behind a valid footer
-        for f in files:  # only on this error: read each file in full to name the bad one
-            try:
-                pq.read_table(f)
-            except Exception as bad:
-                raise ValueError(f"{f} is corrupt ({brief(bad)}); re-create it with data_prep.py or delete it") \
-                    from None
-        raise ValueError(f"cannot load the shards ({e.__cause__ or e})") from None
-    return files, rows, ds.cast_column("image", datasets.Image(decode=False))
+    footers = parquet_footers(files, columns_ok, "re-create it with data_prep.py or delete it")
+    return files, [n for _, _, n, _ in footers], ShardRows(files, footers[0][1].names, [g for *_, g in footers])
 
 
 def sidecar_path(root, shard, kind="text_emb"):  # a shard file's sidecar: kind text_emb (encode-text) or repa
@@ -191,7 +251,7 @@ def repa_meta(captions, repa_encoder, res, patch, aspect_max):  # what a REPA si
 
 
 def open_sidecars(root, files, rows, captions, kind, command):
-    """The `kind` sidecars of `files` (rows each; captions: the shards' caption column) as one memory-mapped dataset
+    """The `kind` sidecars of `files` (rows each; captions(k): file k's caption column) as one memory-mapped dataset
     and each file's metadata, or (None, None) when there is no <root>/<kind>/. Each must mirror its shard row for row
     (row count and caption digest); all or none must exist (never a silent fall-back to computing them online)."""
     import datasets
@@ -210,12 +270,12 @@ def open_sidecars(root, files, rows, captions, kind, command):
         raise ValueError(f"{root}/{kind}: a file is unreadable ({brief(e)}); delete it and run data_prep.py "
                          f"{command} again") from None
     metas = []
-    for f, e, part, rec, a, n in zip(files, paths, parts, records, np.cumsum([0] + rows), rows):
+    for k, (f, e, part, rec, n) in enumerate(zip(files, paths, parts, records, rows)):
         have = {k.decode(): v.decode() for k, v in rec.items()}
         redo = f"delete {root}/{kind}/ and run data_prep.py {command} --shards {root} again"
         if "captions" not in have:
             raise ValueError(f"{e} does not record which captions it belongs to (an older {command}); {redo}")
-        if len(part) != n or have["captions"] != caption_digest(captions.slice(a, n)):
+        if len(part) != n or have["captions"] != caption_digest(captions(k)):
             raise ValueError(f"{e} does not mirror {f} row for row (other captions: re-converted?); {redo}")
         metas.append(have)
     return datasets.concatenate_datasets(parts), metas

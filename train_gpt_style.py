@@ -831,11 +831,11 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder, text_encoder="", text_dim=0, repa_encoder="", sidecars=True):
         self.root = Path(folder)
-        self.files, self.rows, self.ds = support.open_shards(folder)
+        self.files, self.rows, self.table = support.open_shards(folder)  # read in place (support.ShardRows)
         files = self.files if sidecars else []
-        self.sizes = [self.ds.data.column(c).to_numpy() if c in self.ds.column_names else np.ones(len(self.ds))
+        self.sizes = [self.table.column(c).to_numpy() if c in self.table.names else np.ones(len(self.table))
                       for c in ("width", "height")]
-        captions = self.ds.data.column("caption")
+        captions = functools.partial(self.table.column, "caption")  # file k's captions, read when sidecars exist
         self.emb = support.open_text_emb(self.root, files, self.rows, captions, text_encoder, text_dim)
         self.has_emb = self.emb is not None
         self.lengths = self.emb.data.column("n_tokens").to_numpy() if self.has_emb else None  # for text_sort
@@ -843,7 +843,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.skipped = {}  # bad rows met by cause (make_loader counts them)
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.table)
 
     def set_stage(self, res, patch, aspect_max, repa=False):  # -> row indices of each aspect bucket at this resolution
         self.targets = self.repa if repa and self.repa_grid == support.repa_grid(res, patch, aspect_max) else None
@@ -858,8 +858,11 @@ class ShardDataset(torch.utils.data.Dataset):
         causes = []
         w, h = self.buckets[self.bucket_of[i]]
         for _ in range(len(group)):
-            row = self.ds[int(i)]
-            img, cause = support.decode_image((row["image"] or {}).get("bytes"), (w, h))
+            try:
+                row = self.table[int(i)]
+                img, cause = support.decode_image(row["image"], (w, h))
+            except support.UnreadableGroup as e:  # garbled data in a shard: replaced as a bad image is, counted by file
+                row, img, cause = {"caption": None}, None, f"unreadable:{e.file}"
             causes += [cause] if cause else []
             if img is not None and (row["caption"] or "").strip():
                 break
@@ -1045,7 +1048,7 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
                  " not every step; or set text_online=1 (the cost: data_prep.py budget text_online=1)")
         log(f"data: {len(ds)} images from {d} for stage {','.join(str(k) for k, f in enumerate(folders, 1) if f == d)}"
             f"; text embeddings {'precomputed (text_emb/)' if ds.has_emb else 'encoded every step (no text_emb/)'}; "
-            f"REPA targets {f'of the crops {ds.repa_grid} (repa/)' if ds.repa else 'none precomputed'}")
+            f"REPA targets {f'of the crops {ds.repa_grid} (repa/)' if ds.repa else 'none'}{ds.table.note(d)}")
     for i, (st, d) in enumerate(zip(hp.stages, folders), 1):  # upscaled images would train silently
         if (res := support.converted_res(d)) and res < st.res:
             fail(f"stage{i} trains at {st.res} px but {d} was converted at {res} px (its meta.json): its images would "

@@ -696,6 +696,34 @@ def test_bench_decode_bad_input_is_one_line(tmp_path, capsys):
         assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
     assert not dp.synthetic_source_path(tmp_path / "s").exists()  # refused before minutes of synthetic images
 
+def test_shards_are_read_in_place_in_row_groups_of_about_a_mebibyte(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a copy of the shards was loaded"))
+    src = tmp_path / "d" / "train" / "a.parquet"
+    dp.make_synthetic_source(src, 24)  # JPEGs of ~0.3 MiB: write_rows groups them by bytes
+    meta = pq.read_metadata(src)
+    groups = [meta.row_group(j) for j in range(meta.num_row_groups)]
+    assert len(groups) > 1 and sum(g.num_rows for g in groups) == 24
+    assert all(support.ROW_GROUP_BYTES / 2 <= g.total_byte_size <= 2 * support.ROW_GROUP_BYTES for g in groups[:-1])
+    big = src.with_name("b.parquet")  # as written before: all rows in one group, read whole for each image
+    pq.write_table(pq.read_table(src).slice(4, 16), big)
+    ds = T.ShardDataset(tmp_path / "d")
+    assert f"data_prep.py regroup --shards {tmp_path / 'd'}" in ds.table.note(tmp_path / "d")
+    ref = pq.read_table(src).to_pylist() + pq.read_table(big).to_pylist()
+    assert len(ds) == len(ref) == 40
+    digests = [support.caption_digest(ds.table.column("caption", k)) for k in range(2)]
+    for i in np.random.default_rng(0).permutation(len(ref)):  # random order: another group each time
+        assert ds.table[int(i)] == {"image": ref[i]["image"]["bytes"], "caption": ref[i]["caption"]}
+    assert dp.regroup(tmp_path / "d") == 1  # only b.parquet: its rows, order, schema and captions unchanged
+    again = T.ShardDataset(tmp_path / "d")
+    assert again.table.note(tmp_path / "d") == "" and pq.read_metadata(big).num_row_groups > 1
+    assert pq.read_table(big).to_pylist() == ref[24:] and pq.read_schema(big).metadata == pq.read_schema(src).metadata
+    assert [support.caption_digest(again.table.column("caption", k)) for k in range(2)] == digests  # sidecars hold
+    assert [again.table[i] for i in range(len(ref))] == [{"image": r["image"]["bytes"], "caption": r["caption"]}
+                                                         for r in ref]
+
+
 # ---------------------------------------------------------------------------------------------
 # fuzz: corrupt shards
 
@@ -713,9 +741,29 @@ def test_fuzz_truncated_and_foreign_shards_are_named(tmp_path):
                         f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {second} is not a readable parquet file")
-    garbled = bytearray(raw)  # a valid footer, but garbage inside the column data
-    garbled[len(raw) // 3:len(raw) // 3 + 600] = np.random.default_rng(0).integers(0, 256, 600, np.uint8).tobytes()
-    second.write_bytes(garbled)
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(data / "train" / "shard-00000.parquet"), second, row_group_size=8)  # 4 groups
+    raw, meta = second.read_bytes(), pq.read_metadata(second)
+    leaf = {meta.schema.column(c).path: c for c in range(meta.num_columns)}
+
+    def garble(group, column):  # garbage over a data page header behind a valid footer
+        at = meta.row_group(group).column(leaf[column]).data_page_offset
+        bad = bytearray(raw)
+        bad[at:at + 64] = np.random.default_rng(0).integers(0, 256, 64, np.uint8).tobytes()
+        second.write_bytes(bad)
+    garble(1, "image.bytes")  # found where it is read: its rows replaced as bad images are, counted by file
+    ds = T.ShardDataset(data)
+    ds.set_stage(32, 8, 1.0)
+    out = [ds[i] for i in range(len(ds))]
+    for i, (img, caption, _, _, causes) in enumerate(out):
+        if 40 <= i < 48:  # the 8 rows of the second shard's row group 1: each replaced by the next readable row, 48
+            assert causes == [f"unreadable:{second}"] * (48 - i) and torch.equal(img, out[48][0])
+            assert caption == out[48][1]
+        else:
+            assert causes == []
+    with pytest.raises(support.UnreadableGroup, match=f"{second}: row group 1 is unreadable"):
+        ds.table[41]
+    garble(2, "width")  # a column read at start: refused there, naming the file
     with pytest.raises(ValueError, match=f"{second} is corrupt"):
         T.ShardDataset(data)
     import datasets
