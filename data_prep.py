@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 data_prep.py encode-text --shards data/flux512
     torchrun --nproc_per_node=8 data_prep.py encode-repa --shards data/flux512 [name=value ...]
     python data_prep.py bench-decode --shards data/flux512 [--res 512,1024] [--workers N]
+    python data_prep.py regroup --shards data/flux512
 
 `shapes` renders a synthetic captioned data set ("a small red circle in the top left") with a
 closed grammar, held-out colour/shape combinations and an exact scorer (`score_shapes`), so a run
@@ -14,7 +15,8 @@ can be judged on compositional generalisation in minutes on one GPU.
 columns into aspect-bucketed JPEG shards plus a held-out split; resumable, parallel over processes.
 `encode-text` stores the frozen text encoder's output for every caption next to the shards, `encode-repa` the
 REPA encoder's targets for every training image at the first REPA stage's crops.
-`bench-decode` measures the loader's decode + resize throughput per worker process.
+`bench-decode` measures the loader's decode + resize throughput per worker process. `regroup` rewrites shards of
+earlier versions in the ~1 MiB row groups that the trainer's in-place reads want.
 
 Shard format (shared with the real data): DIR/train/shard-00000.parquet, ... with columns
 image (datasets Image feature: {bytes, path}; PNG for shapes, JPEG q95 for hf), caption (string),

@@ -696,7 +696,7 @@ def test_bench_decode_bad_input_is_one_line(tmp_path, capsys):
         assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
     assert not dp.synthetic_source_path(tmp_path / "s").exists()  # refused before minutes of synthetic images
 
-def test_shards_are_read_in_place_in_row_groups_of_about_a_mebibyte(tmp_path, monkeypatch):
+def test_shards_are_read_in_place_in_row_groups_of_about_a_mebibyte(tmp_path, monkeypatch, capsys):
     import datasets
     import pyarrow.parquet as pq
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a copy of the shards was loaded"))
@@ -722,6 +722,10 @@ def test_shards_are_read_in_place_in_row_groups_of_about_a_mebibyte(tmp_path, mo
     assert [support.caption_digest(again.table.column("caption", k)) for k in range(2)] == digests  # sidecars hold
     assert [again.table[i] for i in range(len(ref))] == [{"image": r["image"]["bytes"], "caption": r["caption"]}
                                                          for r in ref]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dp.main(["regroup", "--shards", str(tmp_path / "none")])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: no parquet files under {tmp_path / 'none'}\n"
 
 
 # ---------------------------------------------------------------------------------------------
