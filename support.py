@@ -88,10 +88,11 @@ def decode_image(raw, draft=None):
 
 
 def parquet_footers(files, check, fix, types=True):
-    """Each file's footer, no data read -> [(file, Arrow schema, rows, [(rows, bytes) of each row group])]. One line, ending in `fix`, names the first
-    file that is no readable parquet or whose columns (names, and types unless types=False: a column of nulls in
-    one source file is typed null) differ from the first's; check(file, schema) may refuse one too. The files are
-    read as one table later: a bad one found there costs a traceback, or hours of work."""
+    """Each file's footer, no data read -> [(file, Arrow schema, rows, [(rows, bytes) of each row group])]. One
+    line, ending in `fix`, names the first file that is no readable parquet or whose columns (names, and types unless
+    types=False: a column of nulls in one source file is typed null) differ from the first's; check(file, schema) may
+    refuse one too. The files are read as one table later: a bad one found there costs a traceback, or hours of
+    work."""
     import pyarrow.parquet as pq
     out = []
     for f in files:
@@ -133,7 +134,8 @@ ROW_GROUP_BYTES = 1 << 20  # data_prep.py writes row groups of about this many b
 
 class UnreadableGroup(ValueError):  # a row group that cannot be read: garbled data behind a valid footer
     def __init__(self, file, group, why):
-        super().__init__(f"{file}: row group {group} is unreadable ({why}); re-create it with data_prep.py or delete it")
+        super().__init__(f"{file}: row group {group} is unreadable ({why}); re-create it with data_prep.py or delete "
+                         "it")
         self.file = file
 
 
