@@ -14,6 +14,11 @@ import train_gpt_style as T
 from test_trainer import randomized
 
 
+@pytest.fixture(autouse=True)
+def sdpa_on_cpu(monkeypatch):  # these tests count what SDPA's kernels save (the GPU path), not the CPU stand-in
+    monkeypatch.setattr(support, "CPU_EXPLICIT_ATTENTION", False)
+
+
 class Saved:
     """Bytes of the tensors autograd saves for backward, deduplicated by storage, parameters excluded.
     `blocks`: also the bytes saved inside each of these modules' forward (attributed to the innermost one)."""
@@ -449,7 +454,7 @@ def test_gpu_check_runs_every_phase_at_toy_size_and_keeps_what_it_measured(tmp_p
         (k, q) for k, n in enumerate(N, 1) for q in sorted({n, n - round(n * hp.tread_frac)})]
     for a in phases["attention"]:
         assert a["math_ms"] > 0 and a["math_nomask_ms"] > 0 and a["micro_batch"] == 4
-        assert any("math" in k for k in a["ran"])  # on CPU the trainer runs the math kernel (support.attention_backend)
+        assert a["ran"] == ["explicit product (support.attention, CPU)"]  # on CPU no SDPA kernel runs in training
     assert phases["newton_schulz"]["matrices"] == len(range(0, 7 * hp.depth, 8)) and phases["newton_schulz"]["ms"] > 0
     for k, name in enumerate(("stage1", "stage2")):
         st, got = hp.stages[k], phases[name]
