@@ -24,11 +24,13 @@ import evals
 import support
 import train_gpt_style as T
 
-FLAGS = dict(sample_steps="--steps", cfg="--cfg", restarts="--restarts")  # the trainer's constants these flags set
+FLAGS = dict(sample_steps="--steps", cfg="--cfg", restarts="--restarts",  # the trainer's constants these flags set
+             grid_shift="--grid-shift")
 
 
 def hp_from_config(config):  # the resolved config saved in a checkpoint -> Hyperparameters (unknown keys refused)
     cfg = dict(config)
+    cfg.pop("weight_init", None)  # a constant of earlier versions; it chose the initial weights only
     stages = [T.Stage(**st) for st in cfg.pop("stages")]
     return T.Hyperparameters(**cfg, stages=stages)
 
@@ -219,6 +221,9 @@ def model_card(hp, ck_dir, run_dir, has_grid, ema=True):
     if hp.restarts:
         lines += ["", f"The run sampled with {hp.restarts} restarts (noised back from t = {hp.restart_lo} to "
                   f"{hp.restart_hi} and solved again, `sample.py`); the pipeline solves once."]
+    if hp.grid_shift:
+        lines += ["", f"The run rolled the image by up to {hp.grid_shift} px before each step's transformer and back "
+                  "(`sample.py`); the pipeline does not."]
     return "\n".join(lines) + "\n"
 
 
@@ -340,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for t in [LO, HI] (default: the run's)")
     ap.add_argument("--restarts", type=int, help="restart sampling: times the image is noised back from the run's "
                     "restart_lo to restart_hi and solved again (default: the run's restarts; 0: none)")
+    ap.add_argument("--grid-shift", type=int, help="roll the image up to N px (random) before each step's DiT and "
+                    "back, so that the patch seams fall elsewhere every step (default: the run's grid_shift; 0: none)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
                     "of CFG (no unconditional pass), PRX's convention: x0_r + S (x0 - x0_r), x0_r with tokens "
                     "routed past the TREAD blocks; S=1: the conditional sample")
@@ -362,9 +369,11 @@ def main(argv=None):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         try:  # --steps, --cfg and --restarts obey the trainer's rules for its constants (nan, inf: all-black images)
             T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=1 if a.steps is None else a.steps,
-                                               cfg=1.0 if a.cfg is None else a.cfg, restarts=a.restarts or 0))
+                                               cfg=1.0 if a.cfg is None else a.cfg, restarts=a.restarts or 0,
+                                               grid_shift=a.grid_shift or 0))
         except ValueError as e:
-            raise ValueError(re.sub(r"^(sample_steps|cfg|restarts)\b", lambda m: FLAGS[m[1]], str(e))) from None
+            raise ValueError(re.sub(r"^(sample_steps|cfg|restarts|grid_shift)\b", lambda m: FLAGS[m[1]],
+                                    str(e))) from None
         if a.tread_guidance is not None and not math.isfinite(a.tread_guidance):
             raise ValueError(f"--tread-guidance must be a finite number, got {a.tread_guidance}")
         if a.tread_guidance is not None and a.cfg is not None:
@@ -426,7 +435,8 @@ def main(argv=None):
     # --score, which judges the small shapes images)
     kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
               sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval,
-              restarts=(restarts, hp.restart_lo, hp.restart_hi))
+              restarts=(restarts, hp.restart_lo, hp.restart_hi),
+              grid_shift=hp.grid_shift if a.grid_shift is None else a.grid_shift)
     model = model.to(dev)
     if a.tread_guidance is not None:  # no TREAD in the run: half the tokens routed
         model, kw["cfg"] = tread_guided(model, a.tread_guidance, hp.tread_frac or 0.5, interval), 1.0

@@ -87,6 +87,34 @@ def test_restart_replays_the_grid_between_lo_and_hi_after_noising_back():
     assert (none - out).abs().max() > 1e-3
 
 
+
+def test_grid_shift_rolls_the_dits_input_and_its_x0_back_the_same_for_every_batch():
+    """grid_shift=g: step n's DiT sees x rolled by a draw s_n in [-g, g]^2 (Generator seeded 0), its x0 is rolled by
+    -s_n. For LinearToy, x0 = a x + b rolled by -s_n: the Euler loop written out with those rolls. A model that
+    commutes with rolling (b constant) samples as without shifts; each image is the same alone or in a batch."""
+    steps, cfg, g = 8, 2.0, 3
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    run = lambda toy, x, shift: T.sample_images(toy, txt[:len(x)], mask[:len(x)], torch.zeros(1, 3, 4), mask[:1],
+                                                (8, 8), steps=steps, cfg=cfg, shift=1.0, t_min_div=0.05, x=x.clone(),
+                                                grid_shift=shift)
+    toy = LinearToy()
+    out = run(toy, x, g)
+    rolls = torch.randint(-g, g + 1, (steps, 2), generator=torch.Generator().manual_seed(0)).tolist()
+    assert any(r != [0, 0] for r in rolls) and all(-g <= v <= g for r in rolls for v in r)
+    ts, ref = torch.linspace(1, 0, steps + 1).double().tolist(), x.double()
+    for i, (dy, dx) in enumerate(rolls):
+        c, u = (b.double().roll((-dy, -dx), (2, 3)) for b in (toy.c, toy.u))
+        x0 = toy.a * ref + u + cfg * (c - u)
+        ref = ref + (ts[i + 1] - ts[i]) * (ref - x0) / max(ts[i], 0.05)
+    assert torch.allclose(out, ref.clamp(-1, 1).float(), atol=1e-5)
+    assert (out - run(LinearToy(), x, 0)).abs().max() > 1e-3  # the rolls changed the sample
+    assert torch.allclose(run(LinearToy(), x[1:], g), out[1:], atol=1e-6)  # alone as in the batch
+    flat = LinearToy()
+    flat.c, flat.u = flat.c.mean().expand_as(flat.c), flat.u.mean().expand_as(flat.u)
+    assert torch.allclose(run(flat, x, g), run(flat, x, 0), atol=1e-5)
+
+
 class GaussianDenoiser:
     """The exact x0 prediction E[x0 | x_t] for data x0 ~ N(mu, sigma^2) per pixel, x_t = (1 - t) x0 + t noise."""
 

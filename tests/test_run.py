@@ -123,7 +123,7 @@ def test_tiny_cpu_run_end_to_end(shapes, tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 4, 6]
     for key in ("stage", "train_time_s", "loss", "flow", "repa", "lpips", "pdino", "flow_t0", "flow_t2"):
         assert key in train_rows[0]
-    assert train_rows[0]["repa"] < 0 and train_rows[-1]["repa"] == 0  # REPA on in stage 1 only
+    assert train_rows[0]["repa"] != 0 and train_rows[-1]["repa"] == 0  # REPA on in stage 1 only
     assert "shapes" in rows[-1] and set(rows[-1]["shapes"]) == {"seen", "heldout", "two"}
     # the end: the final checkpoint, each score next to its target, the next commands (which run as printed)
     assert f"final checkpoint: {run}/ckpt/step0000006\n" in log
@@ -385,7 +385,7 @@ def test_training_on_precomputed_repa_targets_matches_the_online_run(shapes, tmp
         assert ("REPA targets of the crops 32:8:2.0 (repa/)" in log) == (name == "stored")
         rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         rows[name] = [(r["repa"], r["flow"], r["grad_norm"]) for r in rows[name] if "repa" in r]
-    assert len(rows["stored"]) == 3 and all(r[0] < -0.01 for r in rows["stored"])  # REPA trained: -cosine
+    assert len(rows["stored"]) == 3 and all(r[0] != 0 for r in rows["stored"])  # REPA on: -cosine, either sign
     for a, b in zip(rows["stored"], rows["online"], strict=True):
         assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1:] == pytest.approx(b[1:], rel=1e-3)
         assert a[0] != b[0]  # the stored targets were used: rounded, not recomputed
