@@ -143,7 +143,7 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale, 2 cores: ~9 min with bf16 instructions; without, fp32 is slower
+# The CPU demo: the same code path at toy scale, 2 cores: 9-10 min with bf16 instructions; without, fp32 is slower
 # (~30 min for the 4-block preset before this one; docs/demo.md).
 # Its encoders are tiny random models built through the same transformers classes as the real ones.
 PRESETS = {
