@@ -367,7 +367,7 @@ def main(argv=None):
         for name, v in (("--batch", a.batch), ("--size", a.size), ("--width", a.width), ("--height", a.height)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        try:  # --steps, --cfg, --restarts and --grid-shift obey the trainer's rules for its constants (nan, inf: all-black images)
+        try:  # the flags obey the trainer's rules for their constants (nan, inf: all-black images)
             T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=1 if a.steps is None else a.steps,
                                                cfg=1.0 if a.cfg is None else a.cfg, restarts=a.restarts or 0,
                                                grid_shift=a.grid_shift or 0))
