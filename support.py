@@ -1171,9 +1171,9 @@ CPU_EXPLICIT_ATTENTION = True  # False: SDPA on CPU too (the memory tests count 
 
 
 def attention(q, k, v, mask):
-    """Attention of q (B, H, N, Dh) over k, v (B, H, L, Dh); mask (B, 1, 1, L) bool, True: attend. On a GPU, SDPA
-    (its kernel chosen by attention_backend); on CPU the explicit product, scores and softmax in fp32: at the demo's
-    sizes half the time of SDPA's math kernel and a third of its CPU flash kernel (bf16, forward and backward)."""
+    """Attention of q (B, H, N, Dh) over k, v (B, H, L, Dh); mask (B, 1, 1, L) bool (True: attend) or None. On a
+    GPU, SDPA (its kernel chosen by attention_backend); on CPU the explicit product, scores and softmax in fp32: at
+    the demo's sizes half the time of SDPA's math kernel and a third of its CPU flash kernel (bf16, fwd and bwd)."""
     if q.device.type != "cpu" or not CPU_EXPLICIT_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = ((q * q.shape[-1] ** -0.5) @ k.mT).float()

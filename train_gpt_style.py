@@ -487,23 +487,24 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
 
     rolls = torch.randint(-grid_shift, grid_shift + 1, (len(order), 2), generator=torch.Generator().manual_seed(0))
 
-    def vel(x, i, roll):
-        tt, xr = ts[i].expand(B), x.roll(roll, (2, 3))
+    def vel(x, i, roll):  # roll: None (grid_shift=0) costs no copies
+        tt, xr = ts[i].expand(B), x.roll(roll, (2, 3)) if roll else x
         if guided[i]:
             x0c, x0u = model(torch.cat([xr, xr]), tt.repeat(2), both_txt, both_mask)[0].float().chunk(2)
             x0 = x0u + cfg * (x0c - x0u)
         else:
             x0 = model(xr, tt, txt, txt_mask)[0].float()
-        return velocity(x, x0.roll([-r for r in roll], (2, 3)), tt, t_min_div)
+        return velocity(x, x0.roll([-r for r in roll], (2, 3)) if roll else x0, tt, t_min_div)
 
     for n, i in enumerate(order):
         if n and i != order[n - 1] + 1:  # a restart: x at ts[lo] back to ts[hi], x_t = (1 - t) x0 + t noise
             a = (1 - ts[hi]) / (1 - ts[lo])
             x = a * x + (ts[hi] ** 2 - (a * ts[lo]) ** 2).sqrt() * next(fresh)
         dt = ts[i + 1] - ts[i]
-        v = vel(x, i, rolls[n].tolist())
+        roll = rolls[n].tolist() if grid_shift else None
+        v = vel(x, i, roll)
         if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
-            v = 0.5 * (v + vel(x + dt * v, i + 1, rolls[n].tolist()))
+            v = 0.5 * (v + vel(x + dt * v, i + 1, roll))
         x = x + dt * v
     return x.clamp(-1, 1)
 

@@ -87,7 +87,6 @@ def test_restart_replays_the_grid_between_lo_and_hi_after_noising_back():
     assert (none - out).abs().max() > 1e-3
 
 
-
 def test_grid_shift_rolls_the_dits_input_and_its_x0_back_the_same_for_every_batch():
     """grid_shift=g: step n's DiT sees x rolled by a draw s_n in [-g, g]^2 (Generator seeded 0), its x0 is rolled by
     -s_n. For LinearToy, x0 = a x + b rolled by -s_n: the Euler loop written out with those rolls. A model that
