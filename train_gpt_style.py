@@ -128,6 +128,8 @@ class Hyperparameters:
     restart_hi: float = 0.4  # (the record samples without: restarts=0)
     grid_shift: int = 0  # each sampling step rolls the image up to this many px (random) before the DiT, and back:
     # the patch seams fall elsewhere every step (docs/sampling.md); 0: none
+    eta: float = 0.0  # stochastic steps for t >= eta_lo: x_s = (1 - s) x0 + s (sqrt(1 - eta^2) eps + eta fresh noise),
+    eta_lo: float = 0.5  # eps the noise the step predicts (docs/sampling.md); 0: deterministic Euler
     # evaluation (docs/evaluation.md): fixed prompts, seeds, steps and CFG; not counted in the training clock
     eval_every: int = 10_000  # steps between evaluations, and at the last step; 0: none
     eval_n: int = 10_000  # images generated and reference images (the first eval_n of <data>/heldout)
@@ -160,7 +162,7 @@ PRESETS = {
         amp=support.cpu_has_bf16(),  # bf16 only on CPUs with bf16 instructions: elsewhere fp32 is ~6x faster
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
-        grid_shift=4,  # half a patch: seams at the same place every step left lumps on large shapes (docs/demo.md)
+        grid_shift=4, eta=1.0,  # seams moved (lumps); fresh noise from t = 0.5: no squares stretched (docs/demo.md)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt. 6 blocks
         # for fewer steps beat 4 blocks for more in the same training time, on both seeds (docs/demo.md)
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=360, repa=True),
@@ -205,6 +207,7 @@ def check_config(hp):
         need(0 < getattr(hp, name) < 1, f"{name} must be in (0, 1), got {getattr(hp, name)}")
     need(all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)),
          "cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
+    need(0 <= hp.eta <= 1 and 0 <= hp.eta_lo <= 1, f"eta and eta_lo must lie in [0, 1], got {hp.eta}, {hp.eta_lo}")
     need(hp.hidden % hp.heads == 0 and (hp.hidden // hp.heads) % 4 == 0,
          f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
     need(0 <= hp.tread_frac < 1, f"tread_frac must be in [0, 1), got {hp.tread_frac}")
@@ -247,9 +250,8 @@ def patchify(x, p):  # (B, C, H, W) -> (B, H/p * W/p, C*p*p), patch order (c, ph
 
 def unpatchify(x, p, H, W):  # inverse of patchify
     B, N, D = x.shape
-    C = D // (p * p)
-    x = x.reshape(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(B, C, H, W)
+    x = x.reshape(B, H // p, W // p, D // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, D // (p * p), H, W)
 
 
 def rope_angles(h, w, head_dim, theta=1e4, device=None):
@@ -465,23 +467,22 @@ def flow_loss(x0_pred, x0, x_t, t, t_min_div):
 @torch.no_grad()
 def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
                   generator=None, sampler="euler", x=None, cfg_interval=(0, 1), restart=(0.05, 0.4), renoise=(),
-                  grid_shift=0):
+                  grid_shift=0, eta=(0.0, 0.5), noise=None):
     """Euler (or Heun) from t = 1 to 0 on the shifted schedule, classifier-free guidance on x0: x0_u + cfg (x0_c -
     x0_u), only for t in cfg_interval (Kynkaanniemi et al. 2024; elsewhere one conditional pass). Restart sampling
     (Xu et al. 2023), once per renoise[k] (B, 3, H, W): at the grid time next below restart[0] the image is noised
     back to the grid time next above restart[1] with the flow's own marginal and solved down again. Each step the DiT
-    sees the image rolled by up to grid_shift px per axis (the same draws for every batch), its x0 rolled back.
+    sees the image rolled by up to grid_shift px per axis (the same draws for every batch), its x0 rolled back. Steps
+    from t >= eta[1] are stochastic: eta[0] of the predicted noise (in std) is redrawn by noise() -> (B, 3, H, W).
     -> (B, 3, H, W). model(x, t, txt, mask) -> (x0, ...): the DiT, or a wrapper (sample.py's TREAD self-guidance)."""
-    B = txt.shape[0]
-    dev = txt.device
+    B, dev = txt.shape[0], txt.device
     if x is None:
         x = torch.randn(B, 3, size[0], size[1], device=dev, generator=generator)
     ts = shift_t(torch.linspace(1, 0, steps + 1), shift)  # on the host: deciding where to guide needs no sync
     guided = [cfg_interval[0] <= t <= cfg_interval[1] and cfg != 1 for t in ts.tolist()]
     lo, hi = int((ts <= restart[0] + 1e-6).nonzero()[0]), int((ts >= restart[1] - 1e-6).nonzero()[-1])  # hi < lo
     order = list(range(lo)) + list(range(hi, lo)) * len(renoise) + list(range(lo, steps))  # the steps, in order
-    fresh = iter(renoise)
-    ts = ts.to(dev)
+    fresh, ts = iter(renoise), ts.to(dev)
     (txt, txt_mask), (null_txt, null_mask) = support.same_text_len((txt, txt_mask), (null_txt, null_mask))
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
@@ -505,27 +506,30 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
         v = vel(x, i, roll)
         if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
             v = 0.5 * (v + vel(x + dt * v, i + 1, roll))
+        if eta[0] and ts[i] >= max(eta[1], t_min_div) and i + 1 < steps:  # x + (1 - t) v: the predicted noise
+            x = x + ts[i + 1] * (((1 - eta[0] ** 2) ** 0.5 - 1) * (x + (1 - ts[i]) * v) + eta[0] * noise())
         x = x + dt * v
     return x.clamp(-1, 1)
 
 
 @torch.no_grad()
 def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
-             device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4), grid_shift=0):
+             device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4), grid_shift=0, eta=(0.0, 0.5)):
     """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i draws its noise, then its restarts[0] restart noises
-    (from restarts[1] back to restarts[2]), from seed + i: an image does not depend on the batch it is in."""
+    (from restarts[1] back to restarts[2]), then its stochastic steps' (eta), from seed + i: an image does not depend
+    on the batch it is in."""
     device = torch.device(device)
     null_txt, null_mask = text([""])
     outs = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i:i + batch]))]
-        noise = [torch.stack([torch.randn(3, *size, generator=g) for g in gens]).to(device)
-                 for _ in range(1 + restarts[0])]
+        draw = lambda: torch.stack([torch.randn(3, *size, generator=g) for g in gens]).to(device)  # noqa: E731
+        noise = [draw() for _ in range(1 + restarts[0])]
         txt, mask = text(prompts[i:i + batch])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), support.attention_backend(device):
             outs.append(sample_images(model, txt, mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
                                       sampler=sampler, x=noise[0], cfg_interval=cfg_interval, restart=restarts[1:],
-                                      renoise=noise[1:], grid_shift=grid_shift).float().cpu())
+                                      renoise=noise[1:], grid_shift=grid_shift, eta=eta, noise=draw).float().cpu())
     return torch.cat(outs)
 
 
@@ -1032,8 +1036,7 @@ def open_run_dir(hp, env):
 
 def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per folder), the dict that counts bad rows
     folders = [os.path.normpath(st.data or hp.data) for st in hp.stages]
-    datasets = {}
-    bad_rows = {}
+    datasets, bad_rows = {}, {}
     for d in dict.fromkeys(folders):  # each checked before any model is built
         try:
             ds = datasets[d] = ShardDataset(d, hp.text_encoder, hp.text_dim, hp.repa_encoder)
@@ -1129,8 +1132,7 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
     sync: sums (loss, LOSS_PARTS, flow summed per t-bin), counts per t-bin, gradient norm."""
     dev = env.device
     accum = stage.batch // (env.world * stage.micro_batch)
-    sums = torch.zeros(8, device=dev)
-    counts = torch.zeros(3, device=dev)
+    sums, counts = torch.zeros(8, device=dev), torch.zeros(3, device=dev)
     weights = dict(flow=1.0, repa=hp.repa_weight, lpips=hp.lpips_weight, pdino=hp.pdino_weight)
     repa = m.repa if stage.repa else None
     for a in range(accum):
@@ -1199,7 +1201,8 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
 def sample(model, text, hp, prompts, res, seed=0, batch=16, device="cpu"):  # the constants' sampler -> (B, 3, res, res)
     return generate(model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
                     device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi),
-                    restarts=(hp.restarts, hp.restart_lo, hp.restart_hi), grid_shift=hp.grid_shift)
+                    restarts=(hp.restarts, hp.restart_lo, hp.restart_hi), grid_shift=hp.grid_shift,
+                    eta=(hp.eta, hp.eta_lo))
 
 
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now

@@ -142,6 +142,54 @@ def test_restarts_keep_the_data_distribution_of_an_exact_denoiser(restarts):
     assert out.std().item() == pytest.approx(sigma, rel=0.012)
 
 
+
+def test_stochastic_steps_redraw_eta_of_the_predicted_noise_from_eta_lo_up():
+    """eta=(e, lo): a step from t >= lo to s lands on (1 - s) x0 + s (sqrt(1 - e^2) eps + e xi), with eps = (x - (1 - t)
+    x0) / t the noise the step predicts and xi the next draw of noise() (DDIM's family with sigma = e s); the steps
+    below lo are Euler steps and draw nothing. The loop written out."""
+    steps, cfg, e, lo = 10, 2.0, 0.6, 0.45
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    draws = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10 + k)) for k in range(steps)]
+    txt, mask = torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+    run = lambda eta, it: T.sample_images(LinearToy(), txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps,
+                                          cfg=cfg, shift=1.0, t_min_div=0.05, x=x.clone(), cfg_interval=(0.3, 1.0),
+                                          eta=eta, noise=lambda: next(it))
+    it = iter(draws)
+    out = run((e, lo), it)
+    toy, ts, ref, used = LinearToy(), torch.linspace(1, 0, steps + 1).double().tolist(), x.double(), 0
+    for i in range(steps):
+        t, s = ts[i], ts[i + 1]
+        pc, pu = toy.a * ref + toy.c, toy.a * ref + toy.u
+        x0 = pu + cfg * (pc - pu) if t >= 0.3 else pc
+        if t >= lo:
+            eps = (ref - (1 - t) * x0) / t
+            ref = (1 - s) * x0 + s * ((1 - e ** 2) ** 0.5 * eps + e * draws[used].double())
+            used += 1
+        else:
+            ref = ref + (s - t) * (ref - x0) / max(t, 0.05)
+    assert used == 6 and next(it) is draws[used]  # t = 1, 0.9, ..., 0.5 drew one noise each, in order
+    assert torch.allclose(out, ref.clamp(-1, 1).float(), atol=1e-5)
+    euler = run((0.0, lo), iter(()))  # eta 0 draws nothing (an empty iterator would raise)
+    assert (euler - out).abs().max() > 1e-3
+    plain = T.sample_images(LinearToy(), txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps, cfg=cfg,
+                            shift=1.0, t_min_div=0.05, x=x.clone(), cfg_interval=(0.3, 1.0))
+    assert torch.equal(euler, plain)
+
+
+def test_stochastic_steps_keep_the_data_distribution_of_an_exact_denoiser():
+    """With the exact denoiser, steps that redraw half of their predicted noise from t = 0.5 up still land on N(mu,
+    sigma^2), as the deterministic grid does (a step that added the fresh noise without shrinking the predicted
+    noise to sqrt(1 - eta^2) of itself would widen the spread)."""
+    mu, sigma, steps = 0.1, 0.2, 400
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 128, 128, generator=g).double()
+    txt, mask = torch.ones(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+    out = T.sample_images(GaussianDenoiser(mu, sigma), txt, mask, torch.zeros(1, 3, 4), mask[:1], (128, 128),
+                          steps=steps, cfg=1.0, shift=1.0, t_min_div=1e-4, x=x, eta=(0.5, 0.5),
+                          noise=lambda: torch.randn(1, 3, 128, 128, generator=g).double())
+    assert out.mean().item() == pytest.approx(mu, abs=0.005)
+    assert out.std().item() == pytest.approx(sigma, rel=0.012)
+
 def tiny_dit(seed=0):
     hp = T.Hyperparameters(hidden=64, depth=4, heads=2, patch=4, bottleneck=16, text_dim=24, tread_start=1,
                            tread_end=2)
