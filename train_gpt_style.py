@@ -158,8 +158,8 @@ PRESETS = {
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
         lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 2.4M parameters: a large rate
-        warmup=100, cooldown=0.5, ema_decay=0.99, ema_every=1, compile=False,  # compile: minutes here, no faster
-        amp=support.cpu_has_bf16(),  # bf16 only on CPUs with bf16 instructions: elsewhere fp32 is ~6x faster
+        warmup=100, cooldown=0.5, ema_decay=0.0, ema_every=1,  # EMA off: the cooled live weights won (docs/demo.md)
+        compile=False, amp=support.cpu_has_bf16(),  # compile: minutes, no faster; bf16 only with bf16 instructions
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
         grid_shift=4, eta=1.0,  # seams moved (lumps); fresh noise from t = 0.5: no squares stretched (docs/demo.md)
