@@ -482,7 +482,7 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
     guided = [cfg_interval[0] <= t <= cfg_interval[1] and cfg != 1 for t in ts.tolist()]
     lo, hi = int((ts <= restart[0] + 1e-6).nonzero()[0]), int((ts >= restart[1] - 1e-6).nonzero()[-1])  # hi < lo
     order = list(range(lo)) + list(range(hi, lo)) * len(renoise) + list(range(lo, steps))  # the steps, in order
-    fresh, ts = iter(renoise), ts.to(dev)
+    fresh, t_host, ts = iter(renoise), ts.tolist(), ts.to(dev)  # t_host: the loop's decisions need no sync
     (txt, txt_mask), (null_txt, null_mask) = support.same_text_len((txt, txt_mask), (null_txt, null_mask))
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
@@ -506,7 +506,7 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
         v = vel(x, i, roll)
         if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
             v = 0.5 * (v + vel(x + dt * v, i + 1, roll))
-        if eta[0] and ts[i] >= max(eta[1], t_min_div) and i + 1 < steps:  # x + (1 - t) v: the predicted noise
+        if eta[0] and t_host[i] >= max(eta[1], t_min_div) and i + 1 < steps:  # x + (1 - t) v: the predicted noise
             x = x + ts[i + 1] * (((1 - eta[0] ** 2) ** 0.5 - 1) * (x + (1 - ts[i]) * v) + eta[0] * noise())
         x = x + dt * v
     return x.clamp(-1, 1)

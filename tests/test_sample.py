@@ -411,8 +411,11 @@ def test_exported_pipeline_gives_sample_py_images_in_a_fresh_process(run, tmp_pa
                                                                                   "T5GemmaEncoderModel"]
     card = (exp / "README.md").read_text()
     grid = [round(t, 4) for t in S.pipeline_timesteps(hp.sample_steps, 1.0)]
-    assert "PRXPixelPipeline.from_pretrained" in card and f"timesteps = {grid}" in card and "(EMA weights)" in card
-    assert "(live weights)" in S.model_card(hp, d / "ckpt" / "step0000003", d, False, ema=False)  # --no-ema
+    assert "PRXPixelPipeline.from_pretrained" in card and f"timesteps = {grid}" in card
+    assert f"({'EMA' if hp.ema_decay else 'live'} weights)" in card  # the demo samples its live weights (no EMA)
+    with_ema = dataclasses.replace(hp, ema_decay=0.99)
+    assert "(EMA weights)" in S.model_card(with_ema, d / "ckpt" / "step0000003", d, False)
+    assert "(live weights)" in S.model_card(with_ema, d / "ckpt" / "step0000003", d, False, ema=False)  # --no-ema
     shifted = dataclasses.replace(hp, t_shift=3.0)
     S.export_diffusers(model, shifted, tmp_path / "exp3", S.text_encoder_path(hp, d))
     prompts, size, steps = ["a small red circle in the top left", "a red circle"], (16, 24), 4

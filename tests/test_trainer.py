@@ -830,3 +830,16 @@ def test_score_demo_logs_every_attribute_and_fully_right_per_prompt_set(tmp_path
         assert f"shapes score {name}: " + " ".join(f"{k}:{ref[k]:.3f}" for k in ("full", "color", "position",
                                                                                 "shape", "size")) in lines
         assert len(set(ref[k] for k in ("full", "color", "position", "shape", "size"))) == 5  # a mix-up shows
+
+
+def test_ema_update_is_the_closed_form_and_decay_zero_copies_the_live_weights():
+    """ema <- decay * ema + (1 - decay) * live, in place; decay 0 (the CPU demo's) leaves an exact copy of the live
+    weights, which is what samples and ema.pt then hold."""
+    torch.manual_seed(0)
+    live, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    T.ema_update(ema, live, 0.9)
+    for e, b, p in zip(ema.parameters(), before, live.parameters(), strict=True):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p) and not torch.equal(e, p)
+    T.ema_update(ema, live, 0.0)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), live.parameters(), strict=True))
