@@ -128,8 +128,8 @@ class Hyperparameters:
     restart_hi: float = 0.4  # (the record samples without: restarts=0)
     grid_shift: int = 0  # each sampling step rolls the image up to this many px (random) before the DiT, and back:
     # the patch seams fall elsewhere every step (docs/sampling.md); 0: none
-    eta: float = 0.0  # stochastic steps for t >= eta_lo: x_s = (1 - s) x0 + s (sqrt(1 - eta^2) eps + eta fresh noise),
-    eta_lo: float = 0.5  # eps the noise the step predicts (docs/sampling.md); 0: deterministic Euler
+    eta: float = 0.0  # 0: Euler. Else x_s = (1 - s) x0 + s (sqrt(1 - eta^2) eps + eta fresh noise), eps: the step's
+    eta_lo: float = 0.5  # predicted noise; from t = eta_lo up (objects take their place there; docs/sampling.md)
     # evaluation (docs/evaluation.md): fixed prompts, seeds, steps and CFG; not counted in the training clock
     eval_every: int = 10_000  # steps between evaluations, and at the last step; 0: none
     eval_n: int = 10_000  # images generated and reference images (the first eval_n of <data>/heldout)
@@ -158,7 +158,7 @@ PRESETS = {
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
         lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 2.4M parameters: a large rate
-        warmup=100, cooldown=0.5, ema_decay=0.0, ema_every=1,  # EMA off: the cooled live weights won (docs/demo.md)
+        warmup=100, cooldown=0.5, ema_decay=0.0, ema_every=1,  # the "EMA": each step's live weights, which won
         compile=False, amp=support.cpu_has_bf16(),  # compile: minutes, no faster; bf16 only with bf16 instructions
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
