@@ -142,7 +142,6 @@ def test_restarts_keep_the_data_distribution_of_an_exact_denoiser(restarts):
     assert out.std().item() == pytest.approx(sigma, rel=0.012)
 
 
-
 def test_stochastic_steps_redraw_eta_of_the_predicted_noise_from_eta_lo_up():
     """eta=(e, lo): a step from t >= lo to s lands on (1 - s) x0 + s (sqrt(1 - e^2) eps + e xi), with eps = (x - (1 - t)
     x0) / t the noise the step predicts and xi the next draw of noise() (DDIM's family with sigma = e s); the steps
@@ -189,6 +188,7 @@ def test_stochastic_steps_keep_the_data_distribution_of_an_exact_denoiser():
                           noise=lambda: torch.randn(1, 3, 128, 128, generator=g).double())
     assert out.mean().item() == pytest.approx(mu, abs=0.005)
     assert out.std().item() == pytest.approx(sigma, rel=0.012)
+
 
 def tiny_dit(seed=0):
     hp = T.Hyperparameters(hidden=64, depth=4, heads=2, patch=4, bottleneck=16, text_dim=24, tread_start=1,
