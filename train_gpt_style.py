@@ -517,7 +517,7 @@ def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, b
              device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4), grid_shift=0, eta=(0.0, 0.5)):
     """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i draws its noise, then its restarts[0] restart noises
     (from restarts[1] back to restarts[2]), then its stochastic steps' (eta), from seed + i: an image does not depend
-    on the batch it is in."""
+    on the batch it is in (but for float rounding: a batch of two can round one pixel one level apart in fp32)."""
     device = torch.device(device)
     null_txt, null_mask = text([""])
     outs = []

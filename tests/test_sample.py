@@ -129,10 +129,16 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
         refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
                                amp=hp.amp, restarts=(hp.restarts, hp.restart_lo, hp.restart_hi),
                                grid_shift=hp.grid_shift, eta=(hp.eta, hp.eta_lo)))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{i:05d}.png")), support.to_uint8(refs[-1])[0]), i
+        assert same_u8(Image.open(tmp_path / "o" / f"{i:05d}.png"), support.to_uint8(refs[-1])[0]), i
     support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8, captions=[lines[i] for i in kept])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "grid.png")), np.asarray(Image.open(tmp_path /
-                                                                                                     "grid.png")))
+    assert same_u8(Image.open(tmp_path / "o" / "grid.png"), Image.open(tmp_path / "grid.png"))
+
+
+def same_u8(a, b):
+    """Two 8-bit images equal up to one level: a batch of two and a batch of one round differently in fp32 on some
+    CPUs (one pixel one level apart, measured on an AVX2 machine), where another line's seed differs by ~50 levels on
+    average."""
+    return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
 def test_cli_restarts_grid_shift_and_eta_default_to_the_runs_and_are_the_samplers(run, tmp_path, capsys):
