@@ -152,7 +152,7 @@ PRESETS = {
     "record": {},
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
-        hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=64,  # 16 / 64 tokens per image
+        hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=128,  # 16 / 64 tokens per image
         t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens)
         loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
