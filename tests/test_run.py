@@ -269,7 +269,8 @@ def test_precomputed_text_embeddings_match_on_the_fly_encoding(shapes, tmp_path,
     # embeddings of another width are refused before any model is built, naming both widths
     with pytest.raises(SystemExit) as e:
         T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run", "text_dim=32"])
-    assert e.value.code == 2 and "text_emb holds 64-d embeddings but text_dim=32" in capsys.readouterr().err
+    assert hp.text_dim != 32  # the preset's width, which the sidecars hold
+    assert e.value.code == 2 and f"text_emb holds {hp.text_dim}-d embeddings but text_dim=32" in capsys.readouterr().err
     # a mismatched sidecar, a damaged one, or a missing one (never a silent fall-back to encoding every step)
     first = sorted((data / "text_emb" / "train").glob("*.arrow"))[0]
     first.rename(first.with_suffix(".gone"))
