@@ -485,13 +485,14 @@ DEMO_TEXT_WINDOW = 6  # tokens: about one object phrase ("a small red circle in 
 
 def build_demo_encoders(folder, hp, vocab_text, vits=None):
     """Tiny random T5Gemma / DINOv3 / DINOv2-registers models, saved to `folder` so that the demo loads them
-    through exactly the code path of the real checkpoints. Returns the three folder paths."""
+    through exactly the code path of the real checkpoints. Returns the three folder paths. They are drawn from the
+    run's seed (hp.seed): the draw moves the demo's scores as much as the training seed does, so seeds span both."""
     vits, folder = vits or (TINY_VIT, TINY_VIT), Path(folder)
     paths = [folder / "text_encoder", folder / "dinov3", folder / "dinov2"]
     if all((p / "config.json").exists() for p in paths):
         return [str(p) for p in paths]
     with torch.random.fork_rng(devices=[]):  # leaves the run's random stream as it was
-        torch.manual_seed(0)
+        torch.manual_seed(hp.seed)
         _write_random_encoders(paths, hp, vocab_text, vits)
     return [str(p) for p in paths]
 

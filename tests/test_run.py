@@ -393,6 +393,26 @@ def test_training_on_precomputed_repa_targets_matches_the_online_run(shapes, tmp
         assert a[0] != b[0]  # the stored targets were used: rounded, not recomputed
 
 
+def test_demo_encoders_are_drawn_from_the_run_seed_and_leave_its_random_stream(tmp_path):
+    """Two seeds of the demo are two draws of its random encoders too; one seed always the same draw, and building
+    them does not move the run's own random stream."""
+    from safetensors.torch import load_file
+    vocab = ["a small red circle in the top left", "and"]
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        hp = T.parse_args(["preset=cpu", f"seed={seed}"], False)
+        torch.manual_seed(123)
+        paths = build_demo_encoders(tmp_path / name, hp, vocab)
+        after = torch.rand(4)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(4))  # the run's stream as it was
+        weights[name] = [load_file(Path(p) / "model.safetensors") for p in paths]
+    for a, b in zip(weights["a"], weights["b"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for a, c in zip(weights["a"], weights["c"]):
+        assert a.keys() == c.keys() and not any(torch.equal(a[k], c[k]) for k in a if a[k].std() > 0)
+
+
 def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
     """Gemma's tokenizer pads on the left; the encoder must see real tokens first (positions from 0), and packing
     must keep the real tokens wherever the padding is (a left-padded batch once packed all-zero embeddings)."""
