@@ -25,7 +25,7 @@ import support
 import train_gpt_style as T
 
 FLAGS = dict(sample_steps="--steps", cfg="--cfg", restarts="--restarts",  # the trainer's constants these flags set
-             grid_shift="--grid-shift", eta="--eta")
+             grid_shift="--grid-shift", last_rolls="--last-rolls", eta="--eta")
 
 
 def hp_from_config(config):  # the resolved config saved in a checkpoint -> Hyperparameters (unknown keys refused)
@@ -222,8 +222,9 @@ def model_card(hp, ck_dir, run_dir, has_grid, ema=True):
         lines += ["", f"The run sampled with {hp.restarts} restarts (noised back from t = {hp.restart_lo} to "
                   f"{hp.restart_hi} and solved again, `sample.py`); the pipeline solves once."]
     if hp.grid_shift:
-        lines += ["", f"The run rolled the image by up to {hp.grid_shift} px before each step's transformer and back "
-                  "(`sample.py`); the pipeline does not."]
+        last = f", its last prediction the mean over {hp.last_rolls} rolls" if hp.last_rolls > 1 else ""
+        lines += ["", f"The run rolled the image by up to {hp.grid_shift} px before each step's transformer and back"
+                  f"{last} (`sample.py`); the pipeline does not."]
     if hp.eta:
         lines += ["", f"The run's steps from t = {hp.eta_lo} up redrew {hp.eta} of their predicted noise "
                   "(`sample.py`); the pipeline's steps are deterministic."]
@@ -350,6 +351,8 @@ def main(argv=None):
                     "restart_lo to restart_hi and solved again (default: the run's restarts; 0: none)")
     ap.add_argument("--grid-shift", type=int, help="roll the image up to N px (random) before each step's DiT and "
                     "back, so that the patch seams fall elsewhere every step (default: the run's grid_shift; 0: none)")
+    ap.add_argument("--last-rolls", type=int, help="with grid shifts: the last step's prediction is the mean over N "
+                    "rolls, so that no seam stays in the image (default: the run's last_rolls; 1: one roll)")
     ap.add_argument("--eta", type=float, help="stochastic steps from the run's eta_lo up: this fraction of the noise "
                     "each predicts (in std) is drawn afresh (default: the run's eta; 0: deterministic Euler)")
     ap.add_argument("--tread-guidance", type=float, metavar="S", help="TREAD self-guidance of strength S instead "
@@ -373,11 +376,13 @@ def main(argv=None):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         try:  # the flags obey the trainer's rules for their constants (nan, inf: all-black images)
-            T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=1 if a.steps is None else a.steps,
-                                               cfg=1.0 if a.cfg is None else a.cfg, restarts=a.restarts or 0,
-                                               grid_shift=a.grid_shift or 0, eta=a.eta or 0.0))
+            given = lambda v, default: default if v is None else v  # noqa: E731
+            T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=given(a.steps, 1),
+                                               cfg=given(a.cfg, 1.0), restarts=given(a.restarts, 0),
+                                               grid_shift=given(a.grid_shift, 1), last_rolls=given(a.last_rolls, 1),
+                                               eta=given(a.eta, 0.0)))
         except ValueError as e:
-            raise ValueError(re.sub(r"^(sample_steps|cfg|restarts|grid_shift|eta)\b", lambda m: FLAGS[m[1]],
+            raise ValueError(re.sub(r"\b(sample_steps|cfg|restarts|grid_shift|last_rolls|eta)\b", lambda m: FLAGS[m[1]],
                                     str(e))) from None
         if a.tread_guidance is not None and not math.isfinite(a.tread_guidance):
             raise ValueError(f"--tread-guidance must be a finite number, got {a.tread_guidance}")
@@ -441,7 +446,8 @@ def main(argv=None):
     kw = dict(size=(h, w), steps=a.steps or hp.sample_steps, cfg=cfg, shift=hp.t_shift, t_min_div=hp.t_min_div,
               sampler=a.sampler, device=dev, amp=hp.amp, cfg_interval=interval,
               restarts=(restarts, hp.restart_lo, hp.restart_hi),
-              grid_shift=hp.grid_shift if a.grid_shift is None else a.grid_shift,
+              grid_shift=(hp.grid_shift if a.grid_shift is None else a.grid_shift,
+                          hp.last_rolls if a.last_rolls is None else a.last_rolls),
               eta=(hp.eta if a.eta is None else a.eta, hp.eta_lo))
     model = model.to(dev)
     if a.tread_guidance is not None:  # no TREAD in the run: half the tokens routed

@@ -128,6 +128,7 @@ class Hyperparameters:
     restart_hi: float = 0.4  # (the record samples without: restarts=0)
     grid_shift: int = 0  # each sampling step rolls the image up to this many px (random) before the DiT, and back:
     # the patch seams fall elsewhere every step (docs/sampling.md); 0: none
+    last_rolls: int = 1  # with grid_shift: the last step's x0 is the mean over this many rolls (docs/sampling.md)
     eta: float = 0.0  # 0: Euler. Else x_s = (1 - s) x0 + s (sqrt(1 - eta^2) eps + eta fresh noise), eps: the step's
     eta_lo: float = 0.5  # predicted noise; from t = eta_lo up (objects take their place there; docs/sampling.md)
     # evaluation (docs/evaluation.md): fixed prompts, seeds, steps and CFG; not counted in the training clock
@@ -163,6 +164,7 @@ PRESETS = {
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
         cfg=3.0, cfg_lo=0.3, restarts=4,  # guided below t = 0.3 outlines come out lumpier; restarts mend (docs/demo.md)
         grid_shift=4, eta=1.0,  # seams moved (lumps); fresh noise from t = 0.5: no squares stretched (docs/demo.md)
+        last_rolls=8,  # the last x0 (the image) a mean over 8 rolls: one roll's seams weigh 1/8 (docs/demo.md)
         # stage 1 is a cheap warm start; most steps go to the judged 64 px, where positions must be relearnt. 6 blocks
         # for fewer steps beat 4 blocks for more in the same training time, on both seeds (docs/demo.md)
         stages=[Stage(res=32, batch=64, micro_batch=64, steps=360, repa=True),
@@ -193,7 +195,8 @@ def check_config(hp):
         need(f.type is not float or math.isfinite(v) or f.name == "grad_clip" and v == math.inf,
              f"{f.name} must be a finite number, got {v}")
     for bound, names in ((1, ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
-                              "ema_every", "sample_steps", "eval_n", "max_bad_steps", "pdino_res", "bench_devices")),
+                              "ema_every", "sample_steps", "eval_n", "max_bad_steps", "pdino_res", "bench_devices",
+                              "last_rolls")),
                          (0, ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every",
                               "shard_size", "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight",
                               "cfg", "restarts", "grid_shift"))):
@@ -219,6 +222,7 @@ def check_config(hp):
          f"the guidance interval needs 0 <= cfg_lo <= cfg_hi <= 1, got [{hp.cfg_lo}, {hp.cfg_hi}]")
     need(0 <= hp.restart_lo < hp.restart_hi <= 1,
          f"restarts need 0 <= restart_lo < restart_hi <= 1, got [{hp.restart_lo}, {hp.restart_hi}]")
+    need(hp.last_rolls == 1 or hp.grid_shift > 0, f"last_rolls={hp.last_rolls} needs grid_shift > 0 (or last_rolls=1)")
     need(hp.aspect_max >= 1, f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
     need(0 < hp.perc_frac <= 1, f"perc_frac must be in (0, 1], got {hp.perc_frac}")
     need(hp.pdino_weight == 0 or hp.pdino_res >= 14,
@@ -467,14 +471,14 @@ def flow_loss(x0_pred, x0, x_t, t, t_min_div):
 @torch.no_grad()
 def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, shift, t_min_div,
                   generator=None, sampler="euler", x=None, cfg_interval=(0, 1), restart=(0.05, 0.4), renoise=(),
-                  grid_shift=0, eta=(0.0, 0.5), noise=None):
+                  grid_shift=(0, 1), eta=(0.0, 0.5), noise=None):
     """Euler (or Heun) from t = 1 to 0 on the shifted schedule, classifier-free guidance on x0: x0_u + cfg (x0_c -
     x0_u), only for t in cfg_interval (Kynkaanniemi et al. 2024; elsewhere one conditional pass). Restart sampling
     (Xu et al. 2023), once per renoise[k] (B, 3, H, W): at the grid time next below restart[0] the image is noised
-    back to the grid time next above restart[1] with the flow's own marginal and solved down again. Each step the DiT
-    sees the image rolled by up to grid_shift px per axis (the same draws for every batch), its x0 rolled back. Steps
-    from t >= eta[1] are stochastic: eta[0] of the predicted noise (in std) is redrawn by noise() -> (B, 3, H, W).
-    -> (B, 3, H, W). model(x, t, txt, mask) -> (x0, ...): the DiT, or a wrapper (sample.py's TREAD self-guidance)."""
+    back to the grid time next above restart[1] with the flow's own marginal and solved down again. The DiT sees the
+    image rolled by up to grid_shift[0] px per axis (draws shared by all batches), x0 rolled back; the last step's x0:
+    the mean over grid_shift[1] rolls. Steps from t >= eta[1] are stochastic: eta[0] of the predicted noise (in std)
+    redrawn by noise() -> (B, 3, H, W). -> (B, 3, H, W). model(x, t, txt, mask) -> (x0, ...): the DiT or a wrapper."""
     B, dev = txt.shape[0], txt.device
     if x is None:
         x = torch.randn(B, 3, size[0], size[1], device=dev, generator=generator)
@@ -486,7 +490,8 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
     (txt, txt_mask), (null_txt, null_mask) = support.same_text_len((txt, txt_mask), (null_txt, null_mask))
     both_txt, both_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
-    rolls = torch.randint(-grid_shift, grid_shift + 1, (len(order), 2), generator=torch.Generator().manual_seed(0))
+    (g, n_last), gen = grid_shift, torch.Generator().manual_seed(0)
+    rolls = torch.randint(-g, g + 1, (len(order) + n_last - 1, 2), generator=gen).tolist() if g else [None] * len(order)
 
     def vel(x, i, roll):  # roll: None (grid_shift=0) costs no copies
         tt, xr = ts[i].expand(B), x.roll(roll, (2, 3)) if roll else x
@@ -502,10 +507,10 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
             a = (1 - ts[hi]) / (1 - ts[lo])
             x = a * x + (ts[hi] ** 2 - (a * ts[lo]) ** 2).sqrt() * next(fresh)
         dt = ts[i + 1] - ts[i]
-        roll = rolls[n].tolist() if grid_shift else None
-        v = vel(x, i, roll)
+        rs = rolls[n:n + 1] + (rolls[len(order):] if n == len(order) - 1 else [])  # the last step: n_last rolls
+        v = sum(vel(x, i, r) for r in rs) / len(rs)
         if sampler == "heun" and i + 1 < steps:  # no second evaluation at t = 0
-            v = 0.5 * (v + vel(x + dt * v, i + 1, roll))
+            v = 0.5 * (v + vel(x + dt * v, i + 1, rs[0]))
         if eta[0] and t_host[i] >= max(eta[1], t_min_div) and i + 1 < steps:  # x + (1 - t) v: the predicted noise
             x = x + ts[i + 1] * (((1 - eta[0] ** 2) ** 0.5 - 1) * (x + (1 - ts[i]) * v) + eta[0] * noise())
         x = x + dt * v
@@ -514,7 +519,7 @@ def sample_images(model, txt, txt_mask, null_txt, null_mask, size, steps, cfg, s
 
 @torch.no_grad()
 def generate(model, text, prompts, size, steps, cfg, shift, t_min_div, seed=0, batch=16, sampler="euler",
-             device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4), grid_shift=0, eta=(0.0, 0.5)):
+             device="cpu", amp=False, cfg_interval=(0, 1), restarts=(0, 0.05, 0.4), grid_shift=(0, 1), eta=(0.0, 0.5)):
     """Captions -> images (B, 3, H, W) in [-1, 1]. Prompt i draws its noise, then its restarts[0] restart noises
     (from restarts[1] back to restarts[2]), then its stochastic steps' (eta), from seed + i: an image does not depend
     on the batch it is in (but for float rounding: a batch of two can round one pixel one level apart in fp32)."""
@@ -596,9 +601,7 @@ def load_encoder(name, fn, path, *args):  # fn(path, *args), or one line when pa
 
 def load_vit(path, device, dtype):
     from transformers import AutoModel
-    m = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
-    m.requires_grad_(False)
-    return m
+    return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
 
 
 @functools.lru_cache
@@ -691,8 +694,7 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     X = G.to(dtype)  # bf16 (amp) is enough for an approximate orthogonalisation, and twice as fast
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
+    X = X.mT if tall else X
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
@@ -1062,9 +1064,8 @@ def load_data(hp, log):  # -> this run's ShardDataset of each stage (one per fol
 
 
 def build_models(hp, env, run_dir, log, init=None):
-    """Frozen encoders (hub id or folder; the demo's tiny random ones, the bench's random ones of the real sizes),
-    the DiT (its weights from the state dict `init` if given), the REPA projector, the EMA; FSDP under torchrun;
-    torch.compile. -> Models."""
+    """Frozen encoders (hub id or folder; the demo's tiny random ones, the bench's random ones of the real sizes), the
+    DiT (weights from the state dict `init` if given), the REPA projector, the EMA; FSDP under torchrun; compile."""
     dev = env.device
     paths = [hp.text_encoder, hp.repa_encoder, hp.pdino_encoder]
     enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -1200,9 +1201,8 @@ def train_step(stage, batches, state, m, optimizers, hp, env, gen, health):
 
 def sample(model, text, hp, prompts, res, seed=0, batch=16, device="cpu"):  # the constants' sampler -> (B, 3, res, res)
     return generate(model, text, prompts, (res, res), hp.sample_steps, hp.cfg, hp.t_shift, hp.t_min_div, seed, batch,
-                    device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi),
-                    restarts=(hp.restarts, hp.restart_lo, hp.restart_hi), grid_shift=hp.grid_shift,
-                    eta=(hp.eta, hp.eta_lo))
+                    device=device, amp=hp.amp, cfg_interval=(hp.cfg_lo, hp.cfg_hi), eta=(hp.eta, hp.eta_lo),
+                    restarts=(hp.restarts, hp.restart_lo, hp.restart_hi), grid_shift=(hp.grid_shift, hp.last_rolls))
 
 
 def prepare_eval(hp, device):  # the fixed evaluation's models, reference images and prompts: a bad path fails now

@@ -96,7 +96,7 @@ def test_grid_shift_rolls_the_dits_input_and_its_x0_back_the_same_for_every_batc
     txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
     run = lambda toy, x, shift: T.sample_images(toy, txt[:len(x)], mask[:len(x)], torch.zeros(1, 3, 4), mask[:1],
                                                 (8, 8), steps=steps, cfg=cfg, shift=1.0, t_min_div=0.05, x=x.clone(),
-                                                grid_shift=shift)
+                                                grid_shift=(shift, 1))
     toy = LinearToy()
     out = run(toy, x, g)
     rolls = torch.randint(-g, g + 1, (steps, 2), generator=torch.Generator().manual_seed(0)).tolist()
@@ -112,6 +112,30 @@ def test_grid_shift_rolls_the_dits_input_and_its_x0_back_the_same_for_every_batc
     flat = LinearToy()
     flat.c, flat.u = flat.c.mean().expand_as(flat.c), flat.u.mean().expand_as(flat.u)
     assert torch.allclose(run(flat, x, g), run(flat, x, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("last", [2, 5])
+def test_last_rolls_average_the_last_steps_x0_over_further_rolls(last):
+    """grid_shift=(g, K): every step but the last as with K = 1; the last step's x0 is the mean over its own roll s_n
+    and the next K - 1 draws of the same generator. The Euler loop written out for LinearToy with those rolls."""
+    steps, cfg, g = 6, 2.0, 3
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    txt, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    run = lambda k: T.sample_images(toy, txt, mask, torch.zeros(1, 3, 4), mask[:1], (8, 8), steps=steps, cfg=cfg,
+                                    shift=1.0, t_min_div=0.05, x=x.clone(), grid_shift=(g, k))
+    toy = LinearToy()
+    out = run(last)
+    rolls = torch.randint(-g, g + 1, (steps + last - 1, 2), generator=torch.Generator().manual_seed(0)).tolist()
+    assert len({tuple(r) for r in rolls[steps - 1:]}) > 1  # the last step's rolls differ
+    ts, ref = torch.linspace(1, 0, steps + 1).double().tolist(), x.double()
+    for i in range(steps):
+        x0 = 0
+        for dy, dx in [rolls[i]] + (rolls[steps:] if i == steps - 1 else []):
+            c, u = (b.double().roll((-dy, -dx), (2, 3)) for b in (toy.c, toy.u))
+            x0 = x0 + (toy.a * ref + u + cfg * (c - u)) / (last if i == steps - 1 else 1)
+        ref = ref + (ts[i + 1] - ts[i]) * (ref - x0) / max(ts[i], 0.05)
+    assert torch.allclose(out, ref.clamp(-1, 1).float(), atol=1e-5)
+    assert (out - run(1)).abs().max() > 1e-3  # the further rolls changed the sample
 
 
 class GaussianDenoiser:

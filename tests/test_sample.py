@@ -128,7 +128,7 @@ def test_cli_names_and_seeds_pngs_by_line_and_skips_blank_lines(run, tmp_path, c
     for i in kept:  # line i alone, from the noise of seed 3 + i
         refs.append(T.generate(model, text, [lines[i]], (16, 16), 2, hp.cfg, hp.t_shift, hp.t_min_div, seed=3 + i,
                                amp=hp.amp, restarts=(hp.restarts, hp.restart_lo, hp.restart_hi),
-                               grid_shift=hp.grid_shift, eta=(hp.eta, hp.eta_lo)))
+                               grid_shift=(hp.grid_shift, hp.last_rolls), eta=(hp.eta, hp.eta_lo)))
         assert same_u8(Image.open(tmp_path / "o" / f"{i:05d}.png"), support.to_uint8(refs[-1])[0]), i
     support.save_grid(torch.cat(refs), tmp_path / "grid.png", nrow=8, captions=[lines[i] for i in kept])
     assert same_u8(Image.open(tmp_path / "o" / "grid.png"), Image.open(tmp_path / "grid.png"))
@@ -141,32 +141,39 @@ def same_u8(a, b):
     return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
-def test_cli_restarts_grid_shift_and_eta_default_to_the_runs_and_are_the_samplers(run, tmp_path, capsys):
+def test_cli_restarts_grid_shift_last_rolls_and_eta_default_to_the_runs_and_are_the_samplers(run, tmp_path, capsys):
     d, hp, model = run
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
     from PIL import Image
     prompt = "a small red circle in the top left"
     assert hp.grid_shift == T.PRESETS["cpu"]["grid_shift"] > 0 and hp.eta == T.PRESETS["cpu"]["eta"] > 0
-    g0, e0 = hp.grid_shift, hp.eta
-    for flag, k, g, e in (([], hp.restarts, g0, e0), (["--restarts", "0"], 0, g0, e0), (["--restarts", "2"], 2, g0, e0),
-                          (["--restarts", "2", "--grid-shift", "0"], 2, 0, e0), (["--eta", "0"], hp.restarts, g0, 0.0),
-                          (["--eta", "0.5"], hp.restarts, g0, 0.5)):
-        out = tmp_path / f"{k}_{g}_{e}"
+    assert hp.last_rolls == T.PRESETS["cpu"]["last_rolls"] > 1
+    g0, r0, e0, k0 = hp.grid_shift, hp.last_rolls, hp.eta, hp.restarts
+    for flag, k, g, r, e in (([], k0, g0, r0, e0), (["--restarts", "0"], 0, g0, r0, e0),
+                             (["--restarts", "2"], 2, g0, r0, e0), (["--last-rolls", "1"], k0, g0, 1, e0),
+                             (["--restarts", "2", "--grid-shift", "0"], 2, 0, r0, e0),
+                             (["--last-rolls", "3"], k0, g0, 3, e0),
+                             (["--eta", "0"], k0, g0, r0, 0.0), (["--eta", "0.5"], k0, g0, r0, 0.5)):
+        out = tmp_path / f"{k}_{g}_{r}_{e}"
         S.main(["--ckpt", str(d), "--prompt", prompt, "--out", str(out), "--steps", "5", "--size", "16", *flag])
         ref = T.generate(model, text, [prompt], (16, 16), 5, hp.cfg, hp.t_shift, hp.t_min_div, amp=hp.amp,
                          cfg_interval=(hp.cfg_lo, hp.cfg_hi), restarts=(k, hp.restart_lo, hp.restart_hi),
-                         grid_shift=g, eta=(e, hp.eta_lo))
-        assert np.array_equal(np.asarray(Image.open(out / "00000.png")), support.to_uint8(ref)[0]), (k, g, e)
+                         grid_shift=(g, r), eta=(e, hp.eta_lo))
+        assert np.array_equal(np.asarray(Image.open(out / "00000.png")), support.to_uint8(ref)[0]), (k, g, r, e)
     capsys.readouterr()
-    png = lambda k, g, e=e0: np.asarray(Image.open(tmp_path / f"{k}_{g}_{e}" / "00000.png"))
+    png = lambda k, g, e=e0, r=r0: np.asarray(Image.open(tmp_path / f"{k}_{g}_{r}_{e}" / "00000.png"))
     assert not np.array_equal(png(0, g0), png(2, g0))
     assert not np.array_equal(png(2, 0), png(2, g0))
-    assert not np.array_equal(png(hp.restarts, g0, 0.0), png(hp.restarts, g0))
-    assert not np.array_equal(png(hp.restarts, g0, 0.5), png(hp.restarts, g0))
+    assert not np.array_equal(png(k0, g0, r=1), png(k0, g0)) and not np.array_equal(png(k0, g0, r=3), png(k0, g0))
+    assert not np.array_equal(png(k0, g0, 0.0), png(k0, g0))
+    assert not np.array_equal(png(k0, g0, 0.5), png(k0, g0))
     card = S.model_card(dataclasses.replace(hp, restarts=3), d / "ckpt" / "step0000003", d, False)
     assert f"3 restarts (noised back from t = {hp.restart_lo} to {hp.restart_hi}" in card
     assert "restarts" not in S.model_card(dataclasses.replace(hp, restarts=0), d / "ckpt" / "step0000003", d, False)
-    assert "rolled the image by up to 4 px" in S.model_card(dataclasses.replace(hp, grid_shift=4), d, d, False)
+    card = S.model_card(dataclasses.replace(hp, grid_shift=4, last_rolls=1), d, d, False)
+    assert "rolled the image by up to 4 px before each step's transformer and back (`sample.py`)" in card
+    card = S.model_card(dataclasses.replace(hp, grid_shift=4, last_rolls=8), d, d, False)
+    assert "and back, its last prediction the mean over 8 rolls (`sample.py`)" in card
     assert "rolled" not in S.model_card(dataclasses.replace(hp, grid_shift=0), d, d, False)
     assert f"from t = {hp.eta_lo} up redrew 0.7 of their" in S.model_card(dataclasses.replace(hp, eta=0.7), d, d, False)
     assert "redrew" not in S.model_card(dataclasses.replace(hp, eta=0.0), d, d, False)
@@ -198,8 +205,8 @@ def test_demo_text_encoder_warns_on_words_it_does_not_know(run, tmp_path, capsys
 
 def test_cli_defaults_are_the_checkpoints_steps_cfg_interval_restarts_grid_shift_and_eta(run, tmp_path):
     d, hp, model = run
-    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5, restarts=1, grid_shift=2, eta=0.5,
-                              eta_lo=0.6)  # the fixture's: 20, 3, [0.3, 1], 4, 4, the preset's eta
+    hp3 = dataclasses.replace(hp, sample_steps=3, cfg=2.0, cfg_lo=0.5, restarts=1, grid_shift=2, last_rolls=3,
+                              eta=0.5, eta_lo=0.6)  # the fixture's: 20, 3, [0.3, 1], 4, 4, 8, the preset's eta
     ck = tmp_path / "r" / "ckpt" / "step1"
     ck.mkdir(parents=True)
     (tmp_path / "r" / "demo_encoders").symlink_to(d / "demo_encoders")
@@ -210,7 +217,7 @@ def test_cli_defaults_are_the_checkpoints_steps_cfg_interval_restarts_grid_shift
     text = T.TextEncoder(S.text_encoder_path(hp, d), hp.text_len, torch.device("cpu"), torch.float32)
     ref = T.generate(model, text, [prompt], (16, 16), 3, 2.0, hp.t_shift, hp.t_min_div, amp=hp.amp,
                      cfg_interval=(0.5, 1.0), restarts=(hp3.restarts, hp3.restart_lo, hp3.restart_hi),
-                     grid_shift=2, eta=(0.5, 0.6))  # 2/3 guided
+                     grid_shift=(2, 3), eta=(0.5, 0.6))  # 2/3 guided
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), support.to_uint8(ref)[0])
 
 
@@ -263,8 +270,8 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
         guided = S.tread_guided(S.load_model(d)[1], 0.5, hp.tread_frac, (0.2, 0.9))
         ref = T.generate(guided, text, ["a small red circle in the top left"], (h, w), 3, 1.0, hp.t_shift,
                          hp.t_min_div, amp=hp.amp, cfg_interval=(0.2, 0.9),
-                         restarts=(hp.restarts, hp.restart_lo, hp.restart_hi), grid_shift=hp.grid_shift,
-                         eta=(hp.eta, hp.eta_lo))
+                         restarts=(hp.restarts, hp.restart_lo, hp.restart_hi),
+                         grid_shift=(hp.grid_shift, hp.last_rolls), eta=(hp.eta, hp.eta_lo))
         assert np.array_equal(png, support.to_uint8(ref)[0])
 
 
@@ -281,6 +288,9 @@ def test_cli_width_height_interval_and_tread_guidance(run, tmp_path, capsys):
     (["--prompt", "a", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
     (["--prompt", "a", "--out", "o", "--restarts", "-1"], "--restarts must be >= 0, got -1"),
     (["--prompt", "a", "--out", "o", "--grid-shift", "-2"], "--grid-shift must be >= 0, got -2"),
+    (["--prompt", "a", "--out", "o", "--last-rolls", "0"], "--last-rolls must be >= 1, got 0"),
+    (["--prompt", "a", "--out", "o", "--grid-shift", "0", "--last-rolls", "4"],
+     "--last-rolls=4 needs --grid-shift > 0 (or --last-rolls=1)"),
     (["--prompt", "a", "--out", "o", "--eta", "1.5"], "--eta and eta_lo must lie in [0, 1], got 1.5, 0.5"),
     (["--prompt", "a", "--out", "o", "--eta", "nan"], "--eta must be a finite number, got nan"),
     (["--prompt", "a", "--out", "EMPTY/o"], "cannot be created"),  # a file in the way: known before sampling
