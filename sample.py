@@ -79,7 +79,7 @@ def load_model(path, ema=True):
         raise ValueError(f"{ck_dir} is not a prx-speedrun checkpoint (no config/ema)")
     try:
         hp = hp_from_config(ck["config"])
-        T.check_config(hp)
+        support.check_config(hp)
     except (TypeError, KeyError, ValueError) as e:  # a config from another version of the trainer, or edited
         why = f"no {e}" if isinstance(e, KeyError) else one_line(e)
         raise ValueError(f"{ck_dir}: its config does not fit this trainer ({why}); sample it with the trainer "
@@ -377,10 +377,10 @@ def main(argv=None):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         try:  # the flags obey the trainer's rules for their constants (nan, inf: all-black images)
             given = lambda v, default: default if v is None else v  # noqa: E731
-            T.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=given(a.steps, 1),
-                                               cfg=given(a.cfg, 1.0), restarts=given(a.restarts, 0),
-                                               grid_shift=given(a.grid_shift, 1), last_rolls=given(a.last_rolls, 1),
-                                               eta=given(a.eta, 0.0)))
+            support.check_config(dataclasses.replace(T.Hyperparameters(), sample_steps=given(a.steps, 1),
+                                                     cfg=given(a.cfg, 1.0), restarts=given(a.restarts, 0),
+                                                     grid_shift=given(a.grid_shift, 1),
+                                                     last_rolls=given(a.last_rolls, 1), eta=given(a.eta, 0.0)))
         except ValueError as e:
             raise ValueError(re.sub(r"\b(sample_steps|cfg|restarts|grid_shift|last_rolls|eta)\b", lambda m: FLAGS[m[1]],
                                     str(e))) from None

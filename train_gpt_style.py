@@ -181,64 +181,8 @@ def fail(msg):
 
 def parse_args(argv, cuda_available):  # name=value overrides (support.parse_constants) -> Hyperparameters, checked
     hp = support.parse_constants(argv, Hyperparameters, Stage, PRESETS, "record" if cuda_available else "cpu")
-    check_config(hp)
+    support.check_config(hp)
     return hp
-
-
-def check_config(hp):
-    """Impossible combinations, caught before any model is built: ValueError, one line."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
-    for f in dataclasses.fields(hp):  # nan would pass every range below; inf is allowed where it means something
-        v = getattr(hp, f.name)
-        need(f.type is not float or math.isfinite(v) or f.name == "grad_clip" and v == math.inf,
-             f"{f.name} must be a finite number, got {v}")
-    for bound, names in ((1, ("hidden", "depth", "heads", "patch", "bottleneck", "text_dim", "text_len", "log_every",
-                              "ema_every", "sample_steps", "eval_n", "max_bad_steps", "pdino_res", "bench_devices",
-                              "last_rolls")),
-                         (0, ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every",
-                              "shard_size", "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight",
-                              "cfg", "restarts", "grid_shift"))):
-        for name in names:
-            need(getattr(hp, name) >= bound, f"{name} must be >= {bound}, got {getattr(hp, name)}")
-    for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops"):
-        need(getattr(hp, name) > 0, f"{name} must be > 0, got {getattr(hp, name)}")
-    for name, ok in (("resume", ("auto", "off")), ("stage_switch", ("carry", "reset", "reset_ema"))):
-        need(getattr(hp, name) in ok, f"{name} must be one of {', '.join(ok)}, got {getattr(hp, name)!r}")
-    for name in ("t_min_div", "loss_t_min"):
-        need(0 < getattr(hp, name) < 1, f"{name} must be in (0, 1), got {getattr(hp, name)}")
-    need(all(0 <= x <= 1 for x in (hp.cooldown, hp.caption_dropout, hp.uniform_t, hp.ema_decay)),
-         "cooldown, caption_dropout, uniform_t and ema_decay must lie in [0, 1]")
-    need(0 <= hp.eta <= 1 and 0 <= hp.eta_lo <= 1, f"eta and eta_lo must lie in [0, 1], got {hp.eta}, {hp.eta_lo}")
-    need(hp.hidden % hp.heads == 0 and (hp.hidden // hp.heads) % 4 == 0,
-         f"hidden={hp.hidden} must split into heads={hp.heads} of a size divisible by 4 (2-D RoPE)")
-    need(0 <= hp.tread_frac < 1, f"tread_frac must be in [0, 1), got {hp.tread_frac}")
-    need(hp.tread_frac == 0 or 0 <= hp.tread_start <= hp.tread_end < hp.depth,
-         f"TREAD blocks {hp.tread_start}..{hp.tread_end} must lie within 0..{hp.depth - 1}")
-    need(hp.repa_weight == 0 or 0 <= hp.repa_block < hp.depth,
-         f"repa_block={hp.repa_block} is beyond the model's depth {hp.depth}")
-    need(0 <= hp.cfg_lo <= hp.cfg_hi <= 1,
-         f"the guidance interval needs 0 <= cfg_lo <= cfg_hi <= 1, got [{hp.cfg_lo}, {hp.cfg_hi}]")
-    need(0 <= hp.restart_lo < hp.restart_hi <= 1,
-         f"restarts need 0 <= restart_lo < restart_hi <= 1, got [{hp.restart_lo}, {hp.restart_hi}]")
-    need(hp.last_rolls == 1 or hp.grid_shift > 0, f"last_rolls={hp.last_rolls} needs grid_shift > 0 (or last_rolls=1)")
-    need(hp.aspect_max >= 1, f"aspect_max must be >= 1 (1: square crops only), got {hp.aspect_max}")
-    need(0 < hp.perc_frac <= 1, f"perc_frac must be in (0, 1], got {hp.perc_frac}")
-    need(hp.pdino_weight == 0 or hp.pdino_res >= 14,
-         f"pdino_res={hp.pdino_res} is less than one 14-px DINOv2 patch; set pdino_res=224 or pdino_weight=0")
-    for i, st in enumerate(hp.stages, 1):
-        need(st.res >= hp.patch and st.res % hp.patch == 0, f"stage{i}.res={st.res} is not divisible by "
-             f"patch={hp.patch}")
-        need(st.batch >= 1 and st.micro_batch >= 1 and st.batch % st.micro_batch == 0,
-             f"stage{i}.batch={st.batch} must be a positive multiple of stage{i}.micro_batch={st.micro_batch}")
-        need(st.steps >= 1, f"stage{i}.steps must be >= 1, got {st.steps}")
-        side = min(min(b) for b in support.aspect_buckets(st.res, hp.patch, hp.aspect_max))  # VGG halves it 4 times
-        need(hp.lpips_weight == 0 or side >= 32, f"lpips_weight>0 needs images of 32 px a side or more, but "
-             f"stage{i}'s aspect buckets have {side}-px sides; raise stage{i}.res, set aspect_max=1 or lpips_weight=0")
-    support.block_set(hp.recompute, hp.depth)
-    need(hp.sdpa and set(hp.sdpa.split(",")) <= {"flash", "efficient", "cudnn", "math"},
-         f"sdpa={hp.sdpa!r}: list kernels from flash, efficient, cudnn, math, e.g. cudnn,efficient")
 
 
 # ----------------------------------------------------------------------------------------------------------------
