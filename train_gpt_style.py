@@ -73,6 +73,7 @@ class Hyperparameters:
     # diffusion
     t_shift: float = 3.0  # timestep shift s: t -> s t / (1 + (s - 1) t), toward noise
     uniform_t: float = 0.1  # fraction of samples with plain uniform t
+    stratified_t: bool = False  # the batch's t one per quantile slice, shuffled: same law, less noise (PRX: i.i.d.)
     t_min_div: float = 0.05  # clamp of t when converting x0 to velocity in sampling and the validation loss
     loss_t_min: float = 0.05  # the training loss's clamp: the x0 error weighs 1/max(t, loss_t_min)^2 (PRX: 0.05)
     caption_dropout: float = 0.1  # for classifier-free guidance
@@ -93,6 +94,7 @@ class Hyperparameters:
     perc_frac: float = 1.0  # fraction of each micro-batch that gets the perceptual losses
     # optimisation
     muon: bool = True  # Muon for the blocks' matrices; 0: Adam for every parameter
+    normuon: bool = False  # NorMuon: each row of Muon's update divided by its running RMS (PRX: plain Muon)
     lr: float = 1e-4  # Muon and Adam alike
     warmup: int = 1000  # linear warm-up steps, then constant
     cooldown: float = 0.0  # fraction of each stage's final steps with linear decay to 0
@@ -154,11 +156,12 @@ PRESETS = {
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
         hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=128,  # 16 / 64 tokens per image
-        t_shift=1.0,  # at 16-64 tokens no shift (the record's 3 is for 256-1024 tokens)
+        t_shift=1.0, stratified_t=True,  # no shift at 16-64 tokens (3 is for 256-1024); t one per quantile slice
         loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
         lpips_weight=0.0, pdino_weight=0.0, pdino_res=56, perc_frac=0.125, lr=4e-3,  # 2.4M parameters: a large rate
+        normuon=True,  # Muon's update with each row over its running RMS: learns more per step (docs/demo.md)
         warmup=100, cooldown=0.5, ema_decay=0.0, ema_every=1,  # the "EMA": each step's live weights, which won
         compile=False, amp=support.cpu_has_bf16(),  # compile: minutes, no faster; bf16 only with bf16 instructions
         log_every=50, sample_every=0, ckpt_every=500, sample_steps=20, eval_every=0,  # the shapes score judges it
@@ -391,10 +394,14 @@ def shift_t(t, s):  # the timestep shift toward noise: s t / (1 + (s - 1) t)
 
 
 def sample_t(batch, hp, device, generator=None):
-    """Logit-normal t, shifted; a fraction uniform; clipped to [1e-3, 1 - 1e-3]."""
-    ln = shift_t(torch.sigmoid(torch.randn(batch, device=device, generator=generator)), hp.t_shift)
-    uni = torch.rand(batch, device=device, generator=generator)
-    pick = torch.rand(batch, device=device, generator=generator) < hp.uniform_t
+    """Logit-normal t, shifted; a fraction uniform; clipped to [1e-3, 1 - 1e-3]. stratified_t: the normal and the
+    uniform draw each put one value in each of `batch` equal-probability slices, shuffled (each sample's law kept)."""
+    kw = dict(device=device, generator=generator)
+    strata = lambda: (torch.randperm(batch, **kw) + torch.rand(batch, **kw)) / batch  # one in each [k/B, (k+1)/B)
+    z = math.sqrt(2) * torch.erfinv((2 * strata() - 1).clamp(-1 + 1e-6, 1 - 1e-6)) if hp.stratified_t else None
+    ln = shift_t(torch.sigmoid(torch.randn(batch, **kw) if z is None else z), hp.t_shift)
+    uni = strata() if hp.stratified_t else torch.rand(batch, **kw)
+    pick = torch.rand(batch, **kw) < hp.uniform_t
     return torch.where(pick, uni, ln).clamp(1e-3, 1 - 1e-3)
 
 
@@ -687,11 +694,12 @@ def orthogonalise(updates, shapes, group, ns_steps, dtype=torch.bfloat16):
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, Nesterov, Newton-Schulz, update scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols)). Parameters may be
-    FSDP shards (DTensor, rows split over ranks): momentum stays sharded, Newton-Schulz see `orthogonalise`."""
+    """Momentum, Nesterov, Newton-Schulz (normuon: then each row over its running RMS, the norm kept), the update
+    scaled to AdamW's RMS: 0.2 * sqrt(max(rows, cols)). Parameters may be FSDP shards (DTensor, rows split over
+    ranks): momentum and row statistics stay sharded, Newton-Schulz see `orthogonalise`."""
 
-    def __init__(self, params, lr, momentum=0.95, ns_steps=5, dtype=torch.bfloat16):
-        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+    def __init__(self, params, lr, momentum=0.95, ns_steps=5, dtype=torch.bfloat16, normuon=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, normuon=normuon))
         self.dtype = dtype  # Newton-Schulz's and its all-to-all's (bf16: half the bytes, the same result)
 
     @torch.no_grad()
@@ -705,6 +713,8 @@ class Muon(torch.optim.Optimizer):
             grads = [local(p.grad) for p in ps]
             for p in [p for p in ps if "momentum_buffer" not in self.state[p]]:  # allocated once
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                if g["normuon"]:  # the rows' running mean square: a column, sharded as the rows are
+                    self.state[p]["row_ms"] = torch.zeros_like(p[:, :1])
             bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
             if skip is not None:  # skipped: the buffers lerp onto themselves, the update is scaled to 0
                 grads = [torch.where(skip > 0, b, gr) for b, gr in zip(bufs, grads)]
@@ -714,6 +724,16 @@ class Muon(torch.optim.Optimizer):
             if isinstance(ps[0], DTensor):  # the mesh dimension that splits rows
                 group = ps[0].device_mesh.get_group([pl.is_shard() for pl in ps[0].placements].index(True))
             upd = orthogonalise(nesterov, [p.shape for p in ps], group, g["ns_steps"], self.dtype)
+            if g["normuon"]:  # NorMuon (Li et al. 2025): each row over its running RMS, then the norm as before
+                us, vs = [u.float() for u in upd], [local(self.state[p]["row_ms"]) for p in ps]
+                for v, u in zip(vs, us):
+                    v.lerp_(u.pow(2).mean(dim=1, keepdim=True), 0.05 if skip is None else 0.05 * (1 - skip))
+                hats = [u / (v.sqrt() + 1e-8) for u, v in zip(us, vs)]
+                norms = torch.stack([torch.stack([u.norm(), h.norm()]) for u, h in zip(us, hats)])
+                if group is not None:  # a rank holds whole rows: a matrix's norm sums over its shard group
+                    dist.all_reduce(norms.square_(), group=group)
+                    norms.sqrt_()
+                upd = [h * (n[0] / (n[1] + 1e-12)) for h, n in zip(hats, norms)]
             for p, u in zip(ps, upd):
                 u = u if skip is None else u * (1 - skip)
                 local(p).add_(u, alpha=-g["lr"] * 0.2 * math.sqrt(max(p.shape)))
@@ -729,7 +749,8 @@ def build_optimizers(model, extra, hp):
     adam = [p for n, p in model.named_parameters() if not (uses_muon(n, p) and hp.muon)]
     adam += [p for p in extra.parameters()]
     adam_opt = torch.optim.Adam(adam, lr=hp.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    return [Muon(muon, lr=hp.lr, dtype=torch.bfloat16 if hp.amp else torch.float32), adam_opt] if muon else [adam_opt]
+    dtype = torch.bfloat16 if hp.amp else torch.float32
+    return [Muon(muon, lr=hp.lr, dtype=dtype, normuon=hp.normuon), adam_opt] if muon else [adam_opt]
 
 
 def lr_factor(step, hp):

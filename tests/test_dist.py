@@ -132,7 +132,8 @@ def test_fsdp_bf16_weights_leave_the_timestep_and_rope_in_fp32(tmp_path):
 
 def muon_worker():
     """Under torchrun (4 processes): Muon on row-sharded DTensor parameters, on a 1-D mesh of 4 and on a 2 x 2
-    hybrid mesh, against Muon on the full tensors in this process. Shapes include uneven and empty shards."""
+    hybrid mesh, against Muon on the full tensors in this process; then NorMuon the same way. Shapes include uneven
+    and empty shards."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -170,6 +171,24 @@ def muon_worker():
         dist.all_gather_object(counts, sum(calls))
         calls[:] = []
         result[str(mesh_shape)] = dict(err=err, counts=counts, full=full_calls, sent=sorted(sent))
+    T.newton_schulz = ns
+    ref = [torch.nn.Parameter(w.clone()) for w in w0]  # NorMuon: rows on their own rank, norms summed over the group
+    opt = T.Muon(ref, lr=0.02, normuon=True)
+    for step in grads:
+        for p, gr in zip(ref, step):
+            p.grad = gr.clone()
+        opt.step()
+    for mesh_shape, placements in (((world,), [Shard(0)]), ((2, world // 2), [Replicate(), Shard(0)])):
+        mesh = init_device_mesh("cpu", mesh_shape)
+        ps = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in w0]
+        opt = T.Muon(ps, lr=0.02, normuon=True)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = distribute_tensor(gr.clone(), mesh, placements)
+            opt.step()
+        assert all(type(opt.state[p]["row_ms"]).__name__ == "DTensor" for p in ps)  # sharded as the rows
+        err = max(((p.full_tensor() - r).abs().max() / (r - w).abs().max()).item() for p, r, w in zip(ps, ref, w0))
+        result["normuon " + str(mesh_shape)] = dict(err=err)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result))
     dist.barrier()  # a rank that tears gloo down while another still uses it aborts ("terminate called ...")
@@ -185,6 +204,9 @@ def test_sharded_muon_update_equals_the_unsharded_one():
     result = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
     n = 7 * 3  # matrices x steps
     for mesh, res in result.items():
+        if mesh.startswith("normuon"):  # the norms summed as squares over the ranks: other rounding, same update
+            assert res["err"] < 2e-5, (mesh, res)
+            continue
         assert res["err"] < 1e-6, (mesh, res)  # the same full matrices go through Newton-Schulz
         assert res["full"] == n and res["sent"] == ["torch.bfloat16"]  # the matrices travel in bf16 both ways
         if mesh == "(4,)":  # round-robin over 4 ranks: matrices 0,4 / 1,5 / 2,6 / 3

@@ -214,6 +214,30 @@ def test_sample_t_distribution():
     assert (m < 0.25).float().mean().item() == pytest.approx(0.1 * 0.25 + 0.9 * p_ln, abs=0.005)
 
 
+def test_stratified_t_one_draw_per_quantile_slice_and_the_same_law():
+    """stratified_t: in every batch the normal behind the logit-normal, and the uniform, put exactly one value in
+    each of the B equal-probability slices (so the batch's mean t hardly varies); over many batches each sample's
+    law is the i.i.d. one (the mixture's closed-form CDF, as above)."""
+    B, g = 64, torch.Generator().manual_seed(1)
+    phi = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    for uniform_t in (0.0, 1.0):
+        hp = T.Hyperparameters(uniform_t=uniform_t, t_shift=1.0, stratified_t=True)
+        for _ in range(20):
+            t = T.sample_t(B, hp, "cpu", g).double()
+            u = phi(torch.logit(t)) if uniform_t == 0 else t  # back to the uniform the slices are taken in
+            assert torch.equal(torch.floor(u.sort().values * B).long(), torch.arange(B))
+    iid, strat = (T.Hyperparameters(uniform_t=0.0, t_shift=1.0, stratified_t=s) for s in (False, True))
+    means = [torch.stack([T.sample_t(B, h, "cpu", g).mean() for _ in range(500)]) for h in (iid, strat)]
+    assert means[1].std() < 0.1 * means[0].std()  # i.i.d.: std(t) / 8; stratified: only the slices' widths
+    hp = T.Hyperparameters(uniform_t=0.1, stratified_t=True)  # t_shift 3, as the record's law above
+    m = torch.cat([T.sample_t(B, hp, "cpu", g) for _ in range(3000)])
+    t_inv = 0.25 / (3 - 2 * 0.25)
+    p_ln = 0.5 * (1 + math.erf(math.log(t_inv / (1 - t_inv)) / math.sqrt(2)))
+    assert (m < 0.25).float().mean().item() == pytest.approx(0.1 * 0.25 + 0.9 * p_ln, abs=0.005)
+    assert m.median().item() == pytest.approx(T.sample_t(200_000, T.Hyperparameters(uniform_t=0.1), "cpu", g)
+                                              .median().item(), abs=0.01)
+
+
 def test_training_draws_depend_on_the_stream_position_only():
     """A sample's noise is the same whatever batch it is drawn in; different samples and seeds get independent
     standard normals; the global batch's draws are a function of (seed, position)."""
@@ -474,6 +498,47 @@ def test_muon_without_amp_orthogonalises_in_fp32():
     opt.step()  # first step: momentum 0.05 grad, Nesterov 0.0975 grad (Newton-Schulz normalises the scale away)
     ref = w0 - 0.02 * 0.2 * math.sqrt(48) * T.newton_schulz(p.grad * (0.05 * 0.95 + 0.05), dtype=torch.float32)
     assert torch.allclose(p.data, ref, atol=1e-6)
+
+
+def test_normuon_puts_each_row_over_its_running_rms_and_keeps_the_norm_of_muons_update():
+    """normuon: the orthogonalised update's rows divided by their running RMS (decay 0.95), then scaled back to the
+    orthogonalised update's Frobenius norm. The first step's update has rows of one RMS and plain Muon's norm; four
+    steps equal the loop written out."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 32), (16, 64)]
+    w0 = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(4)]
+    nor, plain = [[torch.nn.Parameter(w.clone()) for w in w0] for _ in range(2)]
+    opts = T.Muon(nor, lr=0.02, dtype=torch.float32, normuon=True), T.Muon(plain, lr=0.02, dtype=torch.float32)
+    for p, q, gr in zip(nor, plain, grads[0]):
+        p.grad, q.grad = gr.clone(), gr.clone()
+    for o in opts:
+        o.step()
+    for p, q, w in zip(nor, plain, w0):
+        d, e = p.data - w, q.data - w
+        assert d.norm().item() == pytest.approx(e.norm().item(), rel=1e-5)
+        rms = d.pow(2).mean(dim=1).sqrt()
+        assert torch.allclose(rms, rms.mean().expand_as(rms), rtol=1e-4)
+    plain_rms = (plain[0].data - w0[0]).pow(2).mean(dim=1).sqrt()  # a tall matrix's rows differ under Muon
+    assert plain_rms.max() > 1.2 * plain_rms.min()
+    nor = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = T.Muon(nor, lr=0.02, dtype=torch.float32, normuon=True)
+    opt.found_inf = torch.tensor(0.0)  # as train_step sets it
+    ref, bufs, vs = [w.clone() for w in w0], [torch.zeros_like(w) for w in w0], [torch.zeros(s[0], 1) for s in shapes]
+    for step in grads:
+        for p, gr in zip(nor, step):
+            p.grad = gr.clone()
+        opt.step()
+        for w, b, v, gr in zip(ref, bufs, vs, step):  # written out
+            b.lerp_(gr, 0.05)
+            o = T.newton_schulz(gr.lerp(b, 0.95)[None], dtype=torch.float32)[0]
+            v.mul_(0.95).add_(0.05 * o.pow(2).mean(dim=1, keepdim=True))
+            h = o / (v.sqrt() + 1e-8)
+            w.add_(h * (o.norm() / h.norm()), alpha=-0.02 * 0.2 * math.sqrt(max(w.shape)))
+    assert all(torch.allclose(p.data, w, atol=1e-6) for p, w in zip(nor, ref))
+    assert T.PRESETS["cpu"]["normuon"] and not T.Hyperparameters().normuon  # the record keeps PRX's plain Muon
+    hp = tiny_hp(normuon=True)
+    assert T.build_optimizers(T.PRXDiT(hp), torch.nn.Linear(1, 1), hp)[0].param_groups[0]["normuon"]
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags_and_picks_the_demo_precision(tmp_path):
