@@ -902,7 +902,8 @@ def load_checkpoint(paths, state, m, optimizers, env, log):
         fail(e)
     if path is None:
         fail(f"no checkpoint in {paths[0].parent} can be loaded: their files are damaged, or a constant that changes "
-             "the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them away")
+             "the trainable parameters or optimizer states (e.g. repa_weight, normuon) differs; use a new run_dir or "
+             "move them away")
     ck = files["extra.pt"]
     for f in dataclasses.fields(State):
         setattr(state, f.name, ck[f.name])

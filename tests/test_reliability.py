@@ -545,8 +545,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_pa
         (p / "extra.pt").write_bytes(b"garbage")
     msg = one_line_error(capsys, run, shapes, tmp_path, *args)
     assert msg == f"error: no checkpoint in {tmp_path}/ckpt can be loaded: their files are damaged, or a constant " \
-                  "that changes the trainable parameters (e.g. repa_weight) differs; use a new run_dir or move them " \
-                  "away"
+                  "that changes the trainable parameters or optimizer states (e.g. repa_weight, normuon) differs; " \
+                  "use a new run_dir or move them away"
 
 
 def test_resume_off_refuses_an_earlier_runs_checkpoints(shapes, tmp_path, capsys):
