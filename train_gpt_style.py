@@ -148,7 +148,7 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale on 2 cores: 9-10 min with bf16 instructions, 15-30 min in fp32
+# The CPU demo: the same code path at toy scale on 2 cores: 9-10 min with bf16 instructions, 12-30 min in fp32
 # without them (docs/demo.md). Its encoders are tiny random models of the real transformers classes; a text encoder
 # 128 wide (text_dim) beat 64 wide on both seeds and every prompt set (the held-out gain within another draw's spread).
 PRESETS = {
@@ -156,7 +156,7 @@ PRESETS = {
     "cpu": dict(
         data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
         hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=128,  # 16 / 64 tokens per image
-        t_shift=1.0, stratified_t=True,  # no shift at 16-64 tokens (3 is for 256-1024); t one per quantile slice
+        t_shift=1.0,  # no shift at 16-64 tokens (3 is for 256-1024); stratified_t: no gain on five seeds
         loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
         # LPIPS and P-DINO off: with random VGG/DINOv2 features they cost 25 % of the step (docs/demo.md)
