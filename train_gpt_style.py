@@ -727,6 +727,7 @@ class Muon(torch.optim.Optimizer):
             if g["normuon"]:  # NorMuon (Li et al. 2025): each row over its running RMS, then the norm as before
                 us, vs = [u.float() for u in upd], [local(self.state[p]["row_ms"]) for p in ps]
                 for v, u in zip(vs, us):
+                    # 0.05: the running mean square's decay 0.95 (the paper's beta2); a skipped step leaves it
                     v.lerp_(u.pow(2).mean(dim=1, keepdim=True), 0.05 if skip is None else 0.05 * (1 - skip))
                 hats = [u / (v.sqrt() + 1e-8) for u, v in zip(us, vs)]
                 norms = torch.stack([torch.stack([u.norm(), h.norm()]) for u, h in zip(us, hats)])
