@@ -1132,7 +1132,7 @@ def check_config(hp):
                               "last_rolls")),
                          (0, ("sample_every", "ckpt_every", "bench", "num_workers", "warmup", "eval_every",
                               "shard_size", "keep_ckpts", "time_limit", "repa_weight", "lpips_weight", "pdino_weight",
-                              "cfg", "restarts", "grid_shift"))):
+                              "cfg", "restarts", "grid_shift", "text_keep"))):
         for name in names:
             need(getattr(hp, name) >= bound, f"{name} must be >= {bound}, got {getattr(hp, name)}")
     for name in ("lr", "grad_clip", "t_shift", "mlp_ratio", "peak_tflops"):

@@ -59,6 +59,7 @@ class Hyperparameters:
     text_encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id or local folder; T5Gemma-2B encoder, 2304-d
     text_len: int = 256  # tokens per caption at most (a batch is padded to its longest caption's, masked)
     text_online: bool = False  # record: encode captions every step when a data folder has no text_emb/ (slower)
+    text_keep: int = 0  # no text_emb/, at most this many distinct captions (the demo: 9,892): each encoded at start
     text_sort: bool = True  # with text_emb/: micro-batches of similar caption lengths, less padding (docs/systems.md)
     num_workers: int = 8  # image decoding processes per rank
     aspect_max: float = 2.0  # aspect-ratio buckets span ratios 1/aspect_max..aspect_max (1: square crops only)
@@ -154,8 +155,8 @@ class Hyperparameters:
 PRESETS = {
     "record": {},
     "cpu": dict(
-        data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, num_workers=0,
-        hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=128,  # 16 / 64 tokens per image
+        data="data/shapes", text_encoder="", repa_encoder="", pdino_encoder="", text_len=24, text_keep=20_000,
+        num_workers=0, hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=128,  # 16 / 64 tokens per image
         t_shift=1.0,  # no shift at 16-64 tokens (3 is for 256-1024); stratified_t: no gain on five seeds
         loss_t_min=0.3,  # less weight below t = 0.3, so more on mid noise, where outlines are decided (docs/demo.md)
         tread_frac=0.5, tread_start=1, tread_end=2, repa_block=1, repa_weight=0.1,
@@ -532,9 +533,21 @@ class TextEncoder:
         self.model.requires_grad_(False)
         self.max_len, self.device = max_len, device
         self.dim = self.model.config.hidden_size
+        self.kept = {}  # caption -> its real tokens' outputs (n, D), from keep(): a frozen encoder's never change
+
+    def keep(self, captions, batch=64):  # encode each caption once, in the order given: a resume keeps the same
+        for i in range(0, len(captions), batch):
+            h, mask = self(captions[i:i + batch])
+            self.kept.update((c, x[k]) for c, x, k in zip(captions[i:i + batch], h, mask))
 
     @torch.no_grad()
     def __call__(self, captions):
+        if self.kept and all(c in self.kept for c in captions):  # the batch padded as below, from what keep() made
+            rows = [self.kept[c] for c in captions]
+            L = support.text_pad_len(max(map(len, rows)), self.max_len)
+            n = torch.tensor([len(r) for r in rows], device=self.device)
+            return torch.stack([F.pad(r, (0, 0, 0, L - len(r))) for r in rows]), \
+                torch.arange(L, device=self.device) < n[:, None]
         ids = self.tok([support.clean_caption(c) for c in captions], truncation=True, max_length=self.max_len)
         L = support.text_pad_len(max(map(len, ids.input_ids)), self.max_len)
         b = self.tok.pad(ids, padding="max_length", max_length=L, return_tensors="pt").to(self.device)
@@ -1219,6 +1232,14 @@ def train(hp):
         log(f"init={hp.init} not used: resuming from {cks[-1]}" if cks else f"init: the DiT's weights from {hp.init}")
     datasets, bad_rows = load_data(hp, log) if not hp.bench else (None, {})
     m = build_models(hp, env, run_dir, log, init)
+    online = [ds for ds in dict.fromkeys(datasets or []) if not ds.has_emb] if hp.text_keep else []  # no text_emb/
+    captions = sorted({c for ds in online for c in ds.table.column("caption").to_pylist() if c and c.strip()})
+    if len(captions) > hp.text_keep:
+        log(f"text: {len(captions)} distinct captions, more than text_keep={hp.text_keep}: encoded every step")
+    elif captions:  # a few distinct captions (the demo's): each encoded once, not in every step that draws it
+        t0 = time.monotonic()
+        m.text.keep(captions)
+        log(f"text: the data's {len(captions)} distinct captions encoded once ({time.monotonic() - t0:.1f} s)")
     optimizers = build_optimizers(m.model, m.repa or nn.Module(), hp)
     ev = prepare_eval(hp, env.device) if hp.eval_every and not hp.bench else None  # a bad path fails now
     state = State()

@@ -274,7 +274,7 @@ def test_new_constants_are_checked():
                 # out of range
                 ["cfg=-3"], ["t_min_div=5"], ["t_min_div=1"], ["loss_t_min=0"], ["loss_t_min=1.5"], ["restarts=-1"],
                 ["restart_lo=0.5", "restart_hi=0.4"], ["mem_budget=-1"], ["mem_budget=0"], ["last_rolls=0"],
-                ["last_rolls=4", "grid_shift=0"],  # rolls of 0 px: the same prediction four times
+                ["last_rolls=4", "grid_shift=0"], ["text_keep=-1"],  # rolls of 0 px: the same prediction four times
                 # impossible combinations: P-DINO below one 14-px patch, LPIPS below 32 px a side (stage 1 of the CPU
                 # preset is 32 px, and its aspect buckets at aspect_max=2 include 40 x 24)
                 ["pdino_res=13", "pdino_weight=0.01"], ["lpips_weight=0.1", "aspect_max=1", "stage1.res=24"],

@@ -437,6 +437,58 @@ def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
     assert torch.allclose(h64[:, :12], h, atol=1e-5)
 
 
+def test_kept_captions_give_the_encoders_own_outputs_without_running_it(tmp_path):
+    """TextEncoder.keep: a batch of kept captions comes back as the encoder itself gives it (the same padded length and
+    mask, the outputs to rounding), without a forward pass; a batch with one caption not kept runs the encoder."""
+    hp = T.parse_args(["preset=cpu"], False)
+    captions = ["a small red circle in the top left", "a large blue square in the top right and a small yellow "
+                "triangle in the bottom left", "a large green triangle in the center"]
+    enc = build_demo_encoders(tmp_path / "enc", hp, captions + ["and"])[0]
+    text = T.TextEncoder(enc, hp.text_len, torch.device("cpu"), torch.float32)
+    batch = [captions[2], captions[0], captions[2], captions[1]]  # repeats, lengths 7 to 17 words
+    ref, ref_mask = text(batch)
+    text.keep(sorted(set(captions)), batch=2)
+    assert len(text.kept) == 3 and all(len(v) == int(m.sum()) for v, m in zip(map(text.kept.get, batch), ref_mask))
+    model, text.model = text.model, None  # kept captions must not reach the encoder
+    h, mask = text(batch)
+    assert h.shape == ref.shape and torch.equal(mask, ref_mask) and ref_mask.sum(1).unique().numel() == 3
+    assert torch.allclose(h, ref, atol=1e-5) and not h[~mask].any()
+    with pytest.raises(TypeError):  # one caption not kept: the whole batch goes through the (here missing) encoder
+        text(batch + ["a small red circle"])
+    text.model = model
+    h2, mask2 = text(batch[:2] + ["a small red circle"])
+    assert torch.equal(mask2[:2], ref_mask[:2, :mask2.shape[1]]) and torch.allclose(h2[:2], ref[:2, :mask2.shape[1]],
+                                                                                   atol=1e-5)
+
+
+def test_a_run_that_keeps_its_captions_trains_as_one_that_encodes_every_step(shapes, tmp_path):
+    """text_keep (the demo's): the data's distinct captions encoded once at the start, the same losses and weights as
+    encoding every step (text_keep=0); fewer distinct captions allowed than there are: every step, said once."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    conftest.few_prompts(data)  # a twentieth of the end-of-run scoring
+    runs = {}
+    for keep in (0, 20_000, 10):
+        _, m = T.main(["preset=cpu", f"data={data}", f"run_dir={tmp_path}/run{keep}", f"text_keep={keep}",
+                       "stages=1", "stage1.steps=3", "stage1.batch=8", "stage1.micro_batch=8", "log_every=1",
+                       "ckpt_every=0", "sample_steps=1", "restarts=0", "warmup=1", "amp=0"])
+        runs[keep] = _logged(tmp_path / f"run{keep}"), m.model.state_dict(), len(m.text.kept)
+    import pyarrow.parquet as pq
+    n = len({c for f in (shapes / "train").glob("*.parquet") for c in pq.read_table(f).column("caption").to_pylist()})
+    assert (runs[0][2], runs[20_000][2], runs[10][2]) == (0, n, 0) and n > 10
+    logs = {k: (tmp_path / f"run{k}" / "log.txt").read_text() for k in runs}
+    assert f"text: the data's {n} distinct captions encoded once" in logs[20_000]
+    assert f"text: {n} distinct captions, more than text_keep=10: encoded every step" in logs[10]
+    assert not re.search(r"^text: ", logs[0], re.M)  # nothing said where nothing is kept
+    for k in (20_000, 10):
+        assert [s for s, _ in runs[k][0]] == [1, 2, 3]
+        for (s0, v0), (s1, v1) in zip(runs[0][0], runs[k][0], strict=True):
+            assert v0 == pytest.approx(v1, rel=1e-5), (k, s0)
+        for name, w in runs[0][1].items():
+            assert torch.allclose(w, runs[k][1][name], atol=1e-6), (k, name)
+
+
 def test_captions_are_cleaned_as_diffusers_prx_pixel_pipeline_cleans_prompts(tmp_path):
     """clean_caption equals the cleaning of diffusers' PRXPixelPipeline (the reference) on mis-decoded text, nested
     HTML entities and outer whitespace, and the text encoder (training, encode-text, sampling) encodes the cleaned
