@@ -13,6 +13,7 @@ import torch
 
 import train_gpt_style as T
 import data_prep as dp
+import evals
 import support
 from evals import build_demo_encoders
 import conftest
@@ -411,6 +412,43 @@ def test_demo_encoders_are_drawn_from_the_run_seed_and_leave_its_random_stream(t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for a, c in zip(weights["a"], weights["c"]):
         assert a.keys() == c.keys() and not any(torch.equal(a[k], c[k]) for k in a if a[k].std() > 0)
+
+
+def test_demo_text_encoder_keeps_each_words_identity_and_its_objects_place(tmp_path):
+    """The demo's random text encoder, as a trained one: over the one-object captions, a colour word's output is
+    mostly its colour and a shape word's mostly its shape (a random Gemma alone gives each ~0.3); in two-object
+    captions a colour word's output still tells its object's corner (a ridge probe on held-back captions)."""
+    import itertools
+    import random
+    hp = T.parse_args(["preset=cpu"], False)
+    ones = list(itertools.product(evals.SHAPES_SIZES, evals.SHAPES_COLORS, evals.SHAPES_SHAPES, evals.SHAPES_POSITIONS))
+    rng, twos = random.Random(0), []
+    for _ in range(400):
+        (c1, s1), (c2, s2) = rng.sample(evals.SHAPES_SEEN, 2)
+        p1, p2 = rng.sample(evals.SHAPES_CORNERS, 2)
+        twos.append(((rng.choice(list(evals.SHAPES_SIZES)), c1, s1, p1), ("small", c2, s2, p2)))
+    captions = [evals.shapes_caption([o]) for o in ones]
+    enc = build_demo_encoders(tmp_path / "enc", hp, captions + ["and"])[0]
+    text = T.TextEncoder(enc, hp.text_len, torch.device("cpu"), torch.float32)
+    h, _ = text(captions)
+
+    def share(x, labels):  # the fraction of x's variance over the captions that the labels' means explain
+        x = x - x.mean(0)
+        means = {k: x[[i for i, lab in enumerate(labels) if lab == k]].mean(0) for k in set(labels)}
+        return float(sum(means[k].pow(2).sum() for k in labels) / x.pow(2).sum())
+
+    assert all(c.split()[2:4] == [o[1], o[2]] for c, o in zip(captions, ones))  # "a small red circle ..."
+    assert share(h[:, 2], [o[1] for o in ones]) > 0.8 and share(h[:, 3], [o[2] for o in ones]) > 0.8
+    assert share(h[:, 2], [o[2] for o in ones]) < 0.1 and share(h[:, 3], [o[1] for o in ones]) < 0.1
+    h2, _ = text([evals.shapes_caption(list(t)) for t in twos])
+    second = len(evals.shapes_caption([twos[0][0]]).split()) + 3  # "... and a small <colour>"
+    x = torch.cat([h2[:, 2], h2[:, second]]).double()  # the colour words' outputs of the 400 captions' 800 objects
+    y = torch.tensor([evals.SHAPES_CORNERS.index(o[3]) for k in (0, 1) for o in (t[k] for t in twos)])
+    fit = torch.cat([torch.arange(300), torch.arange(400, 700)])
+    test = torch.cat([torch.arange(300, 400), torch.arange(700, 800)])
+    onehot = torch.nn.functional.one_hot(y, 4).double()
+    w = torch.linalg.solve(x[fit].T @ x[fit] + 1e-2 * torch.eye(x.shape[1], dtype=x.dtype), x[fit].T @ onehot[fit])
+    assert ((x[test] @ w).argmax(1) == y[test]).double().mean() > 0.9
 
 
 def test_text_encoder_pads_right_and_packing_keeps_the_real_tokens(tmp_path):
