@@ -149,7 +149,7 @@ class Hyperparameters:
     ])
 
 
-# The CPU demo: the same code path at toy scale on 2 cores: 10-11 min with bf16 instructions, 11-30 min in fp32
+# The CPU demo: the same code path at toy scale on 2 cores: 9-10 min with bf16 instructions, 11-30 min in fp32
 # without them (docs/demo.md). Its encoders are tiny random models of the real transformers classes; a text encoder
 # 128 wide (text_dim) beat 64 wide on both seeds and every prompt set (the held-out gain within another draw's spread).
 PRESETS = {
